@@ -1,0 +1,43 @@
+# Two commands from a fresh clone: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: run test bench venv venv-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(RUNTIME_STAMP): requirements.txt constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+venv: $(RUNTIME_STAMP)
+venv-dev: $(DEV_STAMP)
+
+# Redis: the REDIS_URL given, or the embedded redis-server (data under var/redis).
+# honcho hands each process its own $$PORT, so the web port travels as WEB_PORT.
+run: venv
+	@export WEB_PORT=$${PORT:-8000}; \
+	if [ -n "$$REDIS_URL" ]; then \
+		echo "Using Redis at $$REDIS_URL"; exec $(BIN)/honcho start worker web; \
+	else \
+		export REDIS_URL=redis://127.0.0.1:$${REDIS_PORT:-6379}/0; \
+		echo "Starting embedded Redis at $$REDIS_URL"; exec $(BIN)/honcho start; \
+	fi
+
+test: venv-dev
+	$(BIN)/python -m pytest
+
+bench: venv-dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache test-artifacts bench/results.json

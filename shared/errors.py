@@ -1,0 +1,94 @@
+"""The error tree both tiers raise; the web tier turns each into ``{"error": {"code", "message"}}``.
+
+    ServiceError (500 internal_error)
+    ├── BadRequest (400 bad_request)
+    │   ├── MissingImage (400 missing_image)
+    │   ├── EmptyImage (400 empty_image)
+    │   └── CorruptImage (400 corrupt_image)
+    ├── NotFound (404 not_found)
+    ├── PayloadTooLarge (413 payload_too_large)
+    │   └── TooManyPixels (413 too_many_pixels)
+    ├── UnsupportedImage (415 unsupported_image)
+    ├── InvalidOption (422 invalid_option)
+    │   └── UnknownModel (422 unknown_model)
+    ├── Unavailable (503 unavailable)
+    └── JobFailed (job-level, stored on a failed job; never an HTTP answer)
+        ├── DecodeFailed (decode_failed)
+        └── InferenceFailed (inference_failed)
+
+``code`` is stable: integrators match on it. ``message`` is a human sentence and may change.
+"""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error we answer or store; carries an HTTP status and a stable code."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        """Return the JSON error object of the HTTP contract."""
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class MissingImage(BadRequest):
+    code = "missing_image"
+
+
+class EmptyImage(BadRequest):
+    code = "empty_image"
+
+
+class CorruptImage(BadRequest):
+    code = "corrupt_image"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class TooManyPixels(PayloadTooLarge):
+    code = "too_many_pixels"
+
+
+class UnsupportedImage(ServiceError):
+    status, code = 415, "unsupported_image"
+
+
+class InvalidOption(ServiceError):
+    status, code = 422, "invalid_option"
+
+
+class UnknownModel(InvalidOption):
+    code = "unknown_model"
+
+
+class Unavailable(ServiceError):
+    status, code = 503, "unavailable"
+
+
+class JobFailed(ServiceError):
+    """A job's computation failed in the worker; stored on the job, not raised over HTTP."""
+
+    code = "job_failed"
+
+
+class DecodeFailed(JobFailed):
+    code = "decode_failed"
+
+
+class InferenceFailed(JobFailed):
+    code = "inference_failed"

@@ -1,0 +1,205 @@
+"""Job records and the single-flight bookkeeping, as atomic Redis scripts both tiers call.
+
+A job is a hash ``job:<id>``. Identical uploads share one computation: the first creates
+``inflight:<suffix>`` and every job lands on the list ``attached:<suffix>``. The worker finishes a
+computation in one script that writes the result and settles every attached job, so a job either
+attaches before completion (and is settled by it) or sees the cached result after it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import uuid
+
+import redis
+
+from shared.keys import STATS_KEY, Computation, job_key, overlay_key_for_result
+
+_SUBMIT = """
+local result_key, inflight, attached, job, image = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job_id, job_ttl, inflight_ttl, image_ttl, now, fields_json, image_bytes =
+  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local fields = cjson.decode(fields_json)
+local function write_job(status, extra)
+  redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
+             'image', fields.image, 'model', fields.model, 'options', fields.options, unpack(extra))
+  redis.call('EXPIRE', job, job_ttl)
+end
+if redis.call('EXISTS', result_key) == 1 then
+  write_job('done', {'cached', '1', 'finished_at', now, 'result_key', result_key})
+  return {'cached', redis.call('GET', result_key)}
+end
+if redis.call('EXISTS', inflight) == 1 then
+  write_job('queued', {'cached', '0'})
+  redis.call('RPUSH', attached, job_id)
+  redis.call('EXPIRE', attached, inflight_ttl)
+  return {'attached', redis.call('GET', inflight)}
+end
+write_job('queued', {'cached', '0'})
+redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
+redis.call('RPUSH', attached, job_id)
+redis.call('EXPIRE', attached, inflight_ttl)
+redis.call('SET', image, image_bytes, 'EX', image_ttl)
+return {'new', job_id}
+"""
+
+_START = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  local job = ARGV[1] .. id
+  if redis.call('HGET', job, 'status') == 'queued' then
+    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[2])
+  end
+end
+return ids
+"""
+
+_FINISH = """
+local inflight, attached, image = KEYS[1], KEYS[2], KEYS[3]
+local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if status == 'done' then
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
+  if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl) end
+end
+local ids = redis.call('LRANGE', attached, 0, -1)
+for _, id in ipairs(ids) do
+  local job = job_prefix .. id
+  if redis.call('EXISTS', job) == 1 then
+    if status == 'done' then
+      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4])
+    else
+      redis.call('HSET', job, 'status', 'failed', 'finished_at', now, 'error', ARGV[5])
+    end
+  end
+end
+redis.call('DEL', inflight, attached, image)
+redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
+return ids
+"""
+
+
+def utc_now() -> str:
+    """Return the current time as the contract's ISO-8601 UTC string."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """What ``JobStore.submit`` decided: ``cached``, ``attached`` or ``new``."""
+
+    outcome: str
+    job_id: str
+    cached_result: bytes | None = None
+
+
+class JobStore:
+    """Reads and writes job records, results and the single-flight bookkeeping in Redis."""
+
+    def __init__(self, client: redis.Redis, *, job_ttl_s: int, result_ttl_s: int,
+                 inflight_ttl_s: int, image_ttl_s: int):
+        self.redis = client
+        self.job_ttl_s = job_ttl_s
+        self.result_ttl_s = result_ttl_s
+        self.inflight_ttl_s = inflight_ttl_s
+        self.image_ttl_s = image_ttl_s
+        self._submit = client.register_script(_SUBMIT)
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings) -> "JobStore":
+        return cls(client, job_ttl_s=settings.job_ttl_s, result_ttl_s=settings.result_ttl_s,
+                   inflight_ttl_s=settings.inflight_ttl_s, image_ttl_s=settings.image_ttl_s)
+
+    def submit(self, comp: Computation, image_bytes: bytes, image_info: dict,
+               model_info: dict) -> Submission:
+        """Create a job and answer it from the cache, attach it to a running computation, or start one."""
+        job_id = new_job_id()
+        fields = json.dumps({"image": json.dumps(image_info), "model": json.dumps(model_info),
+                             "options": json.dumps(comp.options.to_dict())})
+        outcome, payload = self._submit(
+            keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
+                  comp.image_key],
+            args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, utc_now(), fields,
+                  image_bytes],
+        )
+        outcome = outcome.decode()
+        return Submission(outcome, job_id, payload if outcome == "cached" else None)
+
+    def start(self, comp: Computation) -> list[str]:
+        """Mark the computation's queued jobs running; return every attached job id."""
+        ids = self._start(keys=[comp.attached_key], args=[job_key(""), utc_now()])
+        return [i.decode() for i in ids]
+
+    def finish(self, comp: Computation, result: dict, overlay_png: bytes | None) -> list[str]:
+        """Store the result (and overlay) and mark every attached job done; return their ids."""
+        return self._settle(comp, "done", json.dumps(result, separators=(",", ":")),
+                            overlay_png or b"")
+
+    def fail(self, comp: Computation, error: dict) -> list[str]:
+        """Mark every attached job failed with ``error``; cache nothing; return their ids."""
+        return self._settle(comp, "failed", json.dumps(error), b"")
+
+    def _settle(self, comp: Computation, status: str, payload: str, overlay: bytes) -> list[str]:
+        ids = self._finish(
+            keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
+                  comp.overlay_key, STATS_KEY],
+            args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model],
+        )
+        return [i.decode() for i in ids]
+
+    def computations(self) -> dict[str, int]:
+        """Return how many computations ended, by ``<status>:<model>`` (cache hits not counted)."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+
+    def image_bytes(self, comp: Computation) -> bytes | None:
+        return self.redis.get(comp.image_key)
+
+    def get(self, job_id: str) -> dict | None:
+        """Return the job as the contract's JSON object, or None when unknown or expired."""
+        fields = self.redis.hgetall(job_key(job_id))
+        if not fields:
+            return None
+        fields = {k.decode(): v.decode() for k, v in fields.items()}
+        raw_result = self.redis.get(fields["result_key"]) if "result_key" in fields else None
+        return job_document(fields, raw_result)
+
+    def overlay_png(self, job_id: str) -> bytes | None:
+        """Return the heatmap PNG of a finished job, or None."""
+        result_key = self.redis.hget(job_key(job_id), "result_key")
+        if result_key is None:
+            return None
+        return self.redis.get(overlay_key_for_result(result_key.decode()))
+
+
+def job_document(fields: dict[str, str], raw_result: bytes | str | None) -> dict:
+    """Assemble the contract's job JSON from a job hash and its stored result."""
+    job_id = fields["id"]
+    status = fields["status"]
+    result = None
+    if raw_result is not None:
+        result = json.loads(raw_result)
+        if result.get("gradcam") is not None:
+            result["gradcam"]["url"] = f"/api/v1/jobs/{job_id}/gradcam.png"
+    elif status == "done":
+        # The result expired before the job record did: say so instead of claiming success.
+        status = "failed"
+        fields = {**fields, "error": json.dumps({"code": "result_expired",
+                                                 "message": "The result has expired from the cache."})}
+    return {
+        "id": job_id,
+        "status": status,
+        "cached": fields.get("cached") == "1",
+        "created_at": fields.get("created_at"),
+        "finished_at": fields.get("finished_at"),
+        "image": json.loads(fields["image"]),
+        "model": json.loads(fields["model"]),
+        "options": json.loads(fields["options"]),
+        "result": result,
+        "error": json.loads(fields["error"]) if fields.get("error") else None,
+    }

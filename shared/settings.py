@@ -1,0 +1,106 @@
+"""Read the environment once, at start-up, into one typed settings object.
+
+Every other module is handed a ``Settings``; nothing else reads ``os.environ``.
+README's configuration table lists each variable with its default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value we cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with defaults that work on a laptop."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model_cards_dir: Path = REPO_ROOT / "models"
+    models: tuple[str, ...] = ()  # served card names; empty means every card in model_cards_dir
+    default_model: str = "efficientnet-lite0"
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    result_ttl_s: int = 7 * 24 * 3600
+    job_ttl_s: int = 7 * 24 * 3600
+    image_ttl_s: int = 3600
+    inflight_ttl_s: int = 3600
+    visibility_timeout_s: int = 3600
+    worker_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp_dtype: str = "float16"  # float16 | bfloat16 (CUDA only)
+    torch_threads: int = 0  # 0: the machine's cores shared among the pool's children
+    worker_concurrency: int = 1
+    worker_proc_alive_timeout_s: int = 120
+    heartbeat_interval_s: int = 5
+    worker_ttl_s: int = 20
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from environment variables (``os.environ`` by default)."""
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            redis_url=env.get("REDIS_URL", "").strip() or d.redis_url,
+            model_cards_dir=Path(env.get("MODEL_CARDS_DIR", "").strip() or d.model_cards_dir),
+            models=_names(env, "MODELS"),
+            default_model=env.get("DEFAULT_MODEL", "").strip() or d.default_model,
+            max_upload_bytes=_int(env, "MAX_UPLOAD_MB", 20, minimum=1) * 1024 * 1024,
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", d.max_image_pixels, minimum=1),
+            result_ttl_s=_int(env, "RESULT_TTL_S", d.result_ttl_s, minimum=1),
+            job_ttl_s=_int(env, "JOB_TTL_S", d.job_ttl_s, minimum=1),
+            image_ttl_s=_int(env, "IMAGE_TTL_S", d.image_ttl_s, minimum=1),
+            inflight_ttl_s=_int(env, "INFLIGHT_TTL_S", d.inflight_ttl_s, minimum=1),
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", d.visibility_timeout_s, minimum=1),
+            worker_device=env.get("WORKER_DEVICE", "").strip().lower() or d.worker_device,
+            amp_dtype=_choice(env, "AMP_DTYPE", d.amp_dtype, ("float16", "bfloat16")),
+            torch_threads=_int(env, "TORCH_THREADS", d.torch_threads),
+            worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1),
+            worker_proc_alive_timeout_s=_int(
+                env, "WORKER_PROC_ALIVE_TIMEOUT_S", d.worker_proc_alive_timeout_s, minimum=1
+            ),
+            heartbeat_interval_s=_int(env, "HEARTBEAT_INTERVAL_S", d.heartbeat_interval_s, minimum=1),
+            worker_ttl_s=_int(env, "WORKER_TTL_S", d.worker_ttl_s, minimum=2),
+            log_level=env.get("LOG_LEVEL", "").strip().upper() or d.log_level,
+        )

@@ -1,0 +1,33 @@
+"""Celery task and queue names, and the Celery settings both tiers must agree on."""
+from __future__ import annotations
+
+from shared.settings import Settings
+
+INFER_TASK = "imgsvc.infer"
+INFERENCE_QUEUE_PREFIX = "inference."
+
+
+def inference_queue(model_name: str) -> str:
+    """Return the queue that carries inference tasks for one model."""
+    return f"{INFERENCE_QUEUE_PREFIX}{model_name}"
+
+
+def celery_config(settings: Settings) -> dict:
+    """Return the Celery configuration shared by the sender (web) and the consumer (worker)."""
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport,
+        # Celery reads the visibility timeout in three places (celery/celery#7651); set all of them.
+        "result_backend_transport_options": transport,
+        "visibility_timeout": settings.visibility_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,  # results live under our own cache keys
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_proc_alive_timeout": settings.worker_proc_alive_timeout_s,
+        "worker_hijack_root_logger": False,
+    }

@@ -1,0 +1,65 @@
+"""Single-flight bookkeeping against a real Redis (no worker): attach, settle, cache."""
+import json
+
+import pytest
+
+from shared.jobs import JobStore
+from shared.keys import Computation, OutputOptions
+
+
+@pytest.fixture
+def store(redis_client):
+    return JobStore(redis_client, job_ttl_s=60, result_ttl_s=60, inflight_ttl_s=60, image_ttl_s=60)
+
+
+def _comp(sha: str, **options) -> Computation:
+    return Computation("m", "1", sha, OutputOptions(**options))
+
+
+INFO, MODEL = {"sha256": "x", "format": "PNG", "width": 1, "height": 1}, {"name": "m", "version": "1"}
+
+
+def test_identical_submissions_share_one_computation(store):
+    comp = _comp("a" * 64)
+    first = store.submit(comp, b"img", INFO, MODEL)
+    second = store.submit(comp, b"img", INFO, MODEL)
+    assert (first.outcome, second.outcome) == ("new", "attached")
+    assert store.start(comp) == [first.job_id, second.job_id]
+    assert store.get(second.job_id)["status"] == "running"
+    settled = store.finish(comp, {"predictions": [], "gradcam": {"class_index": 3}}, b"PNG")
+    assert settled == [first.job_id, second.job_id]
+    for job_id in settled:
+        job = store.get(job_id)
+        assert job["status"] == "done" and job["cached"] is False
+        assert job["result"]["gradcam"]["url"] == f"/api/v1/jobs/{job_id}/gradcam.png"
+        assert store.overlay_png(job_id) == b"PNG"
+    assert store.image_bytes(comp) is None  # the bytes are gone once the result is written
+    third = store.submit(comp, b"img", INFO, MODEL)
+    assert third.outcome == "cached"
+    assert json.loads(third.cached_result)["gradcam"]["class_index"] == 3
+    assert store.get(third.job_id)["cached"] is True
+
+
+def test_other_options_are_another_computation(store):
+    sha = "b" * 64
+    assert store.submit(_comp(sha, top_k=5), b"i", INFO, MODEL).outcome == "new"
+    assert store.submit(_comp(sha, top_k=3), b"i", INFO, MODEL).outcome == "new"
+    assert store.submit(_comp(sha, gradcam=False), b"i", INFO, MODEL).outcome == "new"
+
+
+def test_failure_settles_every_job_and_caches_nothing(store):
+    comp = _comp("c" * 64)
+    ids = [store.submit(comp, b"i", INFO, MODEL).job_id for _ in range(3)]
+    assert store.fail(comp, {"code": "decode_failed", "message": "bad"}) == ids
+    for job_id in ids:
+        job = store.get(job_id)
+        assert job["status"] == "failed" and job["error"]["code"] == "decode_failed"
+    assert store.submit(comp, b"i", INFO, MODEL).outcome == "new"  # a failure is not cached
+
+
+def test_every_key_expires(store, redis_client):
+    comp = _comp("d" * 64)
+    sub = store.submit(comp, b"i", INFO, MODEL)
+    store.finish(comp, {"predictions": [], "gradcam": None}, b"P")
+    for key in (f"job:{sub.job_id}", comp.result_key, comp.overlay_key):
+        assert 0 < redis_client.ttl(key) <= 60, key

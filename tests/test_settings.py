@@ -1,0 +1,31 @@
+import pytest
+
+from shared.settings import Settings, SettingsError
+
+
+def test_defaults_suit_a_laptop():
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.max_upload_bytes == 20 * 1024 * 1024
+    assert settings.result_ttl_s == 7 * 24 * 3600
+    assert settings.worker_device == "auto"
+
+
+def test_environment_overrides():
+    settings = Settings.from_env({"REDIS_URL": "redis://h:1/2", "MAX_UPLOAD_MB": "5", "MODELS": "a, b",
+                                  "AMP_DTYPE": "BFLOAT16", "RESULT_TTL_S": "60"})
+    assert settings.redis_url == "redis://h:1/2"
+    assert settings.max_upload_bytes == 5 * 1024 * 1024
+    assert settings.models == ("a", "b")
+    assert settings.amp_dtype == "bfloat16"
+    assert settings.result_ttl_s == 60
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"MAX_UPLOAD_MB": "lots"}, "MAX_UPLOAD_MB must be a whole number"),
+    ({"MAX_UPLOAD_MB": "0"}, "at least 1"),
+    ({"AMP_DTYPE": "int8"}, "AMP_DTYPE must be one of"),
+])
+def test_bad_values_are_named(env, fragment):
+    with pytest.raises(SettingsError, match=fragment):
+        Settings.from_env(env)

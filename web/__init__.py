@@ -1,0 +1,57 @@
+"""The web tier: Flask app factory. Never imports torch; starts in well under a second."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery import Celery
+from flask import Flask
+
+from shared.cards import ModelCatalog
+from shared.jobs import JobStore
+from shared.settings import Settings
+from shared.tasks import celery_config
+
+# Multipart envelopes add a little to the body; the image itself is capped at max_upload_bytes.
+MULTIPART_SLACK = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the web app: JSON API, upload page and health checks."""
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_SLACK
+    # Werkzeug applies this limit to each parsed chunk (the test client sends one chunk), not only
+    # to text fields, so it would refuse big files; MAX_CONTENT_LENGTH already bounds every part.
+    app.config["MAX_FORM_MEMORY_SIZE"] = None
+    app.json.sort_keys = False
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                  health_check_interval=30)
+    sender = Celery("imgsvc-web", set_as_current=False)
+    sender.conf.update(celery_config(settings))
+    app.extensions["imgsvc"] = Services(
+        settings=settings,
+        catalog=ModelCatalog.load(settings.model_cards_dir, settings.models, settings.default_model),
+        redis=client,
+        store=JobStore.from_settings(client, settings),
+        celery=sender,
+    )
+
+    from web import api, errors, site
+
+    errors.register(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(site.bp)
+    return app
+
+
+class Services:
+    """What the views need, built once by the factory."""
+
+    def __init__(self, *, settings: Settings, catalog: ModelCatalog, redis: redis.Redis,
+                 store: JobStore, celery: Celery):
+        self.settings, self.catalog, self.redis, self.store, self.celery = (
+            settings, catalog, redis, store, celery)

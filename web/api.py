@@ -1,0 +1,139 @@
+"""The JSON API (v1): submit jobs, read them, fetch heatmaps, list models, health."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from flask import Blueprint, current_app, jsonify, request
+from kombu.exceptions import OperationalError
+
+from shared.errors import InvalidOption, MissingImage, NotFound, PayloadTooLarge, Unavailable
+from shared.keys import WORKERS_KEY, Computation, OutputOptions, image_digest
+from shared.tasks import INFER_TASK, inference_queue
+from web.upload import inspect_image
+
+log = logging.getLogger(__name__)
+bp = Blueprint("api", __name__)
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+MAX_TOP_K = 20
+
+
+def services():
+    return current_app.extensions["imgsvc"]
+
+
+def parse_options(values) -> OutputOptions:
+    """Read ``top_k`` and ``gradcam`` from form fields or query arguments."""
+    raw_k = values.get("top_k", "5").strip()
+    try:
+        top_k = int(raw_k)
+    except ValueError:
+        raise InvalidOption(f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {raw_k!r}.") from None
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidOption(f"top_k must be from 1 to {MAX_TOP_K}, got {top_k}.")
+    raw_cam = values.get("gradcam", "true").strip().lower()
+    if raw_cam not in _TRUE | _FALSE:
+        raise InvalidOption(f"gradcam must be true or false, got {raw_cam!r}.")
+    if values.get("callback_url"):
+        raise InvalidOption("callback_url is not supported by this version of the service.")
+    return OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE)
+
+
+def read_upload() -> tuple[bytes, dict]:
+    """Return the image bytes and the option fields, from multipart or a raw image body."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise MissingImage("Send the image in the multipart field 'image'.")
+        try:
+            return upload.read(), request.form
+        finally:
+            upload.close()  # big parts are spooled to a temporary file: release it now
+    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        return request.get_data(cache=False), request.args
+    raise MissingImage("Send the image as multipart field 'image' or as a raw body "
+                       "with an image/* Content-Type.")
+
+
+@bp.post("/api/v1/jobs")
+def submit_job():
+    """Accept an image; answer from the cache, attach to identical work in flight, or enqueue."""
+    svc = services()
+    data, fields = read_upload()
+    card = svc.catalog.get(fields.get("model") or None)
+    options = parse_options(fields)
+    if len(data) > svc.settings.max_upload_bytes:
+        raise PayloadTooLarge(f"The image is {len(data)} bytes; the limit is "
+                              f"{svc.settings.max_upload_bytes} bytes.")
+    info = inspect_image(data, svc.settings.max_image_pixels)
+    sha = image_digest(data)
+    comp = Computation(card.name, card.version, sha, options)
+    submission = svc.store.submit(comp, data, info.to_dict(sha),
+                                  {"name": card.name, "version": card.version})
+    if submission.outcome == "new":
+        enqueue_inference(svc, comp)
+    job = svc.store.get(submission.job_id)
+    status = 200 if submission.outcome == "cached" else 202
+    response = jsonify(job)
+    response.status_code = status
+    response.headers["Location"] = f"/api/v1/jobs/{submission.job_id}"
+    return response
+
+
+def enqueue_inference(svc, comp: Computation) -> None:
+    """Send the inference task by name to the model's queue; undo the job if that fails."""
+    message = {**comp.to_message(), "enqueued_at": time.time()}
+    try:
+        svc.celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model))
+    except OperationalError as exc:
+        log.error("could not enqueue %s: %s", comp.suffix, exc)
+        svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
+        raise Unavailable("The job queue is unavailable; retry shortly.") from exc
+
+
+def _job_or_404(job_id: str) -> dict:
+    job = services().store.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None:
+        raise NotFound(f"No job with id {job_id!r} (it may have expired).")
+    return job
+
+
+@bp.get("/api/v1/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(_job_or_404(job_id))
+
+
+@bp.get("/api/v1/jobs/<job_id>/gradcam.png")
+def get_gradcam(job_id: str):
+    job = _job_or_404(job_id)
+    png = services().store.overlay_png(job_id) if job["status"] == "done" else None
+    if png is None:
+        reason = ("the job asked for no GradCAM" if job["status"] == "done"
+                  else f"the job is {job['status']}")
+        raise NotFound(f"No heatmap for job {job_id}: {reason}.")
+    response = current_app.response_class(png, mimetype="image/png")
+    response.headers["Cache-Control"] = "private, max-age=86400, immutable"
+    return response
+
+
+@bp.get("/api/v1/models")
+def list_models():
+    catalog = services().catalog
+    return jsonify({"default": catalog.default, "models": [card.public() for card in catalog]})
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    """Ready when Redis answers and at least one worker child has beaten recently."""
+    svc = services()
+    alive = svc.redis.zcount(WORKERS_KEY, time.time() - svc.settings.worker_ttl_s, "+inf")
+    body = {"redis": True, "workers": alive, "status": "ok" if alive else "no_workers"}
+    return jsonify(body), 200 if alive else 503

@@ -1,0 +1,523 @@
+(function () {
+  "use strict";
+
+  var JOBS_URL = "/api/v1/jobs";
+  var POLL_FAST_MS = 500;
+  var POLL_SLOW_MS = 2000;
+  var SLOW_AFTER_MS = 20000;
+  var MAX_POLL_ERRORS = 5;
+  var TIMING_KEYS = ["queue", "decode", "preprocess", "inference", "gradcam", "render", "total"];
+  var STATUS_TEXT = {
+    uploading: "uploading",
+    queued: "queued",
+    running: "running",
+    done: "done",
+    failed: "failed"
+  };
+
+  var controls = document.getElementById("controls");
+  var fileInput = document.getElementById("file-input");
+  var dropZone = document.getElementById("drop-zone");
+  var modelSelect = document.getElementById("model-select");
+  var topKInput = document.getElementById("top-k");
+  var gradcamInput = document.getElementById("gradcam");
+  var modelDescription = document.getElementById("model-description");
+  var jobsList = document.getElementById("jobs");
+
+  var maxUploadMb = Number(controls.getAttribute("data-max-upload-mb")) || 0;
+  var maxUploadBytes = maxUploadMb * 1024 * 1024;
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) {
+      node.className = className;
+    }
+    if (text !== undefined && text !== null) {
+      node.textContent = String(text);
+    }
+    return node;
+  }
+
+  function now() {
+    return (window.performance && performance.now) ? performance.now() : Date.now();
+  }
+
+  function formatBytes(bytes) {
+    if (bytes >= 1024 * 1024) {
+      return (bytes / (1024 * 1024)).toFixed(1) + " MB";
+    }
+    if (bytes >= 1024) {
+      return (bytes / 1024).toFixed(1) + " KB";
+    }
+    return bytes + " B";
+  }
+
+  function formatMs(value) {
+    if (typeof value !== "number" || !isFinite(value)) {
+      return "-";
+    }
+    return value.toFixed(1) + " ms";
+  }
+
+  function formatElapsed(ms) {
+    if (ms >= 1000) {
+      return (ms / 1000).toFixed(2) + " s";
+    }
+    return Math.round(ms) + " ms";
+  }
+
+  function formatPercent(score) {
+    var n = Number(score);
+    if (!isFinite(n)) {
+      return "-";
+    }
+    return (n * 100).toFixed(1) + "%";
+  }
+
+  function readOptions() {
+    var topK = parseInt(topKInput.value, 10);
+    if (!isFinite(topK)) {
+      topK = 5;
+    }
+    topK = Math.min(20, Math.max(1, topK));
+    topKInput.value = String(topK);
+    return {
+      model: modelSelect.value,
+      topK: topK,
+      gradcam: gradcamInput.checked
+    };
+  }
+
+  function updateModelDescription() {
+    var option = modelSelect.options[modelSelect.selectedIndex];
+    if (!option) {
+      modelDescription.textContent = "";
+      return;
+    }
+    var parts = [];
+    if (option.title) {
+      parts.push(option.title);
+    }
+    var size = option.getAttribute("data-input-size");
+    if (size) {
+      parts.push("input size " + size);
+    }
+    modelDescription.textContent = parts.join(" \u2014 ");
+  }
+
+  function Card(file, options) {
+    this.file = file;
+    this.options = options;
+    this.jobId = null;
+    this.status = null;
+    this.startedAt = now();
+    this.pollStartedAt = null;
+    this.pollErrors = 0;
+    this.pollTimer = null;
+    this.finished = false;
+    this.thumbUrl = null;
+    this.build();
+  }
+
+  Card.prototype.build = function () {
+    var root = el("li", "job");
+    var header = el("div", "job-header");
+    var name = el("span", "file-name", this.file.name || "(unnamed file)");
+    name.title = this.file.name || "";
+    var badges = el("span", "badges");
+    this.statusBadge = el("span", "badge status");
+    this.cacheBadge = el("span", "badge");
+    this.cacheBadge.hidden = true;
+    badges.appendChild(this.cacheBadge);
+    badges.appendChild(this.statusBadge);
+    header.appendChild(name);
+    header.appendChild(badges);
+    root.appendChild(header);
+
+    var media = el("div", "media");
+    var thumb = el("img", "thumb");
+    thumb.alt = "Preview of " + (this.file.name || "file");
+    try {
+      this.thumbUrl = URL.createObjectURL(this.file);
+      thumb.src = this.thumbUrl;
+    } catch (e) {
+      thumb.hidden = true;
+    }
+    thumb.addEventListener("error", function () {
+      thumb.hidden = true;
+    });
+    media.appendChild(thumb);
+    this.media = media;
+    root.appendChild(media);
+
+    var opts = this.options;
+    var meta = el("p", "meta",
+      formatBytes(this.file.size) + " \u00b7 " + opts.model + " \u00b7 top " + opts.topK +
+      " \u00b7 GradCAM " + (opts.gradcam ? "on" : "off"));
+    root.appendChild(meta);
+
+    this.elapsedNode = el("p", "elapsed");
+    root.appendChild(this.elapsedNode);
+
+    this.body = el("div", "job-body");
+    root.appendChild(this.body);
+
+    this.root = root;
+  };
+
+  Card.prototype.setStatus = function (status) {
+    var text = STATUS_TEXT[status] || String(status);
+    this.status = status;
+    this.root.setAttribute("data-status", text);
+    this.statusBadge.textContent = text;
+    this.statusBadge.className = "badge status status-" + text.replace(/[^a-z]/g, "");
+  };
+
+  Card.prototype.setJobId = function (id) {
+    this.jobId = String(id);
+    this.root.setAttribute("data-job-id", this.jobId);
+  };
+
+  Card.prototype.updateElapsed = function (final) {
+    var ms = now() - this.startedAt;
+    this.elapsedNode.textContent = (final ? "Wall time (browser): " : "Elapsed: ") + formatElapsed(ms);
+  };
+
+  Card.prototype.fail = function (code, message) {
+    if (this.status !== null) {
+      this.updateElapsed(true);
+    }
+    this.finished = true;
+    this.stopPolling();
+    this.setStatus("failed");
+    this.body.textContent = "";
+    var box = el("div", "error");
+    box.appendChild(el("span", "error-code", code || "unknown_error"));
+    box.appendChild(el("span", "error-message", message || "The job failed."));
+    this.body.appendChild(box);
+  };
+
+  Card.prototype.stopPolling = function () {
+    if (this.pollTimer !== null) {
+      clearTimeout(this.pollTimer);
+      this.pollTimer = null;
+    }
+  };
+
+  Card.prototype.applyJob = function (job) {
+    if (this.finished) {
+      return;
+    }
+    if (job.id !== undefined && job.id !== null && this.jobId === null) {
+      this.setJobId(job.id);
+    }
+    var status = job.status;
+    if (status === "done") {
+      this.finished = true;
+      this.stopPolling();
+      this.setStatus("done");
+      this.updateElapsed(true);
+      this.renderDone(job);
+    } else if (status === "failed") {
+      var err = job.error || {};
+      this.fail(err.code, err.message);
+    } else if (status === "queued" || status === "running") {
+      this.setStatus(status);
+      this.updateElapsed(false);
+    } else {
+      this.fail("bad_response", "Unexpected job status: " + String(status));
+    }
+  };
+
+  Card.prototype.renderDone = function (job) {
+    var result = job.result || {};
+    this.body.textContent = "";
+
+    this.cacheBadge.hidden = false;
+    if (job.cached) {
+      this.cacheBadge.className = "badge cached";
+      this.cacheBadge.textContent = "from cache";
+    } else {
+      this.cacheBadge.className = "badge computed";
+      this.cacheBadge.textContent = "computed";
+    }
+
+    var predictions = Array.isArray(result.predictions) ? result.predictions : [];
+    var list = el("ol", "predictions");
+    predictions.forEach(function (p) {
+      var item = el("li");
+      var score = Number(p.score);
+      var width = isFinite(score) ? Math.min(1, Math.max(0, score)) * 100 : 0;
+      var label = el("span", "label", p.label !== undefined ? p.label : "#" + p.index);
+      if (p.index !== undefined && p.index !== null) {
+        label.title = "class index " + p.index;
+      }
+      var bar = el("span", "bar");
+      var fill = el("span", "bar-fill");
+      fill.style.width = width.toFixed(1) + "%";
+      bar.appendChild(fill);
+      item.appendChild(label);
+      item.appendChild(bar);
+      item.appendChild(el("span", "score", formatPercent(p.score)));
+      list.appendChild(item);
+    });
+    if (predictions.length === 0) {
+      this.body.appendChild(el("p", "empty", "No predictions returned."));
+    } else {
+      this.body.appendChild(list);
+    }
+
+    if (result.gradcam && result.gradcam.url) {
+      var figure = el("figure", "gradcam");
+      var img = el("img", "overlay");
+      img.src = String(result.gradcam.url);
+      img.alt = "GradCAM overlay";
+      img.loading = "lazy";
+      figure.appendChild(img);
+      var caption = "GradCAM";
+      if (result.gradcam.class_index !== undefined && result.gradcam.class_index !== null) {
+        caption += " for class " + result.gradcam.class_index;
+      }
+      figure.appendChild(el("figcaption", null, caption));
+      this.body.appendChild(figure);
+    }
+
+    var info = el("dl", "info");
+    function addInfo(term, value) {
+      info.appendChild(el("dt", null, term));
+      info.appendChild(el("dd", null, value));
+    }
+    var image = job.image || {};
+    var model = job.model || {};
+    addInfo("Model", [model.name, model.version].filter(Boolean).join(" ") || "-");
+    addInfo("Device", result.device || "-");
+    addInfo("Format", image.format || "-");
+    addInfo("Size", (image.width && image.height) ? image.width + " \u00d7 " + image.height : "-");
+    if (image.sha256) {
+      var shaNode = el("dd", "sha", String(image.sha256).slice(0, 12));
+      shaNode.title = String(image.sha256);
+      info.appendChild(el("dt", null, "SHA-256"));
+      info.appendChild(shaNode);
+    }
+    this.body.appendChild(info);
+
+    var timings = result.timings_ms;
+    if (timings && typeof timings === "object") {
+      var table = el("table", "timings");
+      var caption2 = el("caption", null, "Server timings");
+      table.appendChild(caption2);
+      var tbody = el("tbody");
+      var keys = TIMING_KEYS.slice();
+      Object.keys(timings).forEach(function (k) {
+        if (keys.indexOf(k) === -1) {
+          keys.splice(keys.length - 1, 0, k);
+        }
+      });
+      keys.forEach(function (k) {
+        if (!(k in timings)) {
+          return;
+        }
+        var row = el("tr", k === "total" ? "total" : null);
+        row.appendChild(el("th", null, k));
+        row.appendChild(el("td", null, formatMs(timings[k])));
+        tbody.appendChild(row);
+      });
+      table.appendChild(tbody);
+      this.body.appendChild(table);
+    }
+  };
+
+  Card.prototype.schedulePoll = function () {
+    if (this.finished) {
+      return;
+    }
+    if (this.pollStartedAt === null) {
+      this.pollStartedAt = now();
+    }
+    var delay = (now() - this.pollStartedAt) > SLOW_AFTER_MS ? POLL_SLOW_MS : POLL_FAST_MS;
+    var self = this;
+    this.pollTimer = setTimeout(function () {
+      self.pollTimer = null;
+      self.poll();
+    }, delay);
+  };
+
+  Card.prototype.pollFailed = function (code, message) {
+    this.pollErrors += 1;
+    if (this.pollErrors >= MAX_POLL_ERRORS) {
+      this.fail(code, message + " (gave up after " + this.pollErrors + " attempts)");
+    } else {
+      this.schedulePoll();
+    }
+  };
+
+  Card.prototype.poll = function () {
+    var self = this;
+    if (self.finished) {
+      return;
+    }
+    var url = JOBS_URL + "/" + encodeURIComponent(self.jobId);
+    fetch(url, { headers: { "Accept": "application/json" }, cache: "no-store" })
+      .then(function (response) {
+        return readBody(response).then(function (body) {
+          if (self.finished) {
+            return;
+          }
+          if (response.ok) {
+            if (!body.json || typeof body.json !== "object") {
+              self.pollFailed("bad_response", "Server returned a non-JSON response while polling.");
+              return;
+            }
+            self.pollErrors = 0;
+            self.applyJob(body.json);
+            self.schedulePoll();
+            return;
+          }
+          var err = describeError(response, body);
+          if (response.status >= 500 || response.status === 429) {
+            self.pollFailed(err.code, err.message);
+          } else {
+            self.fail(err.code, err.message);
+          }
+        });
+      })
+      .catch(function (error) {
+        if (self.finished) {
+          return;
+        }
+        self.pollFailed("network_error", "Could not reach the server: " + (error && error.message ? error.message : "request failed"));
+      });
+  };
+
+  Card.prototype.upload = function () {
+    var self = this;
+    var form = new FormData();
+    form.append("image", self.file, self.file.name);
+    form.append("model", self.options.model);
+    form.append("top_k", String(self.options.topK));
+    form.append("gradcam", self.options.gradcam ? "true" : "false");
+
+    self.setStatus("uploading");
+    self.startedAt = now();
+    self.updateElapsed(false);
+
+    fetch(JOBS_URL, {
+      method: "POST",
+      body: form,
+      headers: { "Accept": "application/json" }
+    })
+      .then(function (response) {
+        return readBody(response).then(function (body) {
+          if (!response.ok) {
+            var err = describeError(response, body);
+            self.fail(err.code, err.message);
+            return;
+          }
+          var job = body.json;
+          if (!job || typeof job !== "object" || job.id === undefined || job.id === null) {
+            self.fail("bad_response", "Server did not return a job.");
+            return;
+          }
+          self.setJobId(job.id);
+          self.applyJob(job);
+          self.schedulePoll();
+        });
+      })
+      .catch(function (error) {
+        self.fail("network_error", "Upload failed: " + (error && error.message ? error.message : "request failed"));
+      });
+  };
+
+  function readBody(response) {
+    return response.text().then(function (text) {
+      var json = null;
+      if (text) {
+        try {
+          json = JSON.parse(text);
+        } catch (e) {
+          json = null;
+        }
+      }
+      return { text: text, json: json };
+    }, function () {
+      return { text: "", json: null };
+    });
+  }
+
+  function describeError(response, body) {
+    var err = body.json && typeof body.json === "object" ? body.json.error : null;
+    if (err && typeof err === "object") {
+      return {
+        code: err.code ? String(err.code) : "http_" + response.status,
+        message: err.message ? String(err.message) : (response.statusText || "Request failed")
+      };
+    }
+    var message = "HTTP " + response.status + (response.statusText ? " " + response.statusText : "");
+    var snippet = (body.text || "").replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
+    if (snippet) {
+      message += ": " + (snippet.length > 160 ? snippet.slice(0, 160) + "\u2026" : snippet);
+    }
+    return { code: "http_" + response.status, message: message };
+  }
+
+  function addFiles(fileList) {
+    var files = Array.prototype.slice.call(fileList || []);
+    if (files.length === 0) {
+      return;
+    }
+    var options = readOptions();
+    files.forEach(function (file) {
+      var card = new Card(file, options);
+      jobsList.insertBefore(card.root, jobsList.firstChild);
+      if (maxUploadBytes > 0 && file.size > maxUploadBytes) {
+        card.fail("file_too_large",
+          "File is " + formatBytes(file.size) + "; the limit is " + maxUploadMb + " MB. It was not uploaded.");
+        return;
+      }
+      card.upload();
+    });
+  }
+
+  fileInput.addEventListener("change", function () {
+    addFiles(fileInput.files);
+    fileInput.value = "";
+  });
+
+  var dragDepth = 0;
+  dropZone.addEventListener("dragenter", function (event) {
+    event.preventDefault();
+    dragDepth += 1;
+    dropZone.classList.add("dragover");
+  });
+  dropZone.addEventListener("dragover", function (event) {
+    event.preventDefault();
+    if (event.dataTransfer) {
+      event.dataTransfer.dropEffect = "copy";
+    }
+  });
+  dropZone.addEventListener("dragleave", function () {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) {
+      dropZone.classList.remove("dragover");
+    }
+  });
+  dropZone.addEventListener("drop", function (event) {
+    event.preventDefault();
+    dragDepth = 0;
+    dropZone.classList.remove("dragover");
+    if (event.dataTransfer) {
+      addFiles(event.dataTransfer.files);
+    }
+  });
+
+  // Keep a file dropped outside the drop zone from replacing the page.
+  window.addEventListener("dragover", function (event) {
+    event.preventDefault();
+  });
+  window.addEventListener("drop", function (event) {
+    event.preventDefault();
+  });
+
+  modelSelect.addEventListener("change", updateModelDescription);
+  updateModelDescription();
+})();

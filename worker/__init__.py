@@ -1,0 +1,1 @@
+"""The worker tier: Celery app and signals, devices, models, inference, GradCAM and overlays."""
