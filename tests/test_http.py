@@ -8,29 +8,9 @@ import requests
 
 from shared.settings import REPO_ROOT
 from tests import images
-from tests.conftest import free_port, service_env, stop_process, wait_for
+from tests.conftest import service_env
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def base_url(settings, worker):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4",
-         "--worker-class", "gthread", "web.wsgi:app"],
-        cwd=REPO_ROOT, env=service_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_for(up, 30, "gunicorn")
-    yield url
-    stop_process(proc)
 
 
 def test_upload_over_http_then_cache_hit(base_url):
