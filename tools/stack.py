@@ -45,9 +45,13 @@ def die_with_parent() -> None:
 
 
 def spawn(args: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
-    out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    if log is None:
+        return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)
 
 
 def stop(proc: subprocess.Popen, grace: float = 20) -> None:
@@ -59,8 +63,6 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-    if proc.stdout not in (None, subprocess.DEVNULL):
-        proc.stdout.close()
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
