@@ -71,6 +71,8 @@ class Settings:
     amp_dtype: str = "float16"  # float16 | bfloat16 (CUDA only)
     torch_threads: int = 0  # 0: the machine's cores shared among the pool's children
     worker_concurrency: int = 1
+    max_batch: int = 0  # images per forward pass; 0 measures the best size per model at start-up
+    max_wait_ms: int = 5  # how long a busy child waits to fill a batch; an idle one never waits
     worker_proc_alive_timeout_s: int = 120
     heartbeat_interval_s: int = 5
     worker_ttl_s: int = 20
@@ -97,6 +99,8 @@ class Settings:
             amp_dtype=_choice(env, "AMP_DTYPE", d.amp_dtype, ("float16", "bfloat16")),
             torch_threads=_int(env, "TORCH_THREADS", d.torch_threads),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1),
+            max_batch=_int(env, "MAX_BATCH", d.max_batch),
+            max_wait_ms=_int(env, "MAX_WAIT_MS", d.max_wait_ms),
             worker_proc_alive_timeout_s=_int(
                 env, "WORKER_PROC_ALIVE_TIMEOUT_S", d.worker_proc_alive_timeout_s, minimum=1
             ),

@@ -15,6 +15,8 @@ from shared.settings import REPO_ROOT, Settings
 from tools.stack import start_redis, start_web, start_worker, stop, wait_for
 
 WORKER_CHILDREN = 2
+MAX_BATCH = 4
+MAX_WAIT_MS = 1000
 TINY_LABELS = [f"tiny-class-{i}" for i in range(10)]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
@@ -71,8 +73,10 @@ target_layer = "layer4"
 
 @pytest.fixture(scope="session")
 def settings(redis_url, cards_dir) -> Settings:
+    # A long batching wait makes "an idle job does not wait" observable in the tests.
     return Settings(redis_url=redis_url, model_cards_dir=cards_dir, heartbeat_interval_s=1,
-                    worker_ttl_s=5, worker_concurrency=WORKER_CHILDREN, torch_threads=1)
+                    worker_ttl_s=5, worker_concurrency=WORKER_CHILDREN, torch_threads=1,
+                    max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS)
 
 
 @pytest.fixture(scope="session")

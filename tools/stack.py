@@ -93,7 +93,8 @@ def service_env(settings: Settings) -> dict:
             "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
             "WORKER_TTL_S": str(settings.worker_ttl_s),
             "WORKER_CONCURRENCY": str(settings.worker_concurrency),
-            "TORCH_THREADS": str(settings.torch_threads), "PYTHONUNBUFFERED": "1"}
+            "TORCH_THREADS": str(settings.torch_threads), "MAX_BATCH": str(settings.max_batch),
+            "MAX_WAIT_MS": str(settings.max_wait_ms), "PYTHONUNBUFFERED": "1"}
 
 
 def start_worker(settings: Settings, log: Path, name: str = "stack") -> subprocess.Popen:

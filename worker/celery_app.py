@@ -37,7 +37,8 @@ def init_child(**_):
     from worker.runtime import Runtime
 
     global runtime
-    runtime = Runtime.start(settings, catalog, getattr(current_process(), "index", 0))
+    runtime = Runtime.start(settings, catalog, getattr(current_process(), "index", 0),
+                            broker_connection=app.connection_for_read())
 
 
 @worker_process_shutdown.connect

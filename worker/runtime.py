@@ -12,14 +12,18 @@ import torch
 from shared.cards import ModelCatalog
 from shared.errors import InferenceFailed, JobFailed, ServiceError
 from shared.jobs import JobStore
-from shared.keys import Computation
 from shared.settings import Settings
+from shared.tasks import inference_queue
 from worker import devices
+from worker.batching import Pending, QueueDrainer, best_batch_size
 from worker.heartbeat import Heartbeat
+from worker.inference import predict
 from worker.models import LoadedModel, load_count, load_model
-from worker.pipeline import run_pipeline
+from worker.pipeline import run_batch
 
 log = logging.getLogger(__name__)
+CPU_BATCHES = (1, 2, 4, 8)
+CUDA_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ModelVersionUnavailable(JobFailed):
@@ -31,73 +35,117 @@ class ImageExpired(JobFailed):
 
 
 class Runtime:
-    """A pool child's resident state; ``process`` runs one computation end to end."""
+    """A pool child's resident state; ``handle`` runs a message (and any batched with it)."""
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel], store: JobStore,
-                 heartbeat: Heartbeat):
-        self.settings, self.models, self.store, self.heartbeat = settings, models, store, heartbeat
+    def __init__(self, settings: Settings, models: dict[str, LoadedModel], batch_sizes: dict[str, int],
+                 store: JobStore, heartbeat: Heartbeat, drainer: QueueDrainer | None):
+        self.settings, self.models, self.batch_sizes = settings, models, batch_sizes
+        self.store, self.heartbeat, self.drainer = store, heartbeat, drainer
 
     @classmethod
-    def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int) -> "Runtime":
-        """Pick the device, load and warm every served model, and start the heartbeat."""
+    def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int,
+              broker_connection=None) -> "Runtime":
+        """Pick the device, load and warm every served model, size batches, start the heartbeat."""
         device = devices.choose_device(settings.worker_device, child_index)
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
         devices.configure(device, threads)
         models = {card.name: load_model(card, device) for card in catalog}
         for model in models.values():
             warm_up(model, settings.amp_dtype)
+        candidates = CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES
+        batch_sizes = {name: settings.max_batch or best_batch_size(model, settings.amp_dtype, candidates)
+                       for name, model in models.items()}
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
                                       health_check_interval=30)
         name = f"{socket.gethostname()}:{os.getpid()}"
         info = {"host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": devices.describe(device), "threads": threads,
                 "models": {m.card.name: m.card.version for m in models.values()},
-                "model_loads": load_count(), "started_at": time.time()}
+                "max_batch": batch_sizes, "model_loads": load_count(), "started_at": time.time()}
         heartbeat = Heartbeat(client, name, info, interval_s=settings.heartbeat_interval_s,
                               ttl_s=settings.worker_ttl_s)
         heartbeat.start()
-        log.info("child %s ready on %s with %s", name, info["device"], ", ".join(models))
-        return cls(settings, models, JobStore.from_settings(client, settings), heartbeat)
+        drainer = QueueDrainer(broker_connection) if broker_connection is not None else None
+        log.info("child %s ready on %s with %s", name, info["device"], batch_sizes)
+        return cls(settings, models, batch_sizes, JobStore.from_settings(client, settings), heartbeat,
+                   drainer)
 
-    def process(self, comp: Computation, enqueued_at: float) -> str:
-        """Compute ``comp`` and settle every job attached to it; return the outcome."""
-        started = time.time()
-        self.store.start(comp)
-        if self.store.redis.exists(comp.result_key):
-            return "already_done"  # a redelivered message whose result was already written
+    def handle(self, first: Pending) -> list[str]:
+        """Run ``first`` together with whatever else waits in its queue; return each outcome."""
+        batch = [first]
+        limit = self.batch_sizes.get(first.comp.model, 1) - 1
+        if self.drainer is not None and limit > 0:
+            batch += self.drainer.take(inference_queue(first.comp.model), limit,
+                                       self.settings.max_wait_ms / 1000)
         try:
-            model = self.models.get(comp.model)
-            if model is None or model.card.version != comp.version:
-                raise ModelVersionUnavailable(
-                    f"This worker does not serve {comp.model} version {comp.version}.")
-            data = self.store.image_bytes(comp)
-            if data is None:
-                raise ImageExpired("The uploaded image expired before a worker could read it.")
-            output = run_pipeline(model, data, comp.options, max_pixels=self.settings.max_image_pixels,
-                                  amp_dtype=self.settings.amp_dtype)
-        except ServiceError as exc:
-            log.warning("computation %s failed: %s", comp.suffix, exc.message)
-            return self._fail(comp, exc)
-        except Exception as exc:  # a bug or a device error must fail the job, not the worker
-            log.exception("computation %s crashed", comp.suffix)
-            return self._fail(comp, InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}"))
-        output.result["timings_ms"]["queue"] = round(max(0.0, started - enqueued_at) * 1000, 2)
-        self.store.finish(comp, output.result, output.overlay_png)
-        self.heartbeat.count("jobs_done")
-        return "done"
+            return self.process(batch)
+        finally:
+            for pending in batch:
+                if pending.message is not None:
+                    pending.message.ack()  # only now: its result (or failure) is written
 
-    def _fail(self, comp: Computation, error: ServiceError) -> str:
-        self.store.fail(comp, error.to_dict())
+    def process(self, batch: list[Pending]) -> list[str]:
+        """Compute every pending computation and settle every job attached to each."""
+        started = time.time()
+        outcomes: dict[int, str] = {}
+        runnable: list[tuple[int, Pending, bytes]] = []
+        for index, pending in enumerate(batch):
+            comp = pending.comp
+            self.store.start(comp)
+            if self.store.redis.exists(comp.result_key):
+                outcomes[index] = "already_done"  # a redelivered message whose result was written
+                continue
+            try:
+                runnable.append((index, pending, self._image_for(pending)))
+            except ServiceError as exc:
+                outcomes[index] = self._fail(pending, exc)
+        for model_name in {pending.comp.model for _, pending, _ in runnable}:
+            group = [entry for entry in runnable if entry[1].comp.model == model_name]
+            outcomes.update(self._run_group(self.models[model_name], group, started))
+        return [outcomes[i] for i in range(len(batch))]
+
+    def _image_for(self, pending: Pending) -> bytes:
+        comp = pending.comp
+        model = self.models.get(comp.model)
+        if model is None or model.card.version != comp.version:
+            raise ModelVersionUnavailable(f"This worker does not serve {comp.model} version {comp.version}.")
+        data = self.store.image_bytes(comp)
+        if data is None:
+            raise ImageExpired("The uploaded image expired before a worker could read it.")
+        return data
+
+    def _run_group(self, model: LoadedModel, group, started: float) -> dict[int, str]:
+        try:
+            outputs = run_batch(model, [(data, pending.comp.options) for _, pending, data in group],
+                                max_pixels=self.settings.max_image_pixels, amp_dtype=self.settings.amp_dtype)
+        except Exception as exc:  # a bug or a device error must fail the jobs, not the worker
+            log.exception("batch of %d on %s crashed", len(group), model.card.name)
+            error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
+            return {index: self._fail(pending, error) for index, pending, _ in group}
+        outcomes = {}
+        for (index, pending, _), output in zip(group, outputs):
+            if isinstance(output, ServiceError):
+                outcomes[index] = self._fail(pending, output)
+                continue
+            output.result["timings_ms"]["queue"] = round(max(0.0, started - pending.enqueued_at) * 1000, 2)
+            self.store.finish(pending.comp, output.result, output.overlay_png)
+            self.heartbeat.count("jobs_done")
+            outcomes[index] = "done"
+        return outcomes
+
+    def _fail(self, pending: Pending, error: ServiceError) -> str:
+        log.warning("computation %s failed: %s", pending.comp.suffix, error.message)
+        self.store.fail(pending.comp, error.to_dict())
         self.heartbeat.count("jobs_failed")
         return "failed"
 
     def close(self) -> None:
         self.heartbeat.stop()
+        if self.drainer is not None:
+            self.drainer.close()
 
 
 def warm_up(model: LoadedModel, amp_dtype: str) -> None:
     """Run one dummy batch so the first real job does not pay for lazy initialisation."""
-    from worker.inference import predict
-
     size = model.card.input_size
     predict(model, [torch.zeros(3, size, size)], gradcam=True, amp_dtype=amp_dtype)

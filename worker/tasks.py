@@ -4,11 +4,13 @@ from __future__ import annotations
 from shared.keys import Computation
 from shared.tasks import INFER_TASK
 from worker import celery_app
+from worker.batching import Pending
 
 
 @celery_app.app.task(name=INFER_TASK)
-def infer(message: dict) -> str:
-    """Compute one image's predictions (and GradCAM) and settle every job attached to it."""
+def infer(message: dict) -> list[str]:
+    """Compute one image's predictions (and GradCAM), batched with any that wait behind it."""
     if celery_app.runtime is None:
         raise RuntimeError("worker child has no runtime; worker_process_init did not run")
-    return celery_app.runtime.process(Computation.from_message(message), float(message["enqueued_at"]))
+    first = Pending(Computation.from_message(message), float(message["enqueued_at"]))
+    return celery_app.runtime.handle(first)

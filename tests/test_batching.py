@@ -1,0 +1,63 @@
+"""Micro-batching: waiting jobs share a forward pass, each gets its own result; idle jobs never wait."""
+import pytest
+import torch
+
+from shared.cards import load_card
+from shared.keys import OutputOptions
+from shared.settings import REPO_ROOT
+from tests import images
+from tests.conftest import MAX_BATCH, MAX_WAIT_MS, submit, wait_done
+from tools.stack import wait_for
+from worker.batching import best_batch_size
+from worker.models import load_model
+from worker.pipeline import run_batch
+
+CARD = load_card(REPO_ROOT / "models" / "efficientnet-lite0.toml")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    torch.set_num_threads(2)
+    return load_model(CARD, torch.device("cpu"))
+
+
+def test_a_batch_gives_each_image_its_own_result(lite0):
+    pictures = [images.chelsea_jpeg(), images.encode(images.coffee(), "JPEG"), images.png_with_corrupt_pixels()]
+    options = OutputOptions(top_k=3, gradcam=True)
+    batched = run_batch(lite0, [(p, options) for p in pictures], max_pixels=10**8, amp_dtype="float16")
+    assert batched[2].code == "decode_failed"  # a bad image fails alone
+    for picture, output in zip(pictures[:2], batched[:2]):
+        alone = run_batch(lite0, [(picture, options)], max_pixels=10**8, amp_dtype="float16")[0]
+        assert output.result["batch_size"] == 2 and alone.result["batch_size"] == 1
+        assert [p["index"] for p in output.result["predictions"]] == [p["index"] for p in alone.result["predictions"]]
+        for mine, single in zip(output.result["predictions"], alone.result["predictions"]):
+            assert mine["score"] == pytest.approx(single["score"], abs=1e-3)
+        assert output.result["gradcam"] == alone.result["gradcam"]
+    assert batched[0].result["predictions"][0]["label"] != batched[1].result["predictions"][0]["label"]
+
+
+def test_best_batch_size_is_one_of_the_candidates(lite0):
+    assert best_batch_size(lite0, "float16", (1, 2), repeats=1) in (1, 2)
+
+
+@pytest.mark.integration
+def test_queued_jobs_are_batched_and_each_gets_its_own_answer(worker, client, lite0):
+    uploads = [images.noise_png(seed=500 + i, size=(96, 64)) for i in range(16)]
+    ids = [submit(client, data, f"n{i}.png", top_k=3).get_json()["id"] for i, data in enumerate(uploads)]
+    jobs = [wait_done(client, job_id) for job_id in ids]
+    assert all(job["status"] == "done" for job in jobs)
+    sizes = [job["result"]["batch_size"] for job in jobs]
+    assert max(sizes) > 1 and max(sizes) <= MAX_BATCH
+    options = OutputOptions(top_k=3, gradcam=True)
+    for data, job in zip(uploads, jobs):
+        alone = run_batch(lite0, [(data, options)], max_pixels=10**8, amp_dtype="float16")[0]
+        assert [p["index"] for p in job["result"]["predictions"]] == [p["index"] for p in alone.result["predictions"]]
+
+
+@pytest.mark.integration
+def test_a_lone_job_does_not_wait_for_a_batch(worker, client, redis_client):
+    wait_for(lambda: not any(redis_client.scan_iter("inflight:*")), 60, "the queue to drain")
+    job = wait_done(client, submit(client, images.noise_png(seed=999)).get_json()["id"])
+    assert job["result"]["batch_size"] == 1
+    # Queue time includes any wait for a batch; the batching wait is MAX_WAIT_MS (1 s) in the tests.
+    assert job["result"]["timings_ms"]["queue"] < MAX_WAIT_MS / 2
