@@ -14,7 +14,7 @@ import uuid
 
 import redis
 
-from shared.keys import STATS_KEY, Computation, job_key, overlay_key_for_result
+from shared.keys import STATS_KEY, Computation, job_key, notify_key, overlay_key_for_result
 
 _SUBMIT = """
 local result_key, inflight, attached, job, image = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -66,6 +66,9 @@ local ids = redis.call('LRANGE', attached, 0, -1)
 for _, id in ipairs(ids) do
   local job = job_prefix .. id
   if redis.call('EXISTS', job) == 1 then
+    local notify = ARGV[8] .. id
+    redis.call('RPUSH', notify, status)
+    redis.call('EXPIRE', notify, 60)
     if status == 'done' then
       redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4])
     else
@@ -94,7 +97,12 @@ class Submission:
 
     outcome: str
     job_id: str
+    fields: dict[str, str]  # the job hash as written
     cached_result: bytes | None = None
+
+    def document(self) -> dict:
+        """Return the job JSON without another Redis round trip."""
+        return job_document(self.fields, self.cached_result)
 
 
 class JobStore:
@@ -118,18 +126,26 @@ class JobStore:
 
     def submit(self, comp: Computation, image_bytes: bytes, image_info: dict,
                model_info: dict) -> Submission:
-        """Create a job and answer it from the cache, attach it to a running computation, or start one."""
-        job_id = new_job_id()
-        fields = json.dumps({"image": json.dumps(image_info), "model": json.dumps(model_info),
-                             "options": json.dumps(comp.options.to_dict())})
+        """Create a job and answer it from the cache, attach it to a running computation, or start one.
+
+        One round trip; the returned fields are what the script wrote, so the caller can answer
+        without reading the job back.
+        """
+        job_id, now = new_job_id(), utc_now()
+        fields = {"id": job_id, "created_at": now, "image": json.dumps(image_info),
+                  "model": json.dumps(model_info), "options": json.dumps(comp.options.to_dict())}
         outcome, payload = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
                   comp.image_key],
-            args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, utc_now(), fields,
-                  image_bytes],
+            args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now,
+                  json.dumps({k: fields[k] for k in ("image", "model", "options")}), image_bytes],
         )
         outcome = outcome.decode()
-        return Submission(outcome, job_id, payload if outcome == "cached" else None)
+        if outcome == "cached":
+            fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
+            return Submission(outcome, job_id, fields, payload)
+        fields.update(status="queued", cached="0")
+        return Submission(outcome, job_id, fields)
 
     def start(self, comp: Computation) -> list[str]:
         """Mark the computation's queued jobs running; return every attached job id."""
@@ -149,7 +165,8 @@ class JobStore:
         ids = self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
                   comp.overlay_key, STATS_KEY],
-            args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model],
+            args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model,
+                  notify_key("")],
         )
         return [i.decode() for i in ids]
 
@@ -159,6 +176,10 @@ class JobStore:
 
     def image_bytes(self, comp: Computation) -> bytes | None:
         return self.redis.get(comp.image_key)
+
+    def wait(self, blocking: redis.Redis, job_id: str, timeout_s: float) -> None:
+        """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout)."""
+        blocking.blpop([notify_key(job_id)], timeout=timeout_s)
 
     def get(self, job_id: str) -> dict | None:
         """Return the job as the contract's JSON object, or None when unknown or expired."""

@@ -17,6 +17,11 @@ def job_key(job_id: str) -> str:
     return f"job:{job_id}"
 
 
+def notify_key(job_id: str) -> str:
+    """A list the worker pushes to when the job settles; ``?wait=`` readers block on it."""
+    return f"notify:{job_id}"
+
+
 def worker_key(name: str) -> str:
     return f"worker:{name}"
 

@@ -182,3 +182,13 @@ def test_upload_page_renders_the_served_models(client):
     page = client.get("/")
     assert page.status_code == 200
     assert b"tiny-resnet18" in page.data and b'id="file-input"' in page.data
+
+
+def test_wait_parameter_returns_once_the_job_settles(worker, client):
+    answer = submit(client, images.noise_png(seed=4242))
+    assert answer.status_code == 202
+    job = client.get(f"/api/v1/jobs/{answer.get_json()['id']}?wait=30").get_json()
+    assert job["status"] == "done"
+    for bad in ("-1", "31", "soon"):
+        refused = client.get(f"/api/v1/jobs/{job['id']}?wait={bad}")
+        assert refused.status_code == 422 and refused.get_json()["error"]["code"] == "invalid_option"

@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         catalog=ModelCatalog.load(settings.model_cards_dir, settings.models, settings.default_model),
         redis=client,
+        # Long-poll reads (?wait=) block in BLPOP: they need a socket timeout above the longest wait.
+        blocking_redis=redis.Redis.from_url(settings.redis_url, socket_timeout=40, socket_connect_timeout=2),
         store=JobStore.from_settings(client, settings),
         celery=sender,
     )
@@ -52,6 +54,7 @@ class Services:
     """What the views need, built once by the factory."""
 
     def __init__(self, *, settings: Settings, catalog: ModelCatalog, redis: redis.Redis,
-                 store: JobStore, celery: Celery):
+                 blocking_redis: redis.Redis, store: JobStore, celery: Celery):
         self.settings, self.catalog, self.redis, self.store, self.celery = (
             settings, catalog, redis, store, celery)
+        self.blocking_redis = blocking_redis

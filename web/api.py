@@ -19,6 +19,7 @@ bp = Blueprint("api", __name__)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 MAX_TOP_K = 20
+MAX_WAIT_S = 30
 
 
 def services():
@@ -75,7 +76,7 @@ def submit_job():
                                   {"name": card.name, "version": card.version})
     if submission.outcome == "new":
         enqueue_inference(svc, comp)
-    job = svc.store.get(submission.job_id)
+    job = submission.document()
     status = 200 if submission.outcome == "cached" else 202
     response = jsonify(job)
     response.status_code = status
@@ -103,7 +104,20 @@ def _job_or_404(job_id: str) -> dict:
 
 @bp.get("/api/v1/jobs/<job_id>")
 def get_job(job_id: str):
-    return jsonify(_job_or_404(job_id))
+    """Return the job; with ``?wait=S`` (up to MAX_WAIT_S) block until it settles or S pass."""
+    job = _job_or_404(job_id)
+    wait = request.args.get("wait", "0")
+    try:
+        wait_s = float(wait)
+    except ValueError:
+        raise InvalidOption(f"wait must be a number of seconds from 0 to {MAX_WAIT_S}, got {wait!r}.") from None
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        raise InvalidOption(f"wait must be from 0 to {MAX_WAIT_S} seconds, got {wait_s}.")
+    if wait_s > 0 and job["status"] in ("queued", "running"):
+        svc = services()
+        svc.store.wait(svc.blocking_redis, job_id, wait_s)
+        job = _job_or_404(job_id)
+    return jsonify(job)
 
 
 @bp.get("/api/v1/jobs/<job_id>/gradcam.png")

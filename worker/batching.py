@@ -80,17 +80,18 @@ class QueueDrainer:
 
 
 def best_batch_size(model: LoadedModel, amp_dtype: str, candidates: tuple[int, ...],
-                    repeats: int = 3) -> int:
+                    seconds_each: float = 0.3) -> int:
     """Measure throughput (forward + GradCAM) per batch size; return the smallest within 5% of the best."""
     size = model.card.input_size
     rates = {}
     for batch in candidates:
         tensors = [torch.zeros(3, size, size)] * batch
         predict(model, tensors, gradcam=True, amp_dtype=amp_dtype)  # shapes warm up (cudnn autotune)
-        start = time.perf_counter()
-        for _ in range(repeats):
+        runs, start = 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - start < seconds_each:
             predict(model, tensors, gradcam=True, amp_dtype=amp_dtype)
-        rates[batch] = batch * repeats / (time.perf_counter() - start)
+            runs += 1
+        rates[batch] = batch * runs / (time.perf_counter() - start)
     best = max(rates.values())
     chosen = min(b for b, rate in rates.items() if rate >= 0.95 * best)
     log.info("%s on %s: images/s by batch size %s -> max_batch %d", model.card.name, model.device,

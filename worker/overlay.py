@@ -6,8 +6,9 @@ import io
 import numpy as np
 from PIL import Image
 
-MAX_OVERLAY_SIDE = 640
+MAX_OVERLAY_SIDE = 384  # PNG encoding dominates rendering: ~9 ms at this size on one CPU core
 ALPHA = 0.5
+DIM = 0.45  # brightness of the part of the picture the model's centre crop did not see
 
 
 def _jet_lut() -> np.ndarray:
@@ -19,6 +20,7 @@ def _jet_lut() -> np.ndarray:
 
 
 JET = _jet_lut()
+_DIM_LUT = [round(v * DIM) for v in range(256)] * 3
 
 
 def normalise(cam: np.ndarray) -> np.ndarray:
@@ -32,19 +34,18 @@ def render_overlay(image: Image.Image, cam: np.ndarray,
                    crop_box: tuple[float, float, float, float]) -> bytes:
     """Blend ``cam`` (the model's view of ``crop_box``) over ``image`` at its own aspect ratio."""
     picture = image.copy()
-    picture.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE), Image.Resampling.BILINEAR)
+    picture.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     width, height = picture.size
-    left, top = round(crop_box[0] * width), round(crop_box[1] * height)
-    right, bottom = round(crop_box[2] * width), round(crop_box[3] * height)
-    heat = Image.fromarray(normalise(cam).astype(np.float32), mode="F")
-    heat = heat.resize((max(1, right - left), max(1, bottom - top)), Image.Resampling.BILINEAR)
+    box = (round(crop_box[0] * width), round(crop_box[1] * height),
+           max(round(crop_box[2] * width), round(crop_box[0] * width) + 1),
+           max(round(crop_box[3] * height), round(crop_box[1] * height) + 1))
+    size = (box[2] - box[0], box[3] - box[1])
+    heat = Image.fromarray(normalise(cam).astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
     levels = np.clip(np.asarray(heat) * 255, 0, 255).astype(np.uint8)
-    base = np.asarray(picture, dtype=np.float32)
-    # Outside the crop the model saw nothing: dim it rather than invent a heatmap there.
-    blended = base * 0.45
-    region = base[top:bottom, left:right]
-    coloured = JET[levels].astype(np.float32)
-    blended[top:bottom, left:right] = region * (1 - ALPHA) + coloured * ALPHA
+    coloured = Image.fromarray(JET[levels], "RGB")
+    blended = Image.blend(picture.crop(box), coloured, ALPHA)
+    canvas = picture.point(_DIM_LUT)  # outside the crop the model saw nothing: dim it
+    canvas.paste(blended, box[:2])
     out = io.BytesIO()
-    Image.fromarray(blended.astype(np.uint8), "RGB").save(out, format="PNG", compress_level=1)
+    canvas.save(out, format="PNG", compress_level=1)
     return out.getvalue()

@@ -1,0 +1,1 @@
+"""Benchmark harness behind `make bench`: one run measures the limit and the service against it."""

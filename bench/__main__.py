@@ -1,0 +1,115 @@
+"""`make bench`: measure the hardware limit and the service against it in one run; write results.json."""
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from bench import micro
+from bench.service import Service, distinct_jpegs
+from shared.cards import load_card
+from shared.settings import REPO_ROOT
+from worker.models import load_model
+
+RESULTS = REPO_ROOT / "bench" / "results.json"
+E2E_IMAGES = int(os.environ.get("BENCH_IMAGES", "200"))
+IDLE_JOBS = int(os.environ.get("BENCH_IDLE_JOBS", "40"))
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def one_mb_jpeg() -> bytes:
+    rng = np.random.default_rng(3)
+    photo = np.asarray(Image.fromarray(skdata.astronaut()).resize((900, 900)), dtype=np.int16)
+    noisy = np.clip(photo + rng.integers(-20, 20, photo.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def main() -> None:
+    started = time.time()
+    card = load_card(REPO_ROOT / "models" / "efficientnet-lite0.toml")
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(card, torch.device("cpu"))
+    photo = Image.fromarray(skdata.chelsea())
+    results = {"machine": machine(), "model": f"{card.name} {card.version}"}
+    print("measuring the model limit ...", flush=True)
+    results["limit"] = micro.model_limit(model)
+    results["gradcam"] = micro.gradcam_cost(model)
+    results["decode_12mp"] = micro.decode_cost(model, photo)
+    del model
+    gc.collect()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print("starting redis, worker and web ...", flush=True)
+        service = Service(Path(tmp), REPO_ROOT / "models")
+        try:
+            results["startup"] = {"worker_ready_s": service.worker_ready_s,
+                                  "web_first_200_s": service.web_first_200_s,
+                                  "web_rss_mb": service.web_rss_mb, "worker_rss_mb": service.worker_rss_mb}
+            print(f"end to end with {E2E_IMAGES} images ...", flush=True)
+            results["e2e"] = service.throughput(distinct_jpegs(photo, E2E_IMAGES))
+            print("idle latency ...", flush=True)
+            results["idle"] = service.idle_latency(distinct_jpegs(Image.fromarray(skdata.coffee()), IDLE_JOBS))
+            print("cache hits ...", flush=True)
+            results["cache_hit"] = service.cache_hits(one_mb_jpeg())
+        finally:
+            service.close()
+    limit = results["limit"]["limit_images_per_s"]
+    results["e2e"]["ratio_to_limit"] = results["e2e"]["images_per_s"] / limit
+    results["idle"]["overhead_ms_p50"] = results["idle"]["p50"] - results["gradcam"]["single_image_ms"]
+    results["seconds"] = time.time() - started
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def _row(name: str, value: str, target: str, ok: bool | None) -> str:
+    verdict = "" if ok is None else ("met" if ok else "MISSED")
+    return f"| {name} | {value} | {target} | {verdict} |"
+
+
+def print_table(r: dict) -> None:
+    limit, e2e, idle, hit = r["limit"], r["e2e"], r["idle"], r["cache_hit"]
+    cam, dec, start = r["gradcam"], r["decode_12mp"], r["startup"]
+    rows = [
+        "| measure | value | target | |", "|---|---|---|---|",
+        _row("model limit (plain torch loop, best)", f"{limit['limit_images_per_s']:.1f} img/s ({limit['best']})", "", None),
+        _row("end to end throughput", f"{e2e['images_per_s']:.1f} img/s ({e2e['images']} images, "
+             f"mean batch {e2e['mean_batch_size_sampled']:.1f})", "", None),
+        _row("end to end / limit", f"{e2e['ratio_to_limit']:.2f}", ">= 0.85", e2e["ratio_to_limit"] >= 0.85),
+        _row("idle latency submit->done", f"p50 {idle['p50']:.1f} ms, p99 {idle['p99']:.1f} ms", "", None),
+        _row("idle overhead over raw inference+GradCAM", f"{idle['overhead_ms_p50']:.1f} ms (p50)", "<= 15 ms",
+             idle["overhead_ms_p50"] <= 15),
+        _row(f"cache hit ({hit['image_bytes'] / 1e6:.1f} MB image)", f"p50 {hit['p50']:.2f} ms, p99 {hit['p99']:.2f} ms",
+             "p50 <= 5, p99 <= 20", hit["p50"] <= 5 and hit["p99"] <= 20),
+        _row("GradCAM / forward (ours)", f"{cam['ours_ratio']:.2f}x", "<= 1.2x", cam["ours_ratio"] <= 1.2),
+        _row("GradCAM / forward (pytorch-grad-cam)", f"{cam['pytorch_grad_cam_ratio']:.2f}x", "", None),
+        _row("12 MP JPEG decode+preprocess (ours)", f"{dec['ours_ms']:.1f} ms (plain: {dec['plain_ms']:.1f} ms, "
+             f"{dec['speedup']:.1f}x)", "<= 25 ms", dec["ours_ms"] <= 25),
+        _row("web cold start to first 200", f"{start['web_first_200_s'] * 1000:.0f} ms, RSS {start['web_rss_mb']:.0f} MiB",
+             "< 1 s, no torch", start["web_first_200_s"] < 1),
+        _row("worker start to ready", f"{start['worker_ready_s']:.1f} s, RSS {start['worker_rss_mb']:.0f} MiB", "", None),
+    ]
+    print()
+    print("\n".join(rows))
+    print(f"\nidle stages (median ms): {json.dumps({k: round(v, 1) for k, v in idle['stages_ms_median'].items()})}")
+    print(f"machine: {r['machine']}; total {r['seconds']:.0f} s; written to {RESULTS.relative_to(REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

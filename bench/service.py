@@ -1,0 +1,142 @@
+"""Measurements through the running service: HTTP -> Celery -> Redis -> result."""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+import requests
+from PIL import Image
+
+from shared.keys import WORKERS_KEY
+from shared.settings import Settings
+from tools import stack
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MiB (Linux /proc)."""
+    total = 0
+    for candidate in Path("/proc").iterdir():
+        if not candidate.name.isdigit():
+            continue
+        try:
+            status = (candidate / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if candidate.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total / 1024
+
+
+def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480)) -> list[bytes]:
+    """``count`` different JPEGs cut from one photo (a fresh cache key each)."""
+    rng = np.random.default_rng(1)
+    base = photo.resize((size[0] * 2, size[1] * 2))
+    out = []
+    for i in range(count):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        buf = io.BytesIO()
+        base.crop((x, y, x + size[0], y + size[1])).save(buf, "JPEG", quality=85 + i % 10)
+        out.append(buf.getvalue())
+    return out
+
+
+def _post(base: str, data: bytes, session: requests.Session | None = None) -> requests.Response:
+    http = session or requests
+    return http.post(f"{base}/api/v1/jobs", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+
+
+def percentiles(samples_ms: list[float]) -> dict:
+    return {"p50": float(np.percentile(samples_ms, 50)), "p99": float(np.percentile(samples_ms, 99)),
+            "n": len(samples_ms)}
+
+
+class Service:
+    """redis-server, one worker and gunicorn, started and timed."""
+
+    def __init__(self, workdir: Path, cards_dir: Path):
+        self.workdir = workdir
+        self.redis_proc, url = stack.start_redis(workdir)
+        self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=("efficientnet-lite0",),
+                                 heartbeat_interval_s=1)
+        self.redis = redis.Redis.from_url(url)
+        start = time.perf_counter()
+        self.worker = stack.start_worker(self.settings, workdir / "worker.log", name="bench")
+        self.worker_ready_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.web, self.base = stack.start_web(self.settings, threads=8)
+        self.web_first_200_s = time.perf_counter() - start
+        self.web_rss_mb = rss_mb(self.web.pid)
+        self.worker_rss_mb = rss_mb(self.worker.pid)
+
+    def wait_all(self, job_ids: list[str], timeout: float = 600) -> float:
+        """Wait until every job is done (via Redis, to keep the poller off the CPU); return the time."""
+        pending = set(job_ids)
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} jobs not done")
+            ids = list(pending)
+            pipe = self.redis.pipeline()
+            for job_id in ids:
+                pipe.hget(f"job:{job_id}", "status")
+            for job_id, status in zip(ids, pipe.execute()):
+                if status in (b"done", b"failed"):
+                    if status == b"failed":
+                        raise RuntimeError(f"job {job_id} failed")
+                    pending.discard(job_id)
+            time.sleep(0.02)
+        return time.perf_counter()
+
+    def throughput(self, images: list[bytes], clients: int = 8) -> dict:
+        """Submit distinct images from several clients at once; images/s from first submit to last done."""
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool, requests.Session() as session:
+            answers = list(pool.map(lambda data: _post(self.base, data, session), images))
+        ids = [answer.json()["id"] for answer in answers]
+        end = self.wait_all(ids)
+        sizes = [self.result_of(job_id)["batch_size"] for job_id in ids[:: max(1, len(ids) // 50)]]
+        return {"images": len(images), "seconds": end - start, "images_per_s": len(images) / (end - start),
+                "mean_batch_size_sampled": float(np.mean(sizes))}
+
+    def result_of(self, job_id: str) -> dict:
+        return requests.get(f"{self.base}/api/v1/jobs/{job_id}", timeout=10).json()["result"]
+
+    def idle_latency(self, images: list[bytes]) -> dict:
+        """One job at a time, submit to done as a client sees it (a long-poll ``?wait=`` read)."""
+        samples, stages = [], []
+        with requests.Session() as session:
+            for data in images:
+                start = time.perf_counter()
+                job_url = self.base + _post(self.base, data, session).headers["Location"] + "?wait=10"
+                while (job := session.get(job_url, timeout=30).json())["status"] not in ("done", "failed"):
+                    pass
+                samples.append((time.perf_counter() - start) * 1000)
+                stages.append(job["result"]["timings_ms"])
+        summary = percentiles(samples)
+        summary["stages_ms_median"] = {k: float(np.median([s[k] for s in stages])) for k in stages[0]}
+        return summary
+
+    def cache_hits(self, data: bytes, count: int = 200) -> dict:
+        """Latency of repeated uploads of one image already in the cache."""
+        with requests.Session() as session:
+            first = _post(self.base, data, session).json()
+            self.wait_all([first["id"]])
+            samples = []
+            for _ in range(count):
+                start = time.perf_counter()
+                answer = _post(self.base, data, session)
+                samples.append((time.perf_counter() - start) * 1000)
+                assert answer.status_code == 200
+        return {**percentiles(samples), "image_bytes": len(data)}
+
+    def workers_alive(self) -> int:
+        return self.redis.zcard(WORKERS_KEY)
+
+    def close(self) -> None:
+        for proc in (self.web, self.worker, self.redis_proc):
+            stack.stop(proc)
