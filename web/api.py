@@ -26,15 +26,21 @@ def services():
     return current_app.extensions["imgsvc"]
 
 
+def number_option(values, name: str, default: str, kind: type, low: float, high: float):
+    """Read a numeric option and check its range, or raise InvalidOption naming it."""
+    raw = values.get(name, default).strip()
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidOption(f"{name} must be a number from {low} to {high}, got {raw!r}.") from None
+    if not low <= value <= high:
+        raise InvalidOption(f"{name} must be from {low} to {high}, got {raw}.")
+    return value
+
+
 def parse_options(values) -> OutputOptions:
     """Read ``top_k`` and ``gradcam`` from form fields or query arguments."""
-    raw_k = values.get("top_k", "5").strip()
-    try:
-        top_k = int(raw_k)
-    except ValueError:
-        raise InvalidOption(f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {raw_k!r}.") from None
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidOption(f"top_k must be from 1 to {MAX_TOP_K}, got {top_k}.")
+    top_k = number_option(values, "top_k", "5", int, 1, MAX_TOP_K)
     raw_cam = values.get("gradcam", "true").strip().lower()
     if raw_cam not in _TRUE | _FALSE:
         raise InvalidOption(f"gradcam must be true or false, got {raw_cam!r}.")
@@ -106,13 +112,7 @@ def _job_or_404(job_id: str) -> dict:
 def get_job(job_id: str):
     """Return the job; with ``?wait=S`` (up to MAX_WAIT_S) block until it settles or S pass."""
     job = _job_or_404(job_id)
-    wait = request.args.get("wait", "0")
-    try:
-        wait_s = float(wait)
-    except ValueError:
-        raise InvalidOption(f"wait must be a number of seconds from 0 to {MAX_WAIT_S}, got {wait!r}.") from None
-    if not 0 <= wait_s <= MAX_WAIT_S:
-        raise InvalidOption(f"wait must be from 0 to {MAX_WAIT_S} seconds, got {wait_s}.")
+    wait_s = number_option(request.args, "wait", "0", float, 0, MAX_WAIT_S)
     if wait_s > 0 and job["status"] in ("queued", "running"):
         svc = services()
         svc.store.wait(svc.blocking_redis, job_id, wait_s)
