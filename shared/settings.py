@@ -66,7 +66,7 @@ class Settings:
     job_ttl_s: int = 7 * 24 * 3600
     image_ttl_s: int = 3600
     inflight_ttl_s: int = 3600
-    visibility_timeout_s: int = 3600
+    visibility_timeout_s: int = 600  # a dead worker's unacked messages come back after this
     worker_device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp_dtype: str = "float16"  # float16 | bfloat16 (CUDA only)
     torch_threads: int = 0  # 0: the machine's cores shared among the pool's children

@@ -29,3 +29,14 @@ def test_environment_overrides():
 def test_bad_values_are_named(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
         Settings.from_env(env)
+
+
+def test_celery_reads_one_visibility_timeout_everywhere():
+    from shared.tasks import celery_config
+
+    config = celery_config(Settings(visibility_timeout_s=123))
+    assert config["broker_transport_options"]["visibility_timeout"] == 123
+    assert config["result_backend_transport_options"]["visibility_timeout"] == 123
+    assert config["visibility_timeout"] == 123
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
