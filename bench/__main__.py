@@ -54,6 +54,10 @@ def main() -> None:
     results["decode_12mp"] = micro.decode_cost(model, photo)
     del model
     gc.collect()
+    if torch.cuda.is_available():
+        print("measuring fp32 vs AMP on the GPU ...", flush=True)
+        results["gpu"] = micro.gpu_precision(load_model(card, torch.device("cuda", 0)))
+        torch.cuda.empty_cache()
 
     with tempfile.TemporaryDirectory() as tmp:
         print("starting redis, worker and web ...", flush=True)
@@ -105,6 +109,9 @@ def print_table(r: dict) -> None:
              "< 1 s, no torch", start["web_first_200_s"] < 1),
         _row("worker start to ready", f"{start['worker_ready_s']:.1f} s, RSS {start['worker_rss_mb']:.0f} MiB", "", None),
     ]
+    if "gpu" in r:
+        rows += [_row(f"GPU {r['gpu']['device']} {name}", f"{rate:.0f} img/s", "", None)
+                 for name, rate in r["gpu"]["images_per_s"].items()]
     print()
     print("\n".join(rows))
     print(f"\nidle stages (median ms): {json.dumps({k: round(v, 1) for k, v in idle['stages_ms_median'].items()})}")

@@ -93,3 +93,22 @@ def decode_cost(model: LoadedModel, photo: Image.Image) -> dict:
     ours_ms = float(np.median(timed(ours, min_runs=10))) * 1000
     plain_ms = float(np.median(timed(plain, min_runs=5))) * 1000
     return {"jpeg_bytes": len(data), "ours_ms": ours_ms, "plain_ms": plain_ms, "speedup": plain_ms / ours_ms}
+
+
+def gpu_precision(model: LoadedModel, batches=(1, 16, 64)) -> dict:
+    """On CUDA: forward throughput in fp32 and under autocast fp16/bf16 at several batch sizes."""
+    from worker.inference import AMP_DTYPES
+
+    size = model.card.input_size
+    table = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, device=model.device).contiguous(memory_format=torch.channels_last)
+        for name in ("fp32", *AMP_DTYPES):
+            def forward():
+                with torch.inference_mode(), torch.autocast("cuda", dtype=AMP_DTYPES.get(name, torch.float16),
+                                                            enabled=name != "fp32"):
+                    model.network(x)
+                torch.cuda.synchronize(model.device)
+
+            table[f"{name}/b{batch}"] = batch / float(np.median(timed(forward, min_seconds=0.5)))
+    return {"images_per_s": table, "device": torch.cuda.get_device_name(model.device)}

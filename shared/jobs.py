@@ -17,31 +17,39 @@ import redis
 from shared.keys import STATS_KEY, Computation, job_key, notify_key, overlay_key_for_result
 
 _SUBMIT = """
-local result_key, inflight, attached, job, image = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local job_id, job_ttl, inflight_ttl, image_ttl, now, fields_json, image_bytes =
-  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-local fields = cjson.decode(fields_json)
+local result_key, inflight, attached, job, image, meta =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, image_json, image_bytes =
+  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+if image_json == '' then image_json = redis.call('GET', meta) end
 local function write_job(status, extra)
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
-             'image', fields.image, 'model', fields.model, 'options', fields.options, unpack(extra))
+             'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
 end
-if redis.call('EXISTS', result_key) == 1 then
+if image_json and redis.call('EXISTS', result_key) == 1 then
+  if redis.call('EXISTS', meta) == 0 then
+    redis.call('SET', meta, image_json, 'EX', math.max(1, redis.call('TTL', result_key)))
+  end
   write_job('done', {'cached', '1', 'finished_at', now, 'result_key', result_key})
-  return {'cached', redis.call('GET', result_key)}
+  return {'cached', image_json, redis.call('GET', result_key)}
 end
-if redis.call('EXISTS', inflight) == 1 then
+if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
   redis.call('EXPIRE', attached, inflight_ttl)
-  return {'attached', redis.call('GET', inflight)}
+  return {'attached', image_json}
+end
+if image_bytes == '' then
+  return {'miss', ''}
 end
 write_job('queued', {'cached', '0'})
 redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
 redis.call('RPUSH', attached, job_id)
 redis.call('EXPIRE', attached, inflight_ttl)
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
-return {'new', job_id}
+redis.call('SET', meta, image_json, 'EX', inflight_ttl)
+return {'new', image_json}
 """
 
 _START = """
@@ -61,6 +69,9 @@ local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]
 if status == 'done' then
   redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
   if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl) end
+  redis.call('EXPIRE', KEYS[7], ttl)
+else
+  redis.call('DEL', KEYS[7])
 end
 local ids = redis.call('LRANGE', attached, 0, -1)
 for _, id in ipairs(ids) do
@@ -100,9 +111,9 @@ class Submission:
     fields: dict[str, str]  # the job hash as written
     cached_result: bytes | None = None
 
-    def document(self) -> dict:
+    def json(self) -> str:
         """Return the job JSON without another Redis round trip."""
-        return job_document(self.fields, self.cached_result)
+        return job_json(self.fields, self.cached_result)
 
 
 class JobStore:
@@ -124,26 +135,29 @@ class JobStore:
         return cls(client, job_ttl_s=settings.job_ttl_s, result_ttl_s=settings.result_ttl_s,
                    inflight_ttl_s=settings.inflight_ttl_s, image_ttl_s=settings.image_ttl_s)
 
-    def submit(self, comp: Computation, image_bytes: bytes, image_info: dict,
-               model_info: dict) -> Submission:
-        """Create a job and answer it from the cache, attach it to a running computation, or start one.
+    def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
+               image_info: dict | None = None) -> Submission:
+        """Answer a job from the cache, attach it to a running computation, or start one.
 
-        One round trip; the returned fields are what the script wrote, so the caller can answer
-        without reading the job back.
+        Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
+        nor their header check, and anything else answers ``miss`` without writing. With them, a
+        miss starts the computation. One round trip either way; the returned fields are what the
+        script wrote, so the caller answers without reading the job back.
         """
         job_id, now = new_job_id(), utc_now()
-        fields = {"id": job_id, "created_at": now, "image": json.dumps(image_info),
-                  "model": json.dumps(model_info), "options": json.dumps(comp.options.to_dict())}
-        outcome, payload = self._submit(
+        fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
+                  "options": json.dumps(comp.options.to_dict())}
+        outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
-                  comp.image_key],
-            args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now,
-                  json.dumps({k: fields[k] for k in ("image", "model", "options")}), image_bytes],
+                  comp.image_key, comp.meta_key],
+            args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
+                  fields["options"], json.dumps(image_info) if image_info else "", image_bytes],
         )
         outcome = outcome.decode()
+        fields["image"] = image_json.decode()
         if outcome == "cached":
             fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
-            return Submission(outcome, job_id, fields, payload)
+            return Submission(outcome, job_id, fields, rest[0])
         fields.update(status="queued", cached="0")
         return Submission(outcome, job_id, fields)
 
@@ -164,7 +178,7 @@ class JobStore:
     def _settle(self, comp: Computation, status: str, payload: str, overlay: bytes) -> list[str]:
         ids = self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
-                  comp.overlay_key, STATS_KEY],
+                  comp.overlay_key, STATS_KEY, comp.meta_key],
             args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model,
                   notify_key("")],
         )
@@ -181,14 +195,19 @@ class JobStore:
         """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout)."""
         blocking.blpop([notify_key(job_id)], timeout=timeout_s)
 
-    def get(self, job_id: str) -> dict | None:
-        """Return the job as the contract's JSON object, or None when unknown or expired."""
+    def get_json(self, job_id: str) -> str | None:
+        """Return the job as the contract's JSON text, or None when unknown or expired."""
         fields = self.redis.hgetall(job_key(job_id))
         if not fields:
             return None
         fields = {k.decode(): v.decode() for k, v in fields.items()}
         raw_result = self.redis.get(fields["result_key"]) if "result_key" in fields else None
-        return job_document(fields, raw_result)
+        return job_json(fields, raw_result)
+
+    def get(self, job_id: str) -> dict | None:
+        """Return the job as a dict, or None when unknown or expired."""
+        text = self.get_json(job_id)
+        return None if text is None else json.loads(text)
 
     def overlay_png(self, job_id: str) -> bytes | None:
         """Return the heatmap PNG of a finished job, or None."""
@@ -198,29 +217,24 @@ class JobStore:
         return self.redis.get(overlay_key_for_result(result_key.decode()))
 
 
-def job_document(fields: dict[str, str], raw_result: bytes | str | None) -> dict:
-    """Assemble the contract's job JSON from a job hash and its stored result."""
-    job_id = fields["id"]
-    status = fields["status"]
-    result = None
+GRADCAM_URL_SLOT = "{job-gradcam-url}"  # stored in results; each job's own URL replaces it when read
+_SLOT_JSON = json.dumps(GRADCAM_URL_SLOT)
+_EXPIRED = json.dumps({"code": "result_expired", "message": "The result has expired from the cache."})
+
+
+def job_json(fields: dict[str, str], raw_result: bytes | str | None) -> str:
+    """Assemble the contract's job JSON from a job hash and its stored result.
+
+    Stored JSON (image, model, options, result) is spliced in as text, never decoded and encoded again.
+    """
+    job_id, status, error = fields["id"], fields["status"], fields.get("error") or "null"
+    result = "null"
     if raw_result is not None:
-        result = json.loads(raw_result)
-        if result.get("gradcam") is not None:
-            result["gradcam"]["url"] = f"/api/v1/jobs/{job_id}/gradcam.png"
+        result = raw_result.decode() if isinstance(raw_result, bytes) else raw_result
+        result = result.replace(_SLOT_JSON, json.dumps(f"/api/v1/jobs/{job_id}/gradcam.png"))
     elif status == "done":
-        # The result expired before the job record did: say so instead of claiming success.
-        status = "failed"
-        fields = {**fields, "error": json.dumps({"code": "result_expired",
-                                                 "message": "The result has expired from the cache."})}
-    return {
-        "id": job_id,
-        "status": status,
-        "cached": fields.get("cached") == "1",
-        "created_at": fields.get("created_at"),
-        "finished_at": fields.get("finished_at"),
-        "image": json.loads(fields["image"]),
-        "model": json.loads(fields["model"]),
-        "options": json.loads(fields["options"]),
-        "result": result,
-        "error": json.loads(fields["error"]) if fields.get("error") else None,
-    }
+        status, error = "failed", _EXPIRED  # the result expired before the job record did
+    head = json.dumps({"id": job_id, "status": status, "cached": fields.get("cached") == "1",
+                       "created_at": fields.get("created_at"), "finished_at": fields.get("finished_at")})
+    return (f'{head[:-1]}, "image": {fields["image"]}, "model": {fields["model"]}, '
+            f'"options": {fields["options"]}, "result": {result}, "error": {error}}}')

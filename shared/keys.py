@@ -71,6 +71,11 @@ class Computation:
         return f"attached:{self.suffix}"
 
     @property
+    def meta_key(self) -> str:
+        """The upload's header facts (format, upright size), kept as long as its result."""
+        return f"meta:{self.suffix}"
+
+    @property
     def image_key(self) -> str:
         # Per computation rather than per sha256, so that finishing one computation can delete
         # the bytes without pulling them from under another (same image, other options) still queued.

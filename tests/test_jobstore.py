@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from shared.jobs import JobStore
+from shared.jobs import GRADCAM_URL_SLOT, JobStore
 from shared.keys import Computation, OutputOptions
 
 
@@ -21,12 +21,13 @@ INFO, MODEL = {"sha256": "x", "format": "PNG", "width": 1, "height": 1}, {"name"
 
 def test_identical_submissions_share_one_computation(store):
     comp = _comp("a" * 64)
-    first = store.submit(comp, b"img", INFO, MODEL)
-    second = store.submit(comp, b"img", INFO, MODEL)
+    first = store.submit(comp, MODEL, b"img", INFO)
+    second = store.submit(comp, MODEL, b"img", INFO)
     assert (first.outcome, second.outcome) == ("new", "attached")
     assert store.start(comp) == [first.job_id, second.job_id]
     assert store.get(second.job_id)["status"] == "running"
-    settled = store.finish(comp, {"predictions": [], "gradcam": {"class_index": 3}}, b"PNG")
+    settled = store.finish(comp, {"predictions": [], "gradcam": {"class_index": 3, "url": GRADCAM_URL_SLOT}},
+                           b"PNG")
     assert settled == [first.job_id, second.job_id]
     for job_id in settled:
         job = store.get(job_id)
@@ -34,32 +35,43 @@ def test_identical_submissions_share_one_computation(store):
         assert job["result"]["gradcam"]["url"] == f"/api/v1/jobs/{job_id}/gradcam.png"
         assert store.overlay_png(job_id) == b"PNG"
     assert store.image_bytes(comp) is None  # the bytes are gone once the result is written
-    third = store.submit(comp, b"img", INFO, MODEL)
+    assert store.submit(comp, MODEL).outcome == "cached"  # a lookup without the bytes hits too
+    third = store.submit(comp, MODEL, b"img", INFO)
     assert third.outcome == "cached"
     assert json.loads(third.cached_result)["gradcam"]["class_index"] == 3
     assert store.get(third.job_id)["cached"] is True
 
 
+def test_a_lookup_writes_nothing_on_a_miss(store, redis_client):
+    comp = _comp("e" * 64)
+    assert store.submit(comp, MODEL).outcome == "miss"
+    assert not redis_client.exists(comp.inflight_key, comp.image_key, comp.meta_key)
+    first = store.submit(comp, MODEL, b"img", INFO)
+    lookup = store.submit(comp, MODEL)
+    assert (first.outcome, lookup.outcome) == ("new", "attached")
+    assert store.get(lookup.job_id)["image"] == INFO  # the header facts come from the first upload
+
+
 def test_other_options_are_another_computation(store):
     sha = "b" * 64
-    assert store.submit(_comp(sha, top_k=5), b"i", INFO, MODEL).outcome == "new"
-    assert store.submit(_comp(sha, top_k=3), b"i", INFO, MODEL).outcome == "new"
-    assert store.submit(_comp(sha, gradcam=False), b"i", INFO, MODEL).outcome == "new"
+    assert store.submit(_comp(sha, top_k=5), MODEL, b"i", INFO).outcome == "new"
+    assert store.submit(_comp(sha, top_k=3), MODEL, b"i", INFO).outcome == "new"
+    assert store.submit(_comp(sha, gradcam=False), MODEL, b"i", INFO).outcome == "new"
 
 
 def test_failure_settles_every_job_and_caches_nothing(store):
     comp = _comp("c" * 64)
-    ids = [store.submit(comp, b"i", INFO, MODEL).job_id for _ in range(3)]
+    ids = [store.submit(comp, MODEL, b"i", INFO).job_id for _ in range(3)]
     assert store.fail(comp, {"code": "decode_failed", "message": "bad"}) == ids
     for job_id in ids:
         job = store.get(job_id)
         assert job["status"] == "failed" and job["error"]["code"] == "decode_failed"
-    assert store.submit(comp, b"i", INFO, MODEL).outcome == "new"  # a failure is not cached
+    assert store.submit(comp, MODEL, b"i", INFO).outcome == "new"  # a failure is not cached
 
 
 def test_every_key_expires(store, redis_client):
     comp = _comp("d" * 64)
-    sub = store.submit(comp, b"i", INFO, MODEL)
+    sub = store.submit(comp, MODEL, b"i", INFO)
     store.finish(comp, {"predictions": [], "gradcam": None}, b"P")
-    for key in (f"job:{sub.job_id}", comp.result_key, comp.overlay_key):
+    for key in (f"job:{sub.job_id}", comp.result_key, comp.overlay_key, comp.meta_key):
         assert 0 < redis_client.ttl(key) <= 60, key

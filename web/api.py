@@ -1,6 +1,7 @@
 """The JSON API (v1): submit jobs, read them, fetch heatmaps, list models, health."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -75,19 +76,22 @@ def submit_job():
     if len(data) > svc.settings.max_upload_bytes:
         raise PayloadTooLarge(f"The image is {len(data)} bytes; the limit is "
                               f"{svc.settings.max_upload_bytes} bytes.")
-    info = inspect_image(data, svc.settings.max_image_pixels)
     sha = image_digest(data)
     comp = Computation(card.name, card.version, sha, options)
-    submission = svc.store.submit(comp, data, info.to_dict(sha),
-                                  {"name": card.name, "version": card.version})
+    model_info = {"name": card.name, "version": card.version}
+    submission = svc.store.submit(comp, model_info)  # a cache hit or attach needs no header check
+    if submission.outcome == "miss":
+        info = inspect_image(data, svc.settings.max_image_pixels)
+        submission = svc.store.submit(comp, model_info, data, info.to_dict(sha))
     if submission.outcome == "new":
         enqueue_inference(svc, comp)
-    job = submission.document()
-    status = 200 if submission.outcome == "cached" else 202
-    response = jsonify(job)
-    response.status_code = status
+    response = json_response(submission.json(), 200 if submission.outcome == "cached" else 202)
     response.headers["Location"] = f"/api/v1/jobs/{submission.job_id}"
     return response
+
+
+def json_response(text: str, status: int = 200):
+    return current_app.response_class(text, status=status, mimetype="application/json")
 
 
 def enqueue_inference(svc, comp: Computation) -> None:
@@ -101,11 +105,15 @@ def enqueue_inference(svc, comp: Computation) -> None:
         raise Unavailable("The job queue is unavailable; retry shortly.") from exc
 
 
-def _job_or_404(job_id: str) -> dict:
-    job = services().store.get(job_id) if _JOB_ID.match(job_id) else None
+def _job_or_404(job_id: str) -> str:
+    job = services().store.get_json(job_id) if _JOB_ID.match(job_id) else None
     if job is None:
         raise NotFound(f"No job with id {job_id!r} (it may have expired).")
     return job
+
+
+def _settled(job_json: str) -> bool:
+    return json.loads(job_json)["status"] in ("done", "failed")
 
 
 @bp.get("/api/v1/jobs/<job_id>")
@@ -113,16 +121,16 @@ def get_job(job_id: str):
     """Return the job; with ``?wait=S`` (up to MAX_WAIT_S) block until it settles or S pass."""
     job = _job_or_404(job_id)
     wait_s = number_option(request.args, "wait", "0", float, 0, MAX_WAIT_S)
-    if wait_s > 0 and job["status"] in ("queued", "running"):
+    if wait_s > 0 and not _settled(job):
         svc = services()
         svc.store.wait(svc.blocking_redis, job_id, wait_s)
         job = _job_or_404(job_id)
-    return jsonify(job)
+    return json_response(job)
 
 
 @bp.get("/api/v1/jobs/<job_id>/gradcam.png")
 def get_gradcam(job_id: str):
-    job = _job_or_404(job_id)
+    job = json.loads(_job_or_404(job_id))
     png = services().store.overlay_png(job_id) if job["status"] == "done" else None
     if png is None:
         reason = ("the job asked for no GradCAM" if job["status"] == "done"

@@ -9,6 +9,7 @@ import dataclasses
 import time
 
 from shared.errors import JobFailed
+from shared.jobs import GRADCAM_URL_SLOT
 from shared.keys import OutputOptions
 from worker.devices import describe
 from worker.imaging import Decoded, Prepared, decode, preprocess
@@ -76,7 +77,7 @@ def _finish(model: LoadedModel, item: _Staged, batch, row: int, batch_size: int)
         step = time.perf_counter()
         overlay = render_overlay(item.decoded.image, batch.cams[row].numpy(), item.prepared.crop_box)
         render_ms = _ms(step)
-        gradcam = {"class_index": int(batch.cam_classes[row])}
+        gradcam = {"class_index": int(batch.cam_classes[row]), "url": GRADCAM_URL_SLOT}
     inference_ms, gradcam_ms = round(batch.inference_ms, 2), round(batch.gradcam_ms, 2)
     result = {
         "predictions": top_predictions(batch.probabilities[row], model.labels, item.options.top_k),
