@@ -2,8 +2,11 @@
   "use strict";
 
   var JOBS_URL = "/api/v1/jobs";
-  var POLL_FAST_MS = 500;
-  var POLL_SLOW_MS = 2000;
+  // Each poll is a long-poll: the server answers as soon as the job settles, or after WAIT_S
+  // with the current status, so the page sees "done" at once and "running" within WAIT_S.
+  var WAIT_S = 2;
+  var POLL_FAST_MS = 50;
+  var POLL_SLOW_MS = 1000;
   var SLOW_AFTER_MS = 20000;
   var MAX_POLL_ERRORS = 5;
   var TIMING_KEYS = ["queue", "decode", "preprocess", "inference", "gradcam", "render", "total"];
@@ -356,7 +359,7 @@
     if (self.finished) {
       return;
     }
-    var url = JOBS_URL + "/" + encodeURIComponent(self.jobId);
+    var url = JOBS_URL + "/" + encodeURIComponent(self.jobId) + "?wait=" + WAIT_S;
     fetch(url, { headers: { "Accept": "application/json" }, cache: "no-store" })
       .then(function (response) {
         return readBody(response).then(function (body) {
