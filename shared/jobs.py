@@ -161,10 +161,19 @@ class JobStore:
         fields.update(status="queued", cached="0")
         return Submission(outcome, job_id, fields)
 
-    def start(self, comp: Computation) -> list[str]:
-        """Mark the computation's queued jobs running; return every attached job id."""
-        ids = self._start(keys=[comp.attached_key], args=[job_key(""), utc_now()])
-        return [i.decode() for i in ids]
+    def claim(self, comps: list[Computation]) -> list[tuple[bool, bytes | None]]:
+        """Mark each computation's jobs running; say whether its result exists and return its bytes.
+
+        One pipelined round trip for the whole batch.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        now = utc_now()
+        for comp in comps:
+            self._start(keys=[comp.attached_key], args=[job_key(""), now], client=pipe)
+            pipe.exists(comp.result_key)
+            pipe.get(comp.image_key)
+        replies = pipe.execute()
+        return [(bool(replies[i + 1]), replies[i + 2]) for i in range(0, len(replies), 3)]
 
     def finish(self, comp: Computation, result: dict, overlay_png: bytes | None) -> list[str]:
         """Store the result (and overlay) and mark every attached job done; return their ids."""
@@ -187,9 +196,6 @@ class JobStore:
     def computations(self) -> dict[str, int]:
         """Return how many computations ended, by ``<status>:<model>`` (cache hits not counted)."""
         return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
-
-    def image_bytes(self, comp: Computation) -> bytes | None:
-        return self.redis.get(comp.image_key)
 
     def wait(self, blocking: redis.Redis, job_id: str, timeout_s: float) -> None:
         """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout)."""

@@ -24,8 +24,8 @@ def test_identical_submissions_share_one_computation(store):
     first = store.submit(comp, MODEL, b"img", INFO)
     second = store.submit(comp, MODEL, b"img", INFO)
     assert (first.outcome, second.outcome) == ("new", "attached")
-    assert store.start(comp) == [first.job_id, second.job_id]
-    assert store.get(second.job_id)["status"] == "running"
+    assert store.claim([comp]) == [(False, b"img")]
+    assert [store.get(j)["status"] for j in (first.job_id, second.job_id)] == ["running", "running"]
     settled = store.finish(comp, {"predictions": [], "gradcam": {"class_index": 3, "url": GRADCAM_URL_SLOT}},
                            b"PNG")
     assert settled == [first.job_id, second.job_id]
@@ -34,7 +34,7 @@ def test_identical_submissions_share_one_computation(store):
         assert job["status"] == "done" and job["cached"] is False
         assert job["result"]["gradcam"]["url"] == f"/api/v1/jobs/{job_id}/gradcam.png"
         assert store.overlay_png(job_id) == b"PNG"
-    assert store.image_bytes(comp) is None  # the bytes are gone once the result is written
+    assert store.claim([comp]) == [(True, None)]  # result written, bytes gone
     assert store.submit(comp, MODEL).outcome == "cached"  # a lookup without the bytes hits too
     third = store.submit(comp, MODEL, b"img", INFO)
     assert third.outcome == "cached"

@@ -89,14 +89,13 @@ class Runtime:
         started = time.time()
         outcomes: dict[int, str] = {}
         runnable: list[tuple[int, Pending, bytes]] = []
-        for index, pending in enumerate(batch):
-            comp = pending.comp
-            self.store.start(comp)
-            if self.store.redis.exists(comp.result_key):
+        claims = self.store.claim([pending.comp for pending in batch])
+        for index, (pending, (already_done, data)) in enumerate(zip(batch, claims)):
+            if already_done:
                 outcomes[index] = "already_done"  # a redelivered message whose result was written
                 continue
             try:
-                runnable.append((index, pending, self._image_for(pending)))
+                runnable.append((index, pending, self._check(pending, data)))
             except ServiceError as exc:
                 outcomes[index] = self._fail(pending, exc)
         for model_name in {pending.comp.model for _, pending, _ in runnable}:
@@ -104,12 +103,11 @@ class Runtime:
             outcomes.update(self._run_group(self.models[model_name], group, started))
         return [outcomes[i] for i in range(len(batch))]
 
-    def _image_for(self, pending: Pending) -> bytes:
+    def _check(self, pending: Pending, data: bytes | None) -> bytes:
         comp = pending.comp
         model = self.models.get(comp.model)
         if model is None or model.card.version != comp.version:
             raise ModelVersionUnavailable(f"This worker does not serve {comp.model} version {comp.version}.")
-        data = self.store.image_bytes(comp)
         if data is None:
             raise ImageExpired("The uploaded image expired before a worker could read it.")
         return data
