@@ -12,9 +12,12 @@
     ├── InvalidOption (422 invalid_option)
     │   └── UnknownModel (422 unknown_model)
     ├── Unavailable (503 unavailable)
+    │   └── Overloaded (503 overloaded)
     └── JobFailed (job-level, stored on a failed job; never an HTTP answer)
         ├── DecodeFailed (decode_failed)
-        └── InferenceFailed (inference_failed)
+        ├── InferenceFailed (inference_failed)
+        ├── WorkerCrashed (worker_crashed)
+        └── JobTimeout (timeout)
 
 ``code`` is stable: integrators match on it. ``message`` is a human sentence and may change.
 """
@@ -80,6 +83,10 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+
 class JobFailed(ServiceError):
     """A job's computation failed in the worker; stored on the job, not raised over HTTP."""
 
@@ -92,3 +99,11 @@ class DecodeFailed(JobFailed):
 
 class InferenceFailed(JobFailed):
     code = "inference_failed"
+
+
+class WorkerCrashed(JobFailed):
+    code = "worker_crashed"
+
+
+class JobTimeout(JobFailed):
+    code = "timeout"

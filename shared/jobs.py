@@ -87,7 +87,7 @@ for _, id in ipairs(ids) do
     end
   end
 end
-redis.call('DEL', inflight, attached, image)
+redis.call('DEL', inflight, attached, image, KEYS[8])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
 return ids
 """
@@ -100,6 +100,15 @@ def utc_now() -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What a worker finds when it starts a computation."""
+
+    already_done: bool
+    image: bytes | None
+    attempt: int  # 1 on the first delivery; more after deliveries that crashed their worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +170,8 @@ class JobStore:
         fields.update(status="queued", cached="0")
         return Submission(outcome, job_id, fields)
 
-    def claim(self, comps: list[Computation]) -> list[tuple[bool, bytes | None]]:
-        """Mark each computation's jobs running; say whether its result exists and return its bytes.
+    def claim(self, comps: list[Computation]) -> list[Claim]:
+        """Mark each computation's jobs running and count the attempt; report its state and bytes.
 
         One pipelined round trip for the whole batch.
         """
@@ -172,8 +181,11 @@ class JobStore:
             self._start(keys=[comp.attached_key], args=[job_key(""), now], client=pipe)
             pipe.exists(comp.result_key)
             pipe.get(comp.image_key)
+            pipe.incr(comp.attempts_key)
+            pipe.expire(comp.attempts_key, self.inflight_ttl_s)
         replies = pipe.execute()
-        return [(bool(replies[i + 1]), replies[i + 2]) for i in range(0, len(replies), 3)]
+        return [Claim(bool(replies[i + 1]), replies[i + 2], int(replies[i + 3]))
+                for i in range(0, len(replies), 5)]
 
     def finish(self, comp: Computation, result: dict, overlay_png: bytes | None) -> list[str]:
         """Store the result (and overlay) and mark every attached job done; return their ids."""
@@ -187,7 +199,7 @@ class JobStore:
     def _settle(self, comp: Computation, status: str, payload: str, overlay: bytes) -> list[str]:
         ids = self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
-                  comp.overlay_key, STATS_KEY, comp.meta_key],
+                  comp.overlay_key, STATS_KEY, comp.meta_key, comp.attempts_key],
             args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model,
                   notify_key("")],
         )

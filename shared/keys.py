@@ -71,6 +71,11 @@ class Computation:
         return f"attached:{self.suffix}"
 
     @property
+    def attempts_key(self) -> str:
+        """How many deliveries of this computation a worker has started (poison-pill guard)."""
+        return f"attempts:{self.suffix}"
+
+    @property
     def meta_key(self) -> str:
         """The upload's header facts (format, upright size), kept as long as its result."""
         return f"meta:{self.suffix}"

@@ -73,6 +73,10 @@ class Settings:
     worker_concurrency: int = 1
     max_batch: int = 0  # images per forward pass; 0 measures the best size per model at start-up
     max_wait_ms: int = 5  # how long a busy child waits to fill a batch; an idle one never waits
+    max_attempts: int = 3  # deliveries that crashed a worker before a job fails with worker_crashed
+    job_soft_time_limit_s: int = 120  # a computation past this fails with code timeout
+    job_time_limit_s: int = 180  # past this the child is killed and replaced
+    max_queue_depth: int = 1000  # waiting tasks per model queue before new work gets 503; 0: no limit
     worker_proc_alive_timeout_s: int = 120
     heartbeat_interval_s: int = 5
     worker_ttl_s: int = 20
@@ -101,6 +105,10 @@ class Settings:
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1),
             max_batch=_int(env, "MAX_BATCH", d.max_batch),
             max_wait_ms=_int(env, "MAX_WAIT_MS", d.max_wait_ms),
+            max_queue_depth=_int(env, "MAX_QUEUE_DEPTH", d.max_queue_depth),
+            max_attempts=_int(env, "MAX_ATTEMPTS", d.max_attempts, minimum=1),
+            job_soft_time_limit_s=_int(env, "JOB_SOFT_TIME_LIMIT_S", d.job_soft_time_limit_s, minimum=1),
+            job_time_limit_s=_int(env, "JOB_TIME_LIMIT_S", d.job_time_limit_s, minimum=1),
             worker_proc_alive_timeout_s=_int(
                 env, "WORKER_PROC_ALIVE_TIMEOUT_S", d.worker_proc_alive_timeout_s, minimum=1
             ),

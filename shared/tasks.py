@@ -29,5 +29,7 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_proc_alive_timeout": settings.worker_proc_alive_timeout_s,
+        "task_soft_time_limit": settings.job_soft_time_limit_s,
+        "task_time_limit": max(settings.job_time_limit_s, settings.job_soft_time_limit_s + 1),
         "worker_hijack_root_logger": False,
     }

@@ -17,6 +17,7 @@ from tools.stack import start_redis, start_web, start_worker, stop, wait_for
 WORKER_CHILDREN = 2
 MAX_BATCH = 4
 MAX_WAIT_MS = 1000
+SOFT_TIME_LIMIT_S = 8
 TINY_LABELS = [f"tiny-class-{i}" for i in range(10)]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
@@ -36,7 +37,7 @@ def redis_client(redis_url):
 
 @pytest.fixture(scope="session")
 def cards_dir(tmp_path_factory) -> Path:
-    """The real Lite0 card plus a resnet18 card with a checkpoint written here."""
+    """The real Lite0 card, a resnet18 card with a checkpoint written here, and a misbehaving one."""
     import torch
     import torchvision
 
@@ -68,6 +69,30 @@ std = [0.229, 0.224, 0.225]
 [gradcam]
 target_layer = "layer4"
 """)
+    from tests.misbehaving_model import Misbehaving
+
+    torch.save(Misbehaving(len(TINY_LABELS)).state_dict(), directory / "weights" / "misbehaving.pth")
+    (directory / "misbehaving.toml").write_text(f"""
+name = "misbehaving"
+version = "test-1"
+description = "test-only: kills its worker on a white image, hangs on a black one"
+architecture = "python"
+variant = "tests.misbehaving_model:build"
+num_classes = {len(TINY_LABELS)}
+labels = [{labels}]
+
+[weights]
+path = "weights/misbehaving.pth"
+
+[preprocess]
+resize = 64
+input_size = 64
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+
+[gradcam]
+target_layer = "features"
+""")
     return directory
 
 
@@ -76,7 +101,8 @@ def settings(redis_url, cards_dir) -> Settings:
     # A long batching wait makes "an idle job does not wait" observable in the tests.
     return Settings(redis_url=redis_url, model_cards_dir=cards_dir, heartbeat_interval_s=1,
                     worker_ttl_s=5, worker_concurrency=WORKER_CHILDREN, torch_threads=1,
-                    max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS)
+                    max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, job_soft_time_limit_s=SOFT_TIME_LIMIT_S,
+                    job_time_limit_s=SOFT_TIME_LIMIT_S + 10)
 
 
 @pytest.fixture(scope="session")

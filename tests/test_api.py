@@ -136,7 +136,7 @@ def test_a_failure_inside_the_worker_fails_the_job_not_the_worker(worker, client
 
 def test_second_card_serves_through_the_whole_path(worker, client):
     models = client.get("/api/v1/models").get_json()
-    assert {m["name"] for m in models["models"]} == {"efficientnet-lite0", "tiny-resnet18"}
+    assert {m["name"] for m in models["models"]} == {"efficientnet-lite0", "tiny-resnet18", "misbehaving"}
     assert models["default"] == "efficientnet-lite0"
     answer = submit(client, images.chelsea_jpeg(), model="tiny-resnet18")
     assert answer.status_code == 202
@@ -160,7 +160,7 @@ def test_each_child_loaded_each_model_exactly_once(worker, client, redis_client)
     wait_for(lambda: len(children()) == WORKER_CHILDREN, 10, "both children to beat")
     total_done = 0
     for child in children():
-        assert child["model_loads"] == "2"  # Lite0 and tiny-resnet18, once each, not per task
+        assert child["model_loads"] == "3"  # each served card once, not once per task
         total_done += int(child["jobs_done"])
     assert total_done >= 6
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from shared.jobs import GRADCAM_URL_SLOT, JobStore
+from shared.jobs import GRADCAM_URL_SLOT, Claim, JobStore
 from shared.keys import Computation, OutputOptions
 
 
@@ -24,7 +24,7 @@ def test_identical_submissions_share_one_computation(store):
     first = store.submit(comp, MODEL, b"img", INFO)
     second = store.submit(comp, MODEL, b"img", INFO)
     assert (first.outcome, second.outcome) == ("new", "attached")
-    assert store.claim([comp]) == [(False, b"img")]
+    assert store.claim([comp]) == [Claim(already_done=False, image=b"img", attempt=1)]
     assert [store.get(j)["status"] for j in (first.job_id, second.job_id)] == ["running", "running"]
     settled = store.finish(comp, {"predictions": [], "gradcam": {"class_index": 3, "url": GRADCAM_URL_SLOT}},
                            b"PNG")
@@ -34,7 +34,8 @@ def test_identical_submissions_share_one_computation(store):
         assert job["status"] == "done" and job["cached"] is False
         assert job["result"]["gradcam"]["url"] == f"/api/v1/jobs/{job_id}/gradcam.png"
         assert store.overlay_png(job_id) == b"PNG"
-    assert store.claim([comp]) == [(True, None)]  # result written, bytes gone
+    claim = store.claim([comp])[0]
+    assert (claim.already_done, claim.image) == (True, None)  # result written, bytes gone
     assert store.submit(comp, MODEL).outcome == "cached"  # a lookup without the bytes hits too
     third = store.submit(comp, MODEL, b"img", INFO)
     assert third.outcome == "cached"
@@ -50,6 +51,14 @@ def test_a_lookup_writes_nothing_on_a_miss(store, redis_client):
     lookup = store.submit(comp, MODEL)
     assert (first.outcome, lookup.outcome) == ("new", "attached")
     assert store.get(lookup.job_id)["image"] == INFO  # the header facts come from the first upload
+
+
+def test_attempts_are_counted_until_the_computation_ends(store, redis_client):
+    comp = _comp("f" * 64)
+    store.submit(comp, MODEL, b"img", INFO)
+    assert [store.claim([comp])[0].attempt for _ in range(3)] == [1, 2, 3]
+    store.fail(comp, {"code": "worker_crashed", "message": "x"})
+    assert not redis_client.exists(comp.attempts_key)
 
 
 def test_other_options_are_another_computation(store):

@@ -23,7 +23,7 @@ def test_local_checkpoint_card_serves(cards_dir):
 
 def test_catalog_lists_cards_and_refuses_unknown_names(cards_dir):
     catalog = ModelCatalog.load(cards_dir, (), "efficientnet-lite0")
-    assert sorted(card.name for card in catalog) == ["efficientnet-lite0", "tiny-resnet18"]
+    assert sorted(card.name for card in catalog) == ["efficientnet-lite0", "misbehaving", "tiny-resnet18"]
     assert catalog.get(None).name == "efficientnet-lite0"
     with pytest.raises(UnknownModel, match="served models"):
         catalog.get("nope")

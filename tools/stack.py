@@ -94,7 +94,9 @@ def service_env(settings: Settings) -> dict:
             "WORKER_TTL_S": str(settings.worker_ttl_s),
             "WORKER_CONCURRENCY": str(settings.worker_concurrency),
             "TORCH_THREADS": str(settings.torch_threads), "MAX_BATCH": str(settings.max_batch),
-            "MAX_WAIT_MS": str(settings.max_wait_ms), "PYTHONUNBUFFERED": "1"}
+            "MAX_WAIT_MS": str(settings.max_wait_ms), "MAX_ATTEMPTS": str(settings.max_attempts),
+            "JOB_SOFT_TIME_LIMIT_S": str(settings.job_soft_time_limit_s),
+            "JOB_TIME_LIMIT_S": str(settings.job_time_limit_s), "PYTHONUNBUFFERED": "1"}
 
 
 def start_worker(settings: Settings, log: Path, name: str = "stack") -> subprocess.Popen:

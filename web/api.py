@@ -9,7 +9,7 @@ import time
 from flask import Blueprint, current_app, jsonify, request
 from kombu.exceptions import OperationalError
 
-from shared.errors import InvalidOption, MissingImage, NotFound, PayloadTooLarge, Unavailable
+from shared.errors import InvalidOption, MissingImage, NotFound, Overloaded, PayloadTooLarge, Unavailable
 from shared.keys import WORKERS_KEY, Computation, OutputOptions, image_digest
 from shared.tasks import INFER_TASK, inference_queue
 from web.upload import inspect_image
@@ -81,6 +81,7 @@ def submit_job():
     model_info = {"name": card.name, "version": card.version}
     submission = svc.store.submit(comp, model_info)  # a cache hit or attach needs no header check
     if submission.outcome == "miss":
+        ensure_capacity(svc, card.name)
         info = inspect_image(data, svc.settings.max_image_pixels)
         submission = svc.store.submit(comp, model_info, data, info.to_dict(sha))
     if submission.outcome == "new":
@@ -92,6 +93,13 @@ def submit_job():
 
 def json_response(text: str, status: int = 200):
     return current_app.response_class(text, status=status, mimetype="application/json")
+
+
+def ensure_capacity(svc, model: str) -> None:
+    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH; hits still pass."""
+    limit = svc.settings.max_queue_depth
+    if limit and svc.redis.llen(inference_queue(model)) >= limit:
+        raise Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
 
 
 def enqueue_inference(svc, comp: Computation) -> None:

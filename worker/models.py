@@ -5,6 +5,7 @@ Each architecture is one builder; a card names the builder, so adding a model is
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.resources
 import logging
 import threading
@@ -39,9 +40,18 @@ def _torchvision(card: ModelCard) -> nn.Module:
     return torchvision.models.get_model(card.variant, weights=None, num_classes=card.num_classes)
 
 
+def _python(card: ModelCard) -> nn.Module:
+    """Any network: ``variant = "package.module:factory"``, where ``factory(card)`` returns it."""
+    module_name, _, factory = card.variant.partition(":")
+    if not factory:
+        raise CardError(f"{card.name}: a python architecture's variant is 'module:factory'")
+    return getattr(importlib.import_module(module_name), factory)(card)
+
+
 BUILDERS: dict[str, Callable[[ModelCard], nn.Module]] = {
     "efficientnet-lite-pytorch": _efficientnet_lite,
     "torchvision": _torchvision,
+    "python": _python,
 }
 
 

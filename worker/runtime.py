@@ -8,10 +8,11 @@ import time
 
 import redis
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.cards import ModelCatalog
-from shared.errors import InferenceFailed, JobFailed, ServiceError
-from shared.jobs import JobStore
+from shared.errors import InferenceFailed, JobFailed, JobTimeout, ServiceError, WorkerCrashed
+from shared.jobs import Claim, JobStore
 from shared.settings import Settings
 from shared.tasks import inference_queue
 from worker import devices
@@ -74,7 +75,7 @@ class Runtime:
         """Run ``first`` together with whatever else waits in its queue; return each outcome."""
         batch = [first]
         limit = self.batch_sizes.get(first.comp.model, 1) - 1
-        if self.drainer is not None and limit > 0:
+        if self.drainer is not None and limit > 0 and not self.store.redis.exists(first.comp.attempts_key):
             batch += self.drainer.take(inference_queue(first.comp.model), limit,
                                        self.settings.max_wait_ms / 1000)
         try:
@@ -90,32 +91,50 @@ class Runtime:
         outcomes: dict[int, str] = {}
         runnable: list[tuple[int, Pending, bytes]] = []
         claims = self.store.claim([pending.comp for pending in batch])
-        for index, (pending, (already_done, data)) in enumerate(zip(batch, claims)):
-            if already_done:
+        for index, (pending, claim) in enumerate(zip(batch, claims)):
+            if claim.already_done:
                 outcomes[index] = "already_done"  # a redelivered message whose result was written
                 continue
             try:
-                runnable.append((index, pending, self._check(pending, data)))
+                runnable.append((index, pending, self._check(pending, claim)))
             except ServiceError as exc:
                 outcomes[index] = self._fail(pending, exc)
-        for model_name in {pending.comp.model for _, pending, _ in runnable}:
-            group = [entry for entry in runnable if entry[1].comp.model == model_name]
-            outcomes.update(self._run_group(self.models[model_name], group, started))
+        for group in self._groups(runnable, claims):
+            outcomes.update(self._run_group(self.models[group[0][1].comp.model], group, started))
         return [outcomes[i] for i in range(len(batch))]
 
-    def _check(self, pending: Pending, data: bytes | None) -> bytes:
+    @staticmethod
+    def _groups(runnable, claims) -> list[list]:
+        """One group per model; a computation retried after a crash runs alone, so it cannot take
+        innocent neighbours down with it again."""
+        groups: dict[str, list] = {}
+        alone = []
+        for entry in runnable:
+            if claims[entry[0]].attempt > 1:
+                alone.append([entry])
+            else:
+                groups.setdefault(entry[1].comp.model, []).append(entry)
+        return list(groups.values()) + alone
+
+    def _check(self, pending: Pending, claim: Claim) -> bytes:
         comp = pending.comp
+        if claim.attempt > self.settings.max_attempts:
+            raise WorkerCrashed(f"The job crashed its worker {claim.attempt - 1} times; it will not be retried.")
         model = self.models.get(comp.model)
         if model is None or model.card.version != comp.version:
             raise ModelVersionUnavailable(f"This worker does not serve {comp.model} version {comp.version}.")
-        if data is None:
+        if claim.image is None:
             raise ImageExpired("The uploaded image expired before a worker could read it.")
-        return data
+        return claim.image
 
     def _run_group(self, model: LoadedModel, group, started: float) -> dict[int, str]:
         try:
             outputs = run_batch(model, [(data, pending.comp.options) for _, pending, data in group],
                                 max_pixels=self.settings.max_image_pixels, amp_dtype=self.settings.amp_dtype)
+        except SoftTimeLimitExceeded:
+            log.error("batch of %d on %s passed the soft time limit", len(group), model.card.name)
+            error = JobTimeout(f"The computation took longer than {self.settings.job_soft_time_limit_s} s.")
+            return {index: self._fail(pending, error) for index, pending, _ in group}
         except Exception as exc:  # a bug or a device error must fail the jobs, not the worker
             log.exception("batch of %d on %s crashed", len(group), model.card.name)
             error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,47 @@
+"""Past MAX_QUEUE_DEPTH new work is refused with 503 + Retry-After; cache hits are still answered."""
+import dataclasses
+import shutil
+
+import pytest
+
+from shared.jobs import GRADCAM_URL_SLOT
+from shared.keys import Computation, OutputOptions, image_digest
+from shared.tasks import inference_queue
+from tests import images
+from tests.conftest import submit
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def unserved_app(settings, cards_dir, tmp_path, redis_client):
+    """An app whose extra card no worker consumes, so its queue only grows; depth limit 2."""
+    from web import create_app
+
+    for card in cards_dir.glob("*.toml"):
+        shutil.copy(card, tmp_path)
+    shutil.copytree(cards_dir / "weights", tmp_path / "weights")
+    text = (cards_dir / "tiny-resnet18.toml").read_text().replace('name = "tiny-resnet18"', 'name = "unserved"')
+    (tmp_path / "unserved.toml").write_text(text)
+    app = create_app(dataclasses.replace(settings, model_cards_dir=tmp_path, max_queue_depth=2))
+    yield app
+    redis_client.delete(inference_queue("unserved"), *redis_client.scan_iter("*:unserved:*"))
+
+
+def test_full_queue_refuses_new_work_but_answers_hits(unserved_app, redis_client):
+    client = unserved_app.test_client()
+    for seed in (1, 2):
+        assert submit(client, images.noise_png(seed=7000 + seed), model="unserved").status_code == 202
+    assert redis_client.llen(inference_queue("unserved")) == 2
+    refused = submit(client, images.noise_png(seed=7003), model="unserved")
+    assert refused.status_code == 503
+    assert refused.get_json()["error"]["code"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) > 0
+
+    data = images.noise_png(seed=7004)
+    comp = Computation("unserved", "test-1", image_digest(data), OutputOptions())
+    store = unserved_app.extensions["imgsvc"].store
+    redis_client.set(comp.meta_key, '{"sha256": "s", "format": "PNG", "width": 64, "height": 48}', ex=60)
+    store.finish(comp, {"predictions": [], "gradcam": {"class_index": 0, "url": GRADCAM_URL_SLOT}}, b"PNG")
+    hit = submit(client, data, model="unserved")
+    assert hit.status_code == 200 and hit.get_json()["cached"] is True
