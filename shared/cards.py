@@ -81,6 +81,8 @@ def load_card(path: Path) -> ModelCard:
         )
     except KeyError as exc:
         raise CardError(f"{path}: missing field {exc.args[0]!r}") from None
+    if ":" in card.name or ":" in card.version:
+        raise CardError(f"{path}: name and version must not contain ':' (they are parts of Redis keys)")
     if not ({"package", "path"} & card.weights.keys()):
         raise CardError(f"{path}: [weights] needs 'package' (+ 'resource') or 'path'")
     if card.input_size > card.resize:

@@ -17,7 +17,9 @@
         ├── DecodeFailed (decode_failed)
         ├── InferenceFailed (inference_failed)
         ├── WorkerCrashed (worker_crashed)
-        └── JobTimeout (timeout)
+        ├── JobTimeout (timeout)
+        ├── ImageExpired (image_expired)
+        └── ModelVersionUnavailable (model_version_unavailable)
 
 ``code`` is stable: integrators match on it. ``message`` is a human sentence and may change.
 """
@@ -107,3 +109,11 @@ class WorkerCrashed(JobFailed):
 
 class JobTimeout(JobFailed):
     code = "timeout"
+
+
+class ImageExpired(JobFailed):
+    code = "image_expired"
+
+
+class ModelVersionUnavailable(JobFailed):
+    code = "model_version_unavailable"

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import time
 import uuid
 
 import redis
 
-from shared.keys import STATS_KEY, Computation, job_key, notify_key, overlay_key_for_result
+from shared.keys import COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key, overlay_key_for_result
 
 _SUBMIT = """
 local result_key, inflight, attached, job, image, meta =
@@ -49,6 +50,7 @@ redis.call('RPUSH', attached, job_id)
 redis.call('EXPIRE', attached, inflight_ttl)
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
+redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
 return {'new', image_json}
 """
 
@@ -87,7 +89,8 @@ for _, id in ipairs(ids) do
     end
   end
 end
-redis.call('DEL', inflight, attached, image, KEYS[8])
+redis.call('DEL', inflight, attached, image, KEYS[8], KEYS[10])
+redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
 return ids
 """
@@ -129,8 +132,9 @@ class JobStore:
     """Reads and writes job records, results and the single-flight bookkeeping in Redis."""
 
     def __init__(self, client: redis.Redis, *, job_ttl_s: int, result_ttl_s: int,
-                 inflight_ttl_s: int, image_ttl_s: int):
+                 inflight_ttl_s: int, image_ttl_s: int, stuck_after_s: int = 900):
         self.redis = client
+        self.stuck_after_s = stuck_after_s
         self.job_ttl_s = job_ttl_s
         self.result_ttl_s = result_ttl_s
         self.inflight_ttl_s = inflight_ttl_s
@@ -142,7 +146,8 @@ class JobStore:
     @classmethod
     def from_settings(cls, client: redis.Redis, settings) -> "JobStore":
         return cls(client, job_ttl_s=settings.job_ttl_s, result_ttl_s=settings.result_ttl_s,
-                   inflight_ttl_s=settings.inflight_ttl_s, image_ttl_s=settings.image_ttl_s)
+                   inflight_ttl_s=settings.inflight_ttl_s, image_ttl_s=settings.image_ttl_s,
+                   stuck_after_s=settings.stuck_after_s)
 
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None) -> Submission:
@@ -158,9 +163,10 @@ class JobStore:
                   "options": json.dumps(comp.options.to_dict())}
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
-                  comp.image_key, comp.meta_key],
+                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
-                  fields["options"], json.dumps(image_info) if image_info else "", image_bytes],
+                  fields["options"], json.dumps(image_info) if image_info else "", image_bytes,
+                  time.time() + self.stuck_after_s, comp.suffix],
         )
         outcome = outcome.decode()
         fields["image"] = image_json.decode()
@@ -170,22 +176,24 @@ class JobStore:
         fields.update(status="queued", cached="0")
         return Submission(outcome, job_id, fields)
 
-    def claim(self, comps: list[Computation]) -> list[Claim]:
-        """Mark each computation's jobs running and count the attempt; report its state and bytes.
-
-        One pipelined round trip for the whole batch.
+    def claim(self, comps: list[Computation], owner: str = "") -> list[Claim]:
+        """Mark each computation's jobs running, count the attempt and record ``owner``; report
+        each one's state and bytes. One pipelined round trip for the whole batch.
         """
         pipe = self.redis.pipeline(transaction=False)
         now = utc_now()
+        deadline = time.time() + self.stuck_after_s
         for comp in comps:
+            pipe.zadd(COMPUTATIONS_KEY, {comp.suffix: deadline}, xx=True)
+            pipe.set(comp.owner_key, owner, ex=self.stuck_after_s)
             self._start(keys=[comp.attached_key], args=[job_key(""), now], client=pipe)
             pipe.exists(comp.result_key)
             pipe.get(comp.image_key)
             pipe.incr(comp.attempts_key)
             pipe.expire(comp.attempts_key, self.inflight_ttl_s)
         replies = pipe.execute()
-        return [Claim(bool(replies[i + 1]), replies[i + 2], int(replies[i + 3]))
-                for i in range(0, len(replies), 5)]
+        return [Claim(bool(replies[i + 3]), replies[i + 4], int(replies[i + 5]))
+                for i in range(0, len(replies), 7)]
 
     def finish(self, comp: Computation, result: dict, overlay_png: bytes | None) -> list[str]:
         """Store the result (and overlay) and mark every attached job done; return their ids."""
@@ -199,9 +207,10 @@ class JobStore:
     def _settle(self, comp: Computation, status: str, payload: str, overlay: bytes) -> list[str]:
         ids = self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
-                  comp.overlay_key, STATS_KEY, comp.meta_key, comp.attempts_key],
+                  comp.overlay_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
+                  comp.owner_key],
             args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model,
-                  notify_key("")],
+                  notify_key(""), comp.suffix],
         )
         return [i.decode() for i in ids]
 

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 
 WORKERS_KEY = "workers"  # sorted set: worker name -> last heartbeat (unix seconds)
+COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 
@@ -71,6 +72,11 @@ class Computation:
         return f"attached:{self.suffix}"
 
     @property
+    def owner_key(self) -> str:
+        """The worker child computing this right now (the sweeper leaves it alone while that lives)."""
+        return f"owner:{self.suffix}"
+
+    @property
     def attempts_key(self) -> str:
         """How many deliveries of this computation a worker has started (poison-pill guard)."""
         return f"attempts:{self.suffix}"
@@ -90,6 +96,13 @@ class Computation:
         """Return the JSON-safe task payload that names this computation."""
         return {"model": self.model, "version": self.version, "sha256": self.sha256,
                 "options": self.options.to_dict()}
+
+    @classmethod
+    def from_suffix(cls, suffix: str) -> "Computation":
+        """Rebuild a computation from its key suffix ``model:version:sha256:k<top_k>-g<0|1>``."""
+        model, version, sha, token = suffix.rsplit(":", 3)
+        top_k, gradcam = token.split("-")
+        return cls(model, version, sha, OutputOptions(top_k=int(top_k[1:]), gradcam=gradcam == "g1"))
 
     @classmethod
     def from_message(cls, payload: dict) -> "Computation":

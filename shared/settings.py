@@ -76,6 +76,8 @@ class Settings:
     max_attempts: int = 3  # deliveries that crashed a worker before a job fails with worker_crashed
     job_soft_time_limit_s: int = 120  # a computation past this fails with code timeout
     job_time_limit_s: int = 180  # past this the child is killed and replaced
+    stuck_after_s: int = 900  # a computation with no live owner this long is re-enqueued by the sweeper
+    sweep_interval_s: int = 30
     max_queue_depth: int = 1000  # waiting tasks per model queue before new work gets 503; 0: no limit
     worker_proc_alive_timeout_s: int = 120
     heartbeat_interval_s: int = 5
@@ -107,6 +109,8 @@ class Settings:
             max_wait_ms=_int(env, "MAX_WAIT_MS", d.max_wait_ms),
             max_queue_depth=_int(env, "MAX_QUEUE_DEPTH", d.max_queue_depth),
             max_attempts=_int(env, "MAX_ATTEMPTS", d.max_attempts, minimum=1),
+            stuck_after_s=_int(env, "STUCK_AFTER_S", d.stuck_after_s, minimum=1),
+            sweep_interval_s=_int(env, "SWEEP_INTERVAL_S", d.sweep_interval_s, minimum=1),
             job_soft_time_limit_s=_int(env, "JOB_SOFT_TIME_LIMIT_S", d.job_soft_time_limit_s, minimum=1),
             job_time_limit_s=_int(env, "JOB_TIME_LIMIT_S", d.job_time_limit_s, minimum=1),
             worker_proc_alive_timeout_s=_int(

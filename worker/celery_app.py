@@ -9,7 +9,7 @@ import logging
 
 from billiard.process import current_process
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu import Queue
 
 from shared.cards import ModelCatalog
@@ -29,6 +29,7 @@ app.conf.worker_concurrency = settings.worker_concurrency
 app.conf.include = ["worker.tasks"]
 
 runtime = None  # set in each pool child by init_child
+sweeper = None  # runs in the main process, started once the worker is ready
 
 
 @worker_process_init.connect
@@ -45,3 +46,22 @@ def init_child(**_):
 def close_child(**_):
     if runtime is not None:
         runtime.close()
+
+
+@worker_ready.connect
+def start_sweeper(sender=None, **_):
+    """Reconcile stuck computations from the main process (no torch there, no extra service)."""
+    import redis
+
+    from worker.sweeper import Sweeper
+
+    global sweeper
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    sweeper = Sweeper(settings, client, app, name=getattr(sender, "hostname", "worker"))
+    sweeper.start()
+
+
+@worker_shutdown.connect
+def stop_sweeper(**_):
+    if sweeper is not None:
+        sweeper.stop()

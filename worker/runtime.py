@@ -11,7 +11,8 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.cards import ModelCatalog
-from shared.errors import InferenceFailed, JobFailed, JobTimeout, ServiceError, WorkerCrashed
+from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
+                           WorkerCrashed)
 from shared.jobs import Claim, JobStore
 from shared.settings import Settings
 from shared.tasks import inference_queue
@@ -25,14 +26,6 @@ from worker.pipeline import run_batch
 log = logging.getLogger(__name__)
 CPU_BATCHES = (1, 2, 4, 8)
 CUDA_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-
-
-class ModelVersionUnavailable(JobFailed):
-    code = "model_version_unavailable"
-
-
-class ImageExpired(JobFailed):
-    code = "image_expired"
 
 
 class Runtime:
@@ -90,7 +83,7 @@ class Runtime:
         started = time.time()
         outcomes: dict[int, str] = {}
         runnable: list[tuple[int, Pending, bytes]] = []
-        claims = self.store.claim([pending.comp for pending in batch])
+        claims = self.store.claim([pending.comp for pending in batch], owner=self.heartbeat.name)
         for index, (pending, claim) in enumerate(zip(batch, claims)):
             if claim.already_done:
                 outcomes[index] = "already_done"  # a redelivered message whose result was written
