@@ -80,17 +80,19 @@ class Prepared:
 
 
 def preprocess(image: Image.Image, card: ModelCard) -> Prepared:
-    """Resize the shorter side to ``card.resize``, centre-crop ``card.input_size``, normalise."""
+    """Resize the shorter side to ``card.resize``, centre-crop ``card.input_size``, normalise.
+
+    Only the region that survives the crop is resampled (``resize(box=...)``), so a 10000x10 strip
+    costs the same as a square photo instead of becoming a 256000x256 intermediate.
+    """
     width, height = image.size
-    scale = card.resize / min(width, height)
-    size = (max(card.resize, round(width * scale)), max(card.resize, round(height * scale)))
-    resized = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left = (size[0] - card.input_size) // 2
-    top = (size[1] - card.input_size) // 2
-    crop = resized.crop((left, top, left + card.input_size, top + card.input_size))
+    side = card.input_size * min(width, height) / card.resize  # the crop, in source pixels
+    left, top = (width - side) / 2, (height - side) / 2
+    size = (card.input_size, card.input_size)
+    crop = image.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+                        reducing_gap=3.0)
     array = np.asarray(crop, dtype=np.float32) / 255.0
     array = (array - np.asarray(card.mean, dtype=np.float32)) / np.asarray(card.std, dtype=np.float32)
     tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
-    box = (left / size[0], top / size[1], (left + card.input_size) / size[0],
-           (top + card.input_size) / size[1])
+    box = (left / width, top / height, (left + side) / width, (top + side) / height)
     return Prepared(tensor, box)
