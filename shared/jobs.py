@@ -214,6 +214,13 @@ class JobStore:
         )
         return [i.decode() for i in ids]
 
+    def count_redeliveries(self, models: list[str]) -> None:
+        """Count computations started again after an earlier delivery did not finish."""
+        pipe = self.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.hincrby(STATS_KEY, f"redelivered:{model}", 1)
+        pipe.execute()
+
     def computations(self) -> dict[str, int]:
         """Return how many computations ended, by ``<status>:<model>`` (cache hits not counted)."""
         return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}

@@ -84,6 +84,14 @@ class Settings:
     worker_ttl_s: int = 20
     log_level: str = "INFO"
 
+    def to_env(self) -> dict[str, str]:
+        """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
+        env = {field.name.upper(): str(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        env["MODELS"] = ",".join(self.models)
+        env["MAX_UPLOAD_MB"] = str(self.max_upload_bytes // (1024 * 1024))
+        del env["MAX_UPLOAD_BYTES"]
+        return env
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Build settings from environment variables (``os.environ`` by default)."""

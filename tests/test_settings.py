@@ -40,3 +40,9 @@ def test_celery_reads_one_visibility_timeout_everywhere():
     assert config["visibility_timeout"] == 123
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1
+
+
+def test_settings_survive_the_trip_through_the_environment(tmp_path):
+    settings = Settings(redis_url="redis://h:2/3", model_cards_dir=tmp_path, models=("a", "b"),
+                        max_upload_bytes=7 * 1024 * 1024, stuck_after_s=4, max_batch=3, amp_dtype="bfloat16")
+    assert Settings.from_env(settings.to_env()) == settings

@@ -87,16 +87,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 def service_env(settings: Settings) -> dict:
     """The environment that makes a service process read ``settings``."""
-    return {**os.environ, "REDIS_URL": settings.redis_url,
-            "MODEL_CARDS_DIR": str(settings.model_cards_dir),
-            "MODELS": ",".join(settings.models),
-            "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
-            "WORKER_TTL_S": str(settings.worker_ttl_s),
-            "WORKER_CONCURRENCY": str(settings.worker_concurrency),
-            "TORCH_THREADS": str(settings.torch_threads), "MAX_BATCH": str(settings.max_batch),
-            "MAX_WAIT_MS": str(settings.max_wait_ms), "MAX_ATTEMPTS": str(settings.max_attempts),
-            "JOB_SOFT_TIME_LIMIT_S": str(settings.job_soft_time_limit_s),
-            "JOB_TIME_LIMIT_S": str(settings.job_time_limit_s), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def start_worker(settings: Settings, log: Path, name: str = "stack") -> subprocess.Popen:

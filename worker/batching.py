@@ -49,7 +49,13 @@ class QueueDrainer:
         taken: list[Pending] = []
         deadline = time.monotonic() + max_wait_s
         while len(taken) < limit:
-            message = self.channel.basic_get(queue, no_ack=False)
+            try:
+                message = self.channel.basic_get(queue, no_ack=False)
+            except Exception:  # broker gone (kombu wraps redis errors in several types): run what we have
+                log.warning("could not take more messages from %s; running a batch of %d", queue,
+                            len(taken) + 1, exc_info=True)
+                self._reset()
+                break
             if message is None:
                 if not taken or time.monotonic() >= deadline:
                     break  # idle queue: run what we have now
@@ -74,6 +80,14 @@ class QueueDrainer:
             log.exception("dropping a malformed inference message")
             message.ack()
             return None
+
+    def _reset(self) -> None:
+        """Drop the channel so the next take reconnects."""
+        self._channel = None
+        try:
+            self.connection.close()
+        except Exception:  # closing a dead connection may fail too; a fresh one is made next time
+            log.debug("closing the broker connection failed", exc_info=True)
 
     def close(self) -> None:
         self.connection.release()

@@ -84,6 +84,9 @@ class Runtime:
         outcomes: dict[int, str] = {}
         runnable: list[tuple[int, Pending, bytes]] = []
         claims = self.store.claim([pending.comp for pending in batch], owner=self.heartbeat.name)
+        retried = [p.comp.model for p, c in zip(batch, claims) if c.attempt > 1]
+        if retried:
+            self.store.count_redeliveries(retried)
         for index, (pending, claim) in enumerate(zip(batch, claims)):
             if claim.already_done:
                 outcomes[index] = "already_done"  # a redelivered message whose result was written

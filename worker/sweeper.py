@@ -48,6 +48,8 @@ class Sweeper:
                 self.sweep()
             except redis.RedisError:
                 log.warning("sweep failed; Redis unreachable", exc_info=True)
+            except Exception:  # the sweeper must outlive any one bad round
+                log.exception("sweep failed")
 
     def sweep(self) -> dict[str, int]:
         """Handle every overdue computation once; return how many got each treatment."""
