@@ -16,22 +16,6 @@ from shared.settings import Settings
 from tools import stack
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children, in MiB (Linux /proc)."""
-    total = 0
-    for candidate in Path("/proc").iterdir():
-        if not candidate.name.isdigit():
-            continue
-        try:
-            status = (candidate / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if candidate.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
-            total += int(fields.get("VmRSS", "0 kB").split()[0])
-    return total / 1024
-
-
 def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480)) -> list[bytes]:
     """``count`` different JPEGs cut from one photo (a fresh cache key each)."""
     rng = np.random.default_rng(1)
@@ -70,8 +54,8 @@ class Service:
         start = time.perf_counter()
         self.web, self.base = stack.start_web(self.settings, threads=8)
         self.web_first_200_s = time.perf_counter() - start
-        self.web_rss_mb = rss_mb(self.web.pid)
-        self.worker_rss_mb = rss_mb(self.worker.pid)
+        self.web_rss_mb = stack.rss_mb(self.web.pid)
+        self.worker_rss_mb = stack.rss_mb(self.worker.pid)
 
     def wait_all(self, job_ids: list[str], timeout: float = 600) -> float:
         """Wait until every job is done (via Redis, to keep the poller off the CPU); return the time."""

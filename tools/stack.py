@@ -39,6 +39,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its direct children, in MiB (Linux /proc)."""
+    total = 0
+    for candidate in Path("/proc").iterdir():
+        if not candidate.name.isdigit():
+            continue
+        try:
+            status = (candidate / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if candidate.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total / 1024
+
+
 def die_with_parent() -> None:
     """Run in a child before exec: SIGTERM it when its parent dies, however that happens."""
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
