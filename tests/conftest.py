@@ -45,55 +45,46 @@ def cards_dir(tmp_path_factory) -> Path:
     shutil.copy(REPO_ROOT / "models" / "efficientnet-lite0.toml", directory)
     (directory / "weights").mkdir()
     torch.manual_seed(0)
-    network = torchvision.models.resnet18(num_classes=len(TINY_LABELS))
-    torch.save(network.state_dict(), directory / "weights" / "tiny-resnet18.pth")
-    labels = ", ".join(f'"{name}"' for name in TINY_LABELS)
-    (directory / "tiny-resnet18.toml").write_text(f"""
-name = "tiny-resnet18"
-version = "test-1"
-description = "torchvision resnet18, random weights, 10 classes: a card with a local checkpoint"
-architecture = "torchvision"
-variant = "resnet18"
-num_classes = {len(TINY_LABELS)}
-labels = [{labels}]
-
-[weights]
-path = "weights/tiny-resnet18.pth"
-
-[preprocess]
-resize = 160
-input_size = 128
-mean = [0.485, 0.456, 0.406]
-std = [0.229, 0.224, 0.225]
-
-[gradcam]
-target_layer = "layer4"
-""")
+    write_card(directory, torchvision.models.resnet18(num_classes=len(TINY_LABELS)), name="tiny-resnet18",
+               description="torchvision resnet18, random weights, 10 classes: a card with a local checkpoint",
+               architecture="torchvision", variant="resnet18", resize=160, input_size=128, layer="layer4")
     from tests.misbehaving_model import Misbehaving
 
-    torch.save(Misbehaving(len(TINY_LABELS)).state_dict(), directory / "weights" / "misbehaving.pth")
-    (directory / "misbehaving.toml").write_text(f"""
-name = "misbehaving"
+    write_card(directory, Misbehaving(len(TINY_LABELS)), name="misbehaving",
+               description="test-only: kills its worker on white, hangs on black, ignores soft limits on red",
+               architecture="python", variant="tests.misbehaving_model:build", resize=64, input_size=64,
+               layer="features")
+    return directory
+
+
+def write_card(directory: Path, network, *, name: str, description: str, architecture: str, variant: str,
+               resize: int, input_size: int, layer: str) -> None:
+    """Save ``network``'s weights under weights/ and write a card for it with the TINY_LABELS."""
+    import torch
+
+    torch.save(network.state_dict(), directory / "weights" / f"{name}.pth")
+    labels = ", ".join(f'"{label}"' for label in TINY_LABELS)
+    (directory / f"{name}.toml").write_text(f"""
+name = "{name}"
 version = "test-1"
-description = "test-only: kills its worker on a white image, hangs on a black one"
-architecture = "python"
-variant = "tests.misbehaving_model:build"
+description = "{description}"
+architecture = "{architecture}"
+variant = "{variant}"
 num_classes = {len(TINY_LABELS)}
 labels = [{labels}]
 
 [weights]
-path = "weights/misbehaving.pth"
+path = "weights/{name}.pth"
 
 [preprocess]
-resize = 64
-input_size = 64
+resize = {resize}
+input_size = {input_size}
 mean = [0.485, 0.456, 0.406]
 std = [0.229, 0.224, 0.225]
 
 [gradcam]
-target_layer = "features"
+target_layer = "{layer}"
 """)
-    return directory
 
 
 @pytest.fixture(scope="session")

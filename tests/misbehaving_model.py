@@ -1,7 +1,8 @@
 """A test-only network, served through a `python` card, that misbehaves on marker inputs.
 
 An all-white image kills the worker process that runs it (a poison pill); an all-black image
-never finishes (until the soft time limit stops it). Anything else is classified normally.
+never finishes (until the soft time limit stops it); an all-red one ignores the soft limit too (until
+the hard limit kills its process). Anything else is classified normally.
 """
 import os
 import signal
@@ -12,6 +13,15 @@ from torch import nn
 
 WHITE_FLOOR = 2.0  # every channel of a white pixel normalises above this with ImageNet mean/std
 BLACK_CEILING = -1.5  # and every channel of a black pixel below this
+
+
+def _sleep_through_anything(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(1)
+        except BaseException:  # noqa: BLE001 - swallows the soft time limit on purpose
+            continue
 
 
 class Misbehaving(nn.Module):
@@ -25,6 +35,8 @@ class Misbehaving(nn.Module):
             os.kill(os.getpid(), signal.SIGKILL)
         if bool((x.amax(dim=(1, 2, 3)) < BLACK_CEILING).any()):
             time.sleep(600)
+        if bool(((x[:, 0].amin(dim=(1, 2)) > WHITE_FLOOR) & (x[:, 1].amax(dim=(1, 2)) < BLACK_CEILING)).any()):
+            _sleep_through_anything(600)
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 

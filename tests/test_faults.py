@@ -35,3 +35,14 @@ def test_a_job_past_the_soft_time_limit_fails_with_timeout(worker, client):
     assert job["status"] == "failed" and job["error"]["code"] == "timeout"
     follow_up = wait_done(client, submit(client, images.noise_png(seed=8200), model="misbehaving").get_json()["id"])
     assert follow_up["status"] == "done"
+
+
+def test_a_job_past_the_hard_time_limit_fails_with_timeout(worker, client):
+    answer = submit(client, _plain((255, 0, 0)), model="misbehaving")
+    assert answer.status_code == 202
+    job = wait_done(client, answer.get_json()["id"], timeout=SOFT_TIME_LIMIT_S * 8)
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+    assert "hard time limit" in job["error"]["message"]
+    assert worker.poll() is None
+    follow_up = wait_done(client, submit(client, images.noise_png(seed=8300), model="misbehaving").get_json()["id"])
+    assert follow_up["status"] == "done"

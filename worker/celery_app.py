@@ -48,16 +48,29 @@ def close_child(**_):
         runtime.close()
 
 
+_main_store = None
+
+
+def main_store():
+    """The main process's own JobStore (children have theirs in the runtime), made on first use."""
+    import redis
+
+    from shared.jobs import JobStore
+
+    global _main_store
+    if _main_store is None:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        _main_store = JobStore.from_settings(client, settings)
+    return _main_store
+
+
 @worker_ready.connect
 def start_sweeper(sender=None, **_):
     """Reconcile stuck computations from the main process (no torch there, no extra service)."""
-    import redis
-
     from worker.sweeper import Sweeper
 
     global sweeper
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    sweeper = Sweeper(settings, client, app, name=getattr(sender, "hostname", "worker"))
+    sweeper = Sweeper(settings, main_store().redis, app, name=getattr(sender, "hostname", "worker"))
     sweeper.start()
 
 

@@ -1,13 +1,35 @@
 """Celery tasks: thin wrappers that hand a message to the child's resident runtime."""
 from __future__ import annotations
 
+import logging
+
+from billiard.exceptions import TimeLimitExceeded
+
+from shared.errors import JobTimeout
 from shared.keys import Computation
 from shared.tasks import INFER_TASK
 from worker import celery_app
 from worker.batching import Pending
 
+log = logging.getLogger(__name__)
 
-@celery_app.app.task(name=INFER_TASK)
+
+class InferTask(celery_app.app.Task):
+    """Fails the computation with code ``timeout`` when Celery kills it at the hard time limit.
+
+    Celery calls ``on_failure`` for a hard time limit in the main process, after the child is gone.
+    """
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        if isinstance(exc, TimeLimitExceeded) and args:
+            comp = Computation.from_message(args[0])
+            error = JobTimeout(f"The computation passed the hard time limit of {exc.args[0]} s; "
+                               "its worker process was replaced.")
+            log.error("hard time limit for %s", comp.suffix)
+            celery_app.main_store().fail(comp, error.to_dict())
+
+
+@celery_app.app.task(name=INFER_TASK, base=InferTask)
 def infer(message: dict) -> list[str]:
     """Compute one image's predictions (and GradCAM), batched with any that wait behind it."""
     if celery_app.runtime is None:
