@@ -135,10 +135,12 @@ def start_web(settings: Settings, threads: int = 4) -> tuple[subprocess.Popen, s
     url = f"http://127.0.0.1:{port}"
 
     def up():
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode}")
         try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.ConnectionError:
+            return requests.get(f"{url}/healthz", timeout=5).ok
+        except requests.RequestException:  # not listening yet, or still booting its workers
             return False
 
-    wait_for(up, 30, "gunicorn", interval=0.02)
+    wait_for(up, 60, "gunicorn", interval=0.02)
     return proc, url
