@@ -1,6 +1,9 @@
 """Celery task and queue names, and the Celery settings both tiers must agree on."""
 from __future__ import annotations
 
+import time
+
+from shared.keys import Computation
 from shared.settings import Settings
 
 INFER_TASK = "imgsvc.infer"
@@ -10,6 +13,12 @@ INFERENCE_QUEUE_PREFIX = "inference."
 def inference_queue(model_name: str) -> str:
     """Return the queue that carries inference tasks for one model."""
     return f"{INFERENCE_QUEUE_PREFIX}{model_name}"
+
+
+def send_inference(celery, comp: Computation) -> None:
+    """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike)."""
+    message = {**comp.to_message(), "enqueued_at": time.time()}
+    celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model))
 
 
 def celery_config(settings: Settings) -> dict:

@@ -11,7 +11,7 @@ from kombu.exceptions import OperationalError
 
 from shared.errors import InvalidOption, MissingImage, NotFound, Overloaded, PayloadTooLarge, Unavailable
 from shared.keys import WORKERS_KEY, Computation, OutputOptions, image_digest
-from shared.tasks import INFER_TASK, inference_queue
+from shared.tasks import inference_queue, send_inference
 from web.upload import inspect_image
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,8 @@ def ensure_capacity(svc, model: str) -> None:
 
 def enqueue_inference(svc, comp: Computation) -> None:
     """Send the inference task by name to the model's queue; undo the job if that fails."""
-    message = {**comp.to_message(), "enqueued_at": time.time()}
     try:
-        svc.celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model))
+        send_inference(svc.celery, comp)
     except OperationalError as exc:
         log.error("could not enqueue %s: %s", comp.suffix, exc)
         svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
@@ -138,9 +137,10 @@ def get_job(job_id: str):
 
 @bp.get("/api/v1/jobs/<job_id>/gradcam.png")
 def get_gradcam(job_id: str):
-    job = json.loads(_job_or_404(job_id))
-    png = services().store.overlay_png(job_id) if job["status"] == "done" else None
+    # The heatmap first: only a done job has a result key, so this is the whole hot path.
+    png = services().store.overlay_png(job_id) if _JOB_ID.match(job_id) else None
     if png is None:
+        job = json.loads(_job_or_404(job_id))
         reason = ("the job asked for no GradCAM" if job["status"] == "done"
                   else f"the job is {job['status']}")
         raise NotFound(f"No heatmap for job {job_id}: {reason}.")

@@ -135,15 +135,17 @@ class Runtime:
             log.exception("batch of %d on %s crashed", len(group), model.card.name)
             error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
             return {index: self._fail(pending, error) for index, pending, _ in group}
-        outcomes = {}
+        outcomes, done = {}, []
         for (index, pending, _), output in zip(group, outputs):
             if isinstance(output, ServiceError):
                 outcomes[index] = self._fail(pending, output)
                 continue
             output.result["timings_ms"]["queue"] = round(max(0.0, started - pending.enqueued_at) * 1000, 2)
-            self.store.finish(pending.comp, output.result, output.overlay_png)
-            self.heartbeat.count("jobs_done")
+            done.append((pending.comp, output.result, output.overlay_png))
             outcomes[index] = "done"
+        self.store.finish_many(done)  # one round trip for the whole batch
+        for _ in done:
+            self.heartbeat.count("jobs_done")
         return outcomes
 
     def _fail(self, pending: Pending, error: ServiceError) -> str:

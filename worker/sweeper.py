@@ -21,7 +21,7 @@ from shared.errors import ImageExpired
 from shared.jobs import JobStore
 from shared.keys import COMPUTATIONS_KEY, WORKERS_KEY, Computation
 from shared.settings import Settings
-from shared.tasks import INFER_TASK, inference_queue
+from shared.tasks import send_inference
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sweeper:lock"
@@ -72,8 +72,7 @@ class Sweeper:
                 self.store.fail(comp, ImageExpired("The uploaded image expired before a worker finished it.").to_dict())
                 counts["expired"] += 1
             else:
-                self.celery.send_task(INFER_TASK, args=[{**comp.to_message(), "enqueued_at": now}],
-                                      queue=inference_queue(comp.model))
+                send_inference(self.celery, comp)
                 self.client.zadd(COMPUTATIONS_KEY, {comp.suffix: deadline})
                 log.warning("re-enqueued computation %s: stuck with no live owner", comp.suffix)
                 counts["requeued"] += 1
