@@ -48,6 +48,38 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return raw
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise SettingsError(f"{name} must be above 0, got {value}")
+    return value
+
+
+def _seconds_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise SettingsError(f"{name} must be comma-separated whole seconds, got {raw!r}") from None
+    if any(v < 0 for v in values):
+        raise SettingsError(f"{name} must not hold negative delays, got {raw!r}")
+    return values
+
+
+def _webhook_secret(raw: str) -> str:
+    if raw and not raw.startswith("whsec_"):
+        raise SettingsError("WEBHOOK_SECRET must look like whsec_<base64>, as Standard Webhooks secrets do")
+    return raw
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
@@ -83,11 +115,24 @@ class Settings:
     heartbeat_interval_s: int = 5
     worker_ttl_s: int = 20
     log_level: str = "INFO"
+    # Integrators: API keys, rate limits, idempotency, batches, webhooks.
+    auth_required: bool = False  # true: POST needs an API key (anonymous reads of anonymous jobs still work)
+    secret_key: str = ""  # derives each API key's webhook secret; must be the same on web and webhook workers
+    rate_limit: str = "600/minute"  # per API key (or per client address without one); a key may override
+    idempotency_ttl_s: int = 24 * 3600
+    max_batch_images: int = 64
+    webhook_secret: str = ""  # whsec_... signing secret for jobs submitted without an API key
+    webhook_allow_private: bool = False  # DEVELOPMENT ONLY: lets callbacks reach loopback/private addresses
+    webhook_retry_schedule: tuple[int, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)  # ~27.6 h in all
+    webhook_connect_timeout_s: float = 5.0
+    webhook_timeout_s: float = 15.0
+    webhook_concurrency: int = 16  # deliveries in flight per webhook worker
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
         env = {field.name.upper(): str(getattr(self, field.name)) for field in dataclasses.fields(self)}
         env["MODELS"] = ",".join(self.models)
+        env["WEBHOOK_RETRY_SCHEDULE"] = ",".join(str(s) for s in self.webhook_retry_schedule)
         env["MAX_UPLOAD_MB"] = str(self.max_upload_bytes // (1024 * 1024))
         del env["MAX_UPLOAD_BYTES"]
         return env
@@ -127,4 +172,15 @@ class Settings:
             heartbeat_interval_s=_int(env, "HEARTBEAT_INTERVAL_S", d.heartbeat_interval_s, minimum=1),
             worker_ttl_s=_int(env, "WORKER_TTL_S", d.worker_ttl_s, minimum=2),
             log_level=env.get("LOG_LEVEL", "").strip().upper() or d.log_level,
+            auth_required=_bool(env, "AUTH_REQUIRED", d.auth_required),
+            secret_key=env.get("SECRET_KEY", "").strip(),
+            rate_limit=env.get("RATE_LIMIT", "").strip() or d.rate_limit,
+            idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", d.idempotency_ttl_s, minimum=1),
+            max_batch_images=_int(env, "MAX_BATCH_IMAGES", d.max_batch_images, minimum=1),
+            webhook_secret=_webhook_secret(env.get("WEBHOOK_SECRET", "").strip()),
+            webhook_allow_private=_bool(env, "WEBHOOK_ALLOW_PRIVATE", d.webhook_allow_private),
+            webhook_retry_schedule=_seconds_list(env, "WEBHOOK_RETRY_SCHEDULE", d.webhook_retry_schedule),
+            webhook_connect_timeout_s=_float(env, "WEBHOOK_CONNECT_TIMEOUT_S", d.webhook_connect_timeout_s),
+            webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),
+            webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", d.webhook_concurrency, minimum=1),
         )
