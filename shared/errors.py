@@ -5,12 +5,22 @@
     │   ├── MissingImage (400 missing_image)
     │   ├── EmptyImage (400 empty_image)
     │   └── CorruptImage (400 corrupt_image)
+    ├── Unauthorized (401 unauthorized)
+    │   ├── AuthRequired (401 auth_required)
+    │   └── InvalidApiKey (401 invalid_api_key)
     ├── NotFound (404 not_found)
+    ├── Conflict (409 conflict)
+    │   ├── IdempotencyInProgress (409 idempotency_in_progress)
+    │   ├── NotSettled (409 not_settled)
+    │   └── NoCallback (409 no_callback)
     ├── PayloadTooLarge (413 payload_too_large)
     │   └── TooManyPixels (413 too_many_pixels)
     ├── UnsupportedImage (415 unsupported_image)
     ├── InvalidOption (422 invalid_option)
-    │   └── UnknownModel (422 unknown_model)
+    │   ├── UnknownModel (422 unknown_model)
+    │   ├── InvalidCallbackUrl (422 invalid_callback_url)
+    │   └── IdempotencyKeyReused (422 idempotency_key_reused)
+    ├── RateLimited (429 rate_limited)
     ├── Unavailable (503 unavailable)
     │   └── Overloaded (503 overloaded)
     └── JobFailed (job-level, stored on a failed job; never an HTTP answer)
@@ -57,8 +67,36 @@ class CorruptImage(BadRequest):
     code = "corrupt_image"
 
 
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class AuthRequired(Unauthorized):
+    code = "auth_required"
+
+
+class InvalidApiKey(Unauthorized):
+    code = "invalid_api_key"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class IdempotencyInProgress(Conflict):
+    code = "idempotency_in_progress"
+
+
+class NotSettled(Conflict):
+    code = "not_settled"
+
+
+class NoCallback(Conflict):
+    code = "no_callback"
 
 
 class PayloadTooLarge(ServiceError):
@@ -79,6 +117,18 @@ class InvalidOption(ServiceError):
 
 class UnknownModel(InvalidOption):
     code = "unknown_model"
+
+
+class InvalidCallbackUrl(InvalidOption):
+    code = "invalid_callback_url"
+
+
+class IdempotencyKeyReused(InvalidOption):
+    code = "idempotency_key_reused"
+
+
+class RateLimited(ServiceError):
+    status, code = 429, "rate_limited"
 
 
 class Unavailable(ServiceError):

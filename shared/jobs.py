@@ -24,6 +24,7 @@ local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, i
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if image_json == '' then image_json = redis.call('GET', meta) end
 local function write_job(status, extra)
+  for i = 12, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -76,9 +77,11 @@ else
   redis.call('DEL', KEYS[7])
 end
 local ids = redis.call('LRANGE', attached, 0, -1)
+local announce = {}  -- jobs with a webhook endpoint or a batch to tell
 for _, id in ipairs(ids) do
   local job = job_prefix .. id
   if redis.call('EXISTS', job) == 1 then
+    if redis.call('HGET', job, 'announce') == '1' then table.insert(announce, id) end
     local notify = ARGV[8] .. id
     redis.call('RPUSH', notify, status)
     redis.call('EXPIRE', notify, 60)
@@ -92,7 +95,7 @@ end
 redis.call('DEL', inflight, attached, image, KEYS[8], KEYS[10])
 redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
-return ids
+return {ids, announce}
 """
 
 
@@ -115,6 +118,26 @@ class Claim:
 
 
 @dataclasses.dataclass(frozen=True)
+class JobContext:
+    """Who submitted a job and whom to tell when it settles."""
+
+    owner: str = ""  # API key id; "" for anonymous jobs (each key sees only its own jobs)
+    callback_url: str | None = None
+    batch_id: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
+        fields = {"owner": self.owner}
+        if self.callback_url:
+            fields["callback_url"] = self.callback_url
+        if self.batch_id:
+            fields["batch_id"] = self.batch_id
+        if self.callback_url or self.batch_id:
+            fields["announce"] = "1"
+        return fields
+
+
+@dataclasses.dataclass(frozen=True)
 class Submission:
     """What ``JobStore.submit`` decided: ``cached``, ``attached`` or ``new``."""
 
@@ -134,6 +157,9 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, job_ttl_s: int, result_ttl_s: int,
                  inflight_ttl_s: int, image_ttl_s: int, stuck_after_s: int = 900):
         self.redis = client
+        # Called with the ids of settled jobs that have a webhook endpoint or a batch; the owner of
+        # this store installs it (shared.webhooks.Announcer) where it can send Celery tasks.
+        self.on_settled = None
         self.stuck_after_s = stuck_after_s
         self.job_ttl_s = job_ttl_s
         self.result_ttl_s = result_ttl_s
@@ -150,7 +176,8 @@ class JobStore:
                    stuck_after_s=settings.stuck_after_s)
 
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
-               image_info: dict | None = None) -> Submission:
+               image_info: dict | None = None, context: JobContext = JobContext(),
+               job_id: str | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
@@ -158,20 +185,23 @@ class JobStore:
         miss starts the computation. One round trip either way; the returned fields are what the
         script wrote, so the caller answers without reading the job back.
         """
-        job_id, now = new_job_id(), utc_now()
+        job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
-                  "options": json.dumps(comp.options.to_dict())}
+                  "options": json.dumps(comp.options.to_dict()), **context.fields()}
+        extra = [item for pair in context.fields().items() for item in pair]
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
                   comp.image_key, comp.meta_key, COMPUTATIONS_KEY],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], json.dumps(image_info) if image_info else "", image_bytes,
-                  time.time() + self.stuck_after_s, comp.suffix],
+                  time.time() + self.stuck_after_s, comp.suffix, *extra],
         )
         outcome = outcome.decode()
         fields["image"] = image_json.decode()
         if outcome == "cached":
             fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
+            if fields.get("announce"):
+                self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
         fields.update(status="queued", cached="0")
         return Submission(outcome, job_id, fields)
@@ -204,11 +234,19 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for comp, result, overlay_png in done:
             self._settle(comp, "done", json.dumps(result, separators=(",", ":")), overlay_png or b"", pipe)
-        return [[i.decode() for i in ids] for ids in pipe.execute()]
+        replies = pipe.execute()
+        self._announce([i.decode() for _, announce in replies for i in announce])
+        return [[i.decode() for i in ids] for ids, _ in replies]
 
     def fail(self, comp: Computation, error: dict) -> list[str]:
         """Mark every attached job failed with ``error``; cache nothing; return their ids."""
-        return [i.decode() for i in self._settle(comp, "failed", json.dumps(error), b"")]
+        ids, announce = self._settle(comp, "failed", json.dumps(error), b"")
+        self._announce([i.decode() for i in announce])
+        return [i.decode() for i in ids]
+
+    def _announce(self, job_ids: list[str]) -> None:
+        if job_ids and self.on_settled is not None:
+            self.on_settled(job_ids)
 
     def _settle(self, comp: Computation, status: str, payload: str, overlay: bytes, client=None):
         return self._finish(
@@ -235,14 +273,29 @@ class JobStore:
         """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout)."""
         blocking.blpop([notify_key(job_id)], timeout=timeout_s)
 
-    def get_json(self, job_id: str) -> str | None:
-        """Return the job as the contract's JSON text, or None when unknown or expired."""
+    def get_fields(self, job_id: str) -> dict[str, str] | None:
+        """Return the job hash, or None when unknown or expired."""
         fields = self.redis.hgetall(job_key(job_id))
-        if not fields:
-            return None
-        fields = {k.decode(): v.decode() for k, v in fields.items()}
-        raw_result = self.redis.get(fields["result_key"]) if "result_key" in fields else None
-        return job_json(fields, raw_result)
+        return {k.decode(): v.decode() for k, v in fields.items()} if fields else None
+
+    def get_json(self, job_id: str, owner: str | None = None) -> str | None:
+        """Return the job as the contract's JSON text, or None when unknown, expired or (when
+        ``owner`` is given) submitted by someone else."""
+        return self.get_many_json([job_id], owner)[0]
+
+    def get_many_json(self, job_ids: list[str], owner: str | None = None) -> list[str | None]:
+        """``get_json`` for many jobs in two pipelined round trips."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        jobs = [{k.decode(): v.decode() for k, v in f.items()} or None for f in pipe.execute()]
+        jobs = [f if f and (owner is None or f.get("owner", "") == owner) else None for f in jobs]
+        for fields in jobs:
+            if fields and "result_key" in fields:
+                pipe.get(fields["result_key"])
+        results = iter(pipe.execute())
+        return [None if f is None else job_json(f, next(results) if "result_key" in f else None)
+                for f in jobs]
 
     def get(self, job_id: str) -> dict | None:
         """Return the job as a dict, or None when unknown or expired."""
@@ -276,5 +329,6 @@ def job_json(fields: dict[str, str], raw_result: bytes | str | None) -> str:
         status, error = "failed", _EXPIRED  # the result expired before the job record did
     head = json.dumps({"id": job_id, "status": status, "cached": fields.get("cached") == "1",
                        "created_at": fields.get("created_at"), "finished_at": fields.get("finished_at")})
+    context = json.dumps({"callback_url": fields.get("callback_url"), "batch_id": fields.get("batch_id")})
     return (f'{head[:-1]}, "image": {fields["image"]}, "model": {fields["model"]}, '
-            f'"options": {fields["options"]}, "result": {result}, "error": {error}}}')
+            f'"options": {fields["options"]}, {context[1:-1]}, "result": {result}, "error": {error}}}')

@@ -27,6 +27,16 @@ def worker_key(name: str) -> str:
     return f"worker:{name}"
 
 
+def drain_key(node: str) -> str:
+    """Set while an admin drains Celery node ``node``: its children stop taking extra messages."""
+    return f"drain:{node}"
+
+
+def cached_prefixes(model: str, version: str) -> tuple[str, ...]:
+    """Return the key prefixes of everything cached for one model version (results, heatmaps, meta)."""
+    return tuple(f"{kind}:{model}:{version}:" for kind in ("result", "overlay", "meta"))
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputOptions:
     """What a job asks of the computation; part of the cache key."""
@@ -114,3 +124,48 @@ class Computation:
 def overlay_key_for_result(result_key: str) -> str:
     """Return the overlay key that belongs to a result key."""
     return "overlay:" + result_key.removeprefix("result:")
+
+
+BATCH_PREFIX = "batch:"
+WEBHOOK_DUE_KEY = "webhook:due"  # sorted set: event id -> when its next attempt is due (unix seconds)
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batch_settled_key(batch_id: str) -> str:
+    """The set of a batch's jobs already counted as settled (so a job is counted once)."""
+    return f"{BATCH_PREFIX}{batch_id}:settled"
+
+
+def webhook_event_key(event_id: str) -> str:
+    return f"webhook:event:{event_id}"
+
+
+def webhook_events_key(subject: str) -> str:
+    """The list of event ids about one job or batch (``subject`` is ``job:<id>`` or ``batch:<id>``)."""
+    return f"webhook:events:{subject}"
+
+
+def webhook_attempts_key(subject: str) -> str:
+    """The log of delivery attempts about one job or batch, oldest first."""
+    return f"webhook:attempts:{subject}"
+
+
+def webhook_lock_key(event_id: str) -> str:
+    """Held while one attempt of the event is in progress, so two attempts never overlap."""
+    return f"webhook:lock:{event_id}"
+
+
+def webhook_gone_key(url: str) -> str:
+    """Set when an endpoint answered 410 Gone: nothing more is sent there."""
+    return f"webhook:gone:{hashlib.sha256(url.encode()).hexdigest()}"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    return f"idem:{owner or '-'}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def apikey_key(key_id: str) -> str:
+    return f"apikey:{key_id}"

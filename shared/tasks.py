@@ -8,6 +8,8 @@ from shared.settings import Settings
 
 INFER_TASK = "imgsvc.infer"
 INFERENCE_QUEUE_PREFIX = "inference."
+WEBHOOK_TASK = "imgsvc.deliver_webhook"
+WEBHOOK_QUEUE = "webhooks"  # consumed by the webhook worker (webhooks.celery_app), never by inference
 
 
 def inference_queue(model_name: str) -> str:
@@ -19,6 +21,11 @@ def send_inference(celery, comp: Computation) -> None:
     """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike)."""
     message = {**comp.to_message(), "enqueued_at": time.time()}
     celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model))
+
+
+def send_webhook(celery, event_id: str) -> None:
+    """Send one delivery attempt of a webhook event to the webhooks queue."""
+    celery.send_task(WEBHOOK_TASK, args=[event_id], queue=WEBHOOK_QUEUE)
 
 
 def celery_config(settings: Settings) -> dict:

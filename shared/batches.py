@@ -1,0 +1,72 @@
+"""Batches: several jobs submitted together, finished together (``batch.completed``).
+
+``batch:<id>`` holds the job ids and a count of jobs still unsettled; each job counts once (the set
+``batch:<id>:settled`` guards against a settle seen twice), and the job that brings the count to
+zero completes the batch.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+
+import redis
+
+from shared.jobs import JobStore, utc_now
+from shared.keys import batch_key, batch_settled_key
+
+_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return -1 end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+local remaining = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
+if remaining == 0 then redis.call('HSET', KEYS[1], 'finished_at', ARGV[2]) end
+return remaining
+"""
+
+
+def new_batch_id() -> str:
+    return "b" + secrets.token_hex(15)
+
+
+class BatchStore:
+    """Create batches, count their jobs as they settle, and read them back as JSON."""
+
+    def __init__(self, client: redis.Redis, jobs: JobStore, ttl_s: int):
+        self.redis, self.jobs, self.ttl_s = client, jobs, ttl_s
+        self._settle = client.register_script(_SETTLE)
+
+    def create(self, batch_id: str, job_ids: list[str], owner: str, callback_url: str | None) -> None:
+        """Record the batch before its jobs are submitted, so none can settle unseen."""
+        self.redis.hset(batch_key(batch_id), mapping={
+            "id": batch_id, "owner": owner, "created_at": utc_now(), "callback_url": callback_url or "",
+            "job_ids": json.dumps(job_ids), "total": len(job_ids), "remaining": len(job_ids)})
+        self.redis.expire(batch_key(batch_id), self.ttl_s)
+
+    def job_settled(self, batch_id: str, job_id: str) -> bool:
+        """Count ``job_id`` as settled; return True when it was the batch's last one."""
+        remaining = self._settle(keys=[batch_key(batch_id), batch_settled_key(batch_id)],
+                                 args=[job_id, utc_now(), self.ttl_s])
+        return remaining == 0
+
+    def fields(self, batch_id: str, owner: str | None = None) -> dict[str, str] | None:
+        raw = self.redis.hgetall(batch_key(batch_id))
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if not fields or (owner is not None and fields["owner"] != owner):
+            return None
+        return fields
+
+    def get_json(self, batch_id: str, owner: str | None = None) -> str | None:
+        """Return the batch and every job in it as JSON text, or None when unknown or not ``owner``'s."""
+        fields = self.fields(batch_id, owner)
+        if fields is None:
+            return None
+        job_ids = json.loads(fields["job_ids"])
+        jobs = [job for job in self.jobs.get_many_json(job_ids) if job is not None]
+        counts = {"total": len(job_ids), "queued": 0, "running": 0, "done": 0, "failed": 0}
+        for job in jobs:
+            counts[json.loads(job)["status"]] += 1
+        head = json.dumps({
+            "id": fields["id"], "status": "done" if fields.get("finished_at") else "running",
+            "created_at": fields["created_at"], "finished_at": fields.get("finished_at"),
+            "callback_url": fields["callback_url"] or None, "counts": counts})
+        return f'{head[:-1]}, "jobs": [{", ".join(jobs)}]}}'

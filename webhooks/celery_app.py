@@ -1,0 +1,64 @@
+"""The webhook worker's Celery app: ``celery -A webhooks.celery_app worker --pool=threads``.
+
+It consumes only the ``webhooks`` queue, so inference workers never wait on a slow receiver, and
+runs the poller that sends each due retry back to that queue.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+from kombu import Queue
+
+from shared.settings import Settings
+from shared.tasks import WEBHOOK_QUEUE, celery_config, send_webhook
+from shared.webhooks import EventStore
+
+settings = Settings.from_env()
+logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+log = logging.getLogger(__name__)
+
+app = Celery("imgsvc-webhooks")
+app.conf.update(celery_config(settings))
+app.conf.update(
+    task_queues=[Queue(WEBHOOK_QUEUE)], task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
+    worker_concurrency=settings.webhook_concurrency, include=["webhooks.tasks"],
+    # Each attempt bounds itself (connect and total timeouts); thread pools have no time limits.
+    task_soft_time_limit=None, task_time_limit=None,
+)
+client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
+                              health_check_interval=30)
+POLL_INTERVAL_S = 1.0
+
+
+class Poller(threading.Thread):
+    """Sends events whose next attempt is due to the webhooks queue, once a second."""
+
+    def __init__(self):
+        super().__init__(name="webhook-poller", daemon=True)
+        self.events = EventStore(client, settings.job_ttl_s)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(POLL_INTERVAL_S):
+            try:
+                for event_id in self.events.claim_due():
+                    send_webhook(app, event_id)
+            except Exception:  # Redis or the broker away: try again next tick
+                log.warning("webhook poller tick failed", exc_info=True)
+
+
+poller = Poller()
+
+
+@worker_ready.connect
+def start_poller(**_):
+    poller.start()
+
+
+@worker_shutdown.connect
+def stop_poller(**_):
+    poller.stopped.set()
