@@ -80,6 +80,16 @@ def _webhook_secret(raw: str) -> str:
     return raw
 
 
+def _devices(raw: str) -> str:
+    """Normalise WORKER_DEVICES: ``auto``, ``cpu`` or comma-separated GPU indices (``0,1``)."""
+    if raw in ("auto", "cpu"):
+        return raw
+    parts = [part.strip().removeprefix("cuda:") for part in raw.split(",")]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise SettingsError(f"WORKER_DEVICES must be auto, cpu or GPU indices like 0,1, got {raw!r}")
+    return ",".join(str(int(part)) for part in parts)
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
@@ -99,7 +109,7 @@ class Settings:
     image_ttl_s: int = 3600
     inflight_ttl_s: int = 3600
     visibility_timeout_s: int = 600  # a dead worker's unacked messages come back after this
-    worker_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    worker_devices: str = "auto"  # auto | cpu | 0,1,... (GPU indices): one child per device
     amp_dtype: str = "float16"  # float16 | bfloat16 (CUDA only)
     torch_threads: int = 0  # 0: the machine's cores shared among the pool's children
     worker_concurrency: int = 1
@@ -127,6 +137,9 @@ class Settings:
     webhook_connect_timeout_s: float = 5.0
     webhook_timeout_s: float = 15.0
     webhook_concurrency: int = 16  # deliveries in flight per webhook worker
+    # Admins: admin API and page, worker metrics endpoint.
+    admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin; empty disables both (404)
+    worker_metrics_port: int = 9808  # each worker's main process serves /metrics here; 0: off
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -154,7 +167,7 @@ class Settings:
             image_ttl_s=_int(env, "IMAGE_TTL_S", d.image_ttl_s, minimum=1),
             inflight_ttl_s=_int(env, "INFLIGHT_TTL_S", d.inflight_ttl_s, minimum=1),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", d.visibility_timeout_s, minimum=1),
-            worker_device=env.get("WORKER_DEVICE", "").strip().lower() or d.worker_device,
+            worker_devices=_devices(env.get("WORKER_DEVICES", "").strip().lower() or d.worker_devices),
             amp_dtype=_choice(env, "AMP_DTYPE", d.amp_dtype, ("float16", "bfloat16")),
             torch_threads=_int(env, "TORCH_THREADS", d.torch_threads),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1),
@@ -183,4 +196,6 @@ class Settings:
             webhook_connect_timeout_s=_float(env, "WEBHOOK_CONNECT_TIMEOUT_S", d.webhook_connect_timeout_s),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),
             webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", d.webhook_concurrency, minimum=1),
+            admin_token=env.get("ADMIN_TOKEN", "").strip(),
+            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", d.worker_metrics_port),
         )

@@ -48,4 +48,7 @@ def celery_config(settings: Settings) -> dict:
         "task_soft_time_limit": settings.job_soft_time_limit_s,
         "task_time_limit": max(settings.job_time_limit_s, settings.job_soft_time_limit_s + 1),
         "worker_hijack_root_logger": False,
+        # Task events, so that Flower (make flower) shows tasks as well as workers.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
     }

@@ -8,7 +8,8 @@ def test_defaults_suit_a_laptop():
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.max_upload_bytes == 20 * 1024 * 1024
     assert settings.result_ttl_s == 7 * 24 * 3600
-    assert settings.worker_device == "auto"
+    assert settings.worker_devices == "auto"
+    assert settings.admin_token == "" and settings.worker_metrics_port == 9808
 
 
 def test_environment_overrides():

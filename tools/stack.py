@@ -6,6 +6,7 @@ killed with the process that started it (PR_SET_PDEATHSIG), each waited on until
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import socket
@@ -109,17 +110,25 @@ def service_env(settings: Settings) -> dict:
     return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
-def start_worker(settings: Settings, log: Path, name: str = "stack") -> subprocess.Popen:
-    """Start a Celery worker and wait until all its children have loaded their models."""
+def start_worker(settings: Settings, log: Path, name: str = "stack", *, metrics_port: int = 0,
+                 ready_children: int | None = None) -> subprocess.Popen:
+    """Start a Celery worker and wait until all its children have loaded their models.
+
+    ``metrics_port`` is its WORKER_METRICS_PORT (0, the default here: none, so test workers never
+    compete for a port); ``ready_children`` is how many live children in Redis count as ready
+    (default: this worker's pool), for a worker that joins others on the same Redis.
+    """
+    settings = dataclasses.replace(settings, worker_metrics_port=metrics_port)
     proc = spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
                   "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", f"{name}@%h"],
                  env=service_env(settings), log=log)
     client = redis.Redis.from_url(settings.redis_url)
+    expected = ready_children or settings.worker_concurrency
 
     def children_ready():
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}; see {log}")
-        return client.zcard(WORKERS_KEY) >= settings.worker_concurrency
+        return client.zcard(WORKERS_KEY) >= expected
 
     wait_for(children_ready, 180, "worker children to load their models", interval=0.2)
     client.close()

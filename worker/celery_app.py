@@ -6,15 +6,19 @@ The parent process only imports; each pool child loads the models in ``worker_pr
 from __future__ import annotations
 
 import logging
+import os
 
 from billiard.process import current_process
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (celeryd_init, worker_process_init, worker_process_shutdown, worker_ready,
+                            worker_shutdown)
 from kombu import Queue
 
 from shared.cards import ModelCatalog
 from shared.settings import Settings
+from shared.keys import drain_key
 from shared.tasks import celery_config, inference_queue
+from worker.device_plan import device_for_child, plan_devices, visible_gpus
 
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level,
@@ -25,11 +29,23 @@ app = Celery("imgsvc")
 app.conf.update(celery_config(settings))
 app.conf.task_queues = [Queue(inference_queue(card.name)) for card in catalog]
 app.conf.task_default_queue = inference_queue(catalog.default)
-app.conf.worker_concurrency = settings.worker_concurrency
+# One child per planned device, counted without touching CUDA (the parent must never initialise it).
+device_plan = plan_devices(settings.worker_devices, settings.worker_concurrency,
+                           visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES")))
+app.conf.worker_concurrency = len(device_plan)
 app.conf.include = ["worker.tasks"]
 
 runtime = None  # set in each pool child by init_child
 sweeper = None  # runs in the main process, started once the worker is ready
+metrics_server = None  # the main process's /metrics (WORKER_METRICS_PORT)
+node_name = ""  # this worker's Celery node name (e.g. worker1@host), set before the pool forks
+
+
+@celeryd_init.connect
+def remember_node_name(sender=None, **_):
+    """Keep the node name so children name it in their heartbeats (admin actions address nodes)."""
+    global node_name
+    node_name = str(sender or "")
 
 
 @worker_process_init.connect
@@ -38,8 +54,10 @@ def init_child(**_):
     from worker.runtime import Runtime
 
     global runtime
-    runtime = Runtime.start(settings, catalog, getattr(current_process(), "index", 0),
-                            broker_connection=app.connection_for_read())
+    index = getattr(current_process(), "index", 0)
+    runtime = Runtime.start(settings, catalog, index, broker_connection=app.connection_for_read(),
+                            planned_device=device_for_child(device_plan, index), node=node_name,
+                            pool_size=len(device_plan))
 
 
 @worker_process_shutdown.connect
@@ -74,7 +92,20 @@ def start_sweeper(sender=None, **_):
     sweeper.start()
 
 
+@worker_ready.connect
+def start_node_services(sender=None, **_):
+    """Clear a drain left from this node's last life, and serve this node's /metrics."""
+    from worker.metrics import serve_metrics
+
+    global metrics_server
+    main_store().redis.delete(drain_key(node_name))
+    metrics_server = serve_metrics(settings, [card.name for card in catalog], node_name)
+
+
 @worker_shutdown.connect
 def stop_sweeper(**_):
+    from worker.metrics import stop_metrics
+
     if sweeper is not None:
         sweeper.stop()
+    stop_metrics(metrics_server)

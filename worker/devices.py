@@ -6,35 +6,48 @@ every child ("Cannot re-initialize CUDA in forked subprocess", pytorch/pytorch#4
 from __future__ import annotations
 
 import logging
+import platform
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
-def choose_device(requested: str, child_index: int) -> torch.device:
-    """Return the device for pool child ``child_index``.
+def choose_device(planned: str) -> torch.device:
+    """Return the torch device for a child's planned device, ``cpu`` or ``cuda:N`` (see device_plan).
 
-    ``requested`` is ``auto`` (a GPU when one is visible, children spread over the visible GPUs),
-    ``cpu``, ``cuda`` (spread like auto, but fail when no GPU is visible) or ``cuda:N``.
     CUDA_VISIBLE_DEVICES is honoured because torch only ever sees the devices it lists.
     """
-    requested = requested.strip().lower()
-    if requested == "cpu":
+    if planned == "cpu":
         return torch.device("cpu")
-    available = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if requested.startswith("cuda:"):
-        index = int(requested.split(":", 1)[1])
-        if not available or index >= torch.cuda.device_count():
-            raise RuntimeError(f"WORKER_DEVICE={requested} but that CUDA device is not visible")
-        return torch.device("cuda", index)
-    if requested == "cuda" and not available:
-        raise RuntimeError("WORKER_DEVICE=cuda but no CUDA device is visible")
-    if requested not in ("auto", "cuda"):
-        raise RuntimeError(f"WORKER_DEVICE must be auto, cpu, cuda or cuda:N, not {requested!r}")
-    if available:
-        return torch.device("cuda", child_index % torch.cuda.device_count())
-    return torch.device("cpu")
+    if not planned.startswith("cuda:"):
+        raise RuntimeError(f"a child's device must be cpu or cuda:N, not {planned!r}")
+    index = int(planned.split(":", 1)[1])
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise RuntimeError(f"this child was planned on {planned} but that CUDA device is not visible")
+    return torch.device("cuda", index)
+
+
+def device_name(device: torch.device) -> str:
+    """Return the hardware's name: the GPU model, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def gpu_memory(device: torch.device) -> dict:
+    """Return ``{"used": bytes, "total": bytes}`` of the whole GPU (empty on CPU)."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"used": total - free, "total": total}
 
 
 def describe(device: torch.device) -> str:

@@ -11,9 +11,11 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.cards import ModelCatalog
+from shared import stats
 from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
+from shared.keys import drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
 from worker import devices
@@ -32,16 +34,18 @@ class Runtime:
     """A pool child's resident state; ``handle`` runs a message (and any batched with it)."""
 
     def __init__(self, settings: Settings, models: dict[str, LoadedModel], batch_sizes: dict[str, int],
-                 store: JobStore, heartbeat: Heartbeat, drainer: QueueDrainer | None):
+                 store: JobStore, heartbeat: Heartbeat, drainer: QueueDrainer | None, labels: dict):
         self.settings, self.models, self.batch_sizes = settings, models, batch_sizes
         self.store, self.heartbeat, self.drainer = store, heartbeat, drainer
+        self.labels = labels  # device and worker (Celery node) labels of this child's statistics
 
     @classmethod
     def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int,
-              broker_connection=None) -> "Runtime":
+              broker_connection=None, *, planned_device: str = "cpu", node: str = "",
+              pool_size: int = 1) -> "Runtime":
         """Pick the device, load and warm every served model, size batches, start the heartbeat."""
-        device = devices.choose_device(settings.worker_device, child_index)
-        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
+        device = devices.choose_device(planned_device)
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // pool_size)
         devices.configure(device, threads)
         models = {card.name: load_model(card, device) for card in catalog}
         for model in models.values():
@@ -52,28 +56,33 @@ class Runtime:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
                                       health_check_interval=30)
         name = f"{socket.gethostname()}:{os.getpid()}"
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
-                "device": devices.describe(device), "threads": threads,
+        info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
+                "device": str(device), "device_name": devices.device_name(device), "threads": threads,
                 "models": {m.card.name: m.card.version for m in models.values()},
                 "max_batch": batch_sizes, "model_loads": load_count(), "started_at": time.time()}
         heartbeat = Heartbeat(client, name, info, interval_s=settings.heartbeat_interval_s,
-                              ttl_s=settings.worker_ttl_s)
+                              ttl_s=settings.worker_ttl_s, probe=lambda: {"gpu_memory": devices.gpu_memory(device)},
+                              queues=tuple(inference_queue(card.name) for card in catalog))
         heartbeat.start()
         drainer = QueueDrainer(broker_connection) if broker_connection is not None else None
         log.info("child %s ready on %s with %s", name, info["device"], batch_sizes)
         return cls(settings, models, batch_sizes, JobStore.from_settings(client, settings), heartbeat,
-                   drainer)
+                   drainer, {"device": str(device), "worker": node})
 
     def handle(self, first: Pending) -> list[str]:
         """Run ``first`` together with whatever else waits in its queue; return each outcome."""
         batch = [first]
         limit = self.batch_sizes.get(first.comp.model, 1) - 1
-        if self.drainer is not None and limit > 0 and not self.store.redis.exists(first.comp.attempts_key):
+        # A drained node takes no extra messages; a retried computation runs alone.
+        if self.drainer is not None and limit > 0 and not self.store.redis.exists(
+                first.comp.attempts_key, drain_key(self.labels["worker"])):
             batch += self.drainer.take(inference_queue(first.comp.model), limit,
                                        self.settings.max_wait_ms / 1000)
+        self.heartbeat.batch_started(len(batch))
         try:
             return self.process(batch)
         finally:
+            self.heartbeat.batch_started(0)
             for pending in batch:
                 if pending.message is not None:
                     pending.message.ack()  # only now: its result (or failure) is written
@@ -135,23 +144,39 @@ class Runtime:
             log.exception("batch of %d on %s crashed", len(group), model.card.name)
             error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
             return {index: self._fail(pending, error) for index, pending, _ in group}
-        outcomes, done = {}, []
+        outcomes, done, samples = {}, [], []
         for (index, pending, _), output in zip(group, outputs):
             if isinstance(output, ServiceError):
                 outcomes[index] = self._fail(pending, output)
                 continue
             output.result["timings_ms"]["queue"] = round(max(0.0, started - pending.enqueued_at) * 1000, 2)
             done.append((pending.comp, output.result, output.overlay_png))
+            timings = output.result["timings_ms"]
+            samples.append((pending.enqueued_at, (timings["inference"] + timings["gradcam"]) / 1000))
             outcomes[index] = "done"
         self.store.finish_many(done)  # one round trip for the whole batch
-        for _ in done:
-            self.heartbeat.count("jobs_done")
+        self.heartbeat.count("jobs_done", len(done))
+        self._record(model.card.name, len(group), samples)
         return outcomes
+
+    def _record(self, model: str, batch_size: int, samples: list[tuple[float, float]]) -> None:
+        """Add a finished batch to the fleet statistics (enqueue time, inference s per computation)."""
+        now = time.time()
+        latencies = [(max(0.0, now - enqueued_at), inference) for enqueued_at, inference in samples]
+        self.heartbeat.observe([inference for _, inference in latencies])
+        try:
+            stats.record_batch(self.store.redis, {**self.labels, "model": model}, latencies, batch_size, now)
+        except redis.RedisError:
+            log.warning("could not record statistics of a batch on %s", model, exc_info=True)
 
     def _fail(self, pending: Pending, error: ServiceError) -> str:
         log.warning("computation %s failed: %s", pending.comp.suffix, error.message)
         self.store.fail(pending.comp, error.to_dict())
         self.heartbeat.count("jobs_failed")
+        try:
+            stats.record_failures(self.store.redis, {**self.labels, "model": pending.comp.model})
+        except redis.RedisError:
+            log.warning("could not count a failure of %s", pending.comp.model, exc_info=True)
         return "failed"
 
     def close(self) -> None:

@@ -1,0 +1,102 @@
+"""Read the fleet's live state from Redis: worker heartbeats grouped by Celery node, queue depths and ages.
+
+Both the admin API and the metrics endpoints read it; nothing here talks to a worker directly.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import redis
+
+from shared.keys import WORKERS_KEY, drain_key, worker_key
+from shared.tasks import WEBHOOK_QUEUE, inference_queue
+
+JSON_FIELDS = ("models", "max_batch", "gpu_memory", "latency_ms")
+NUMBER_FIELDS = ("pid", "child_index", "threads", "model_loads", "started_at", "jobs_done", "jobs_failed",
+                 "current_batch", "last_seen")
+
+
+def _decode_child(raw: dict) -> dict:
+    """Turn a heartbeat hash into JSON-ready values."""
+    child = {k.decode(): v.decode() for k, v in raw.items()}
+    for field in JSON_FIELDS:
+        if field in child:
+            child[field] = json.loads(child[field])
+    for field in NUMBER_FIELDS:
+        if field in child:
+            number = float(child[field])
+            child[field] = int(number) if number.is_integer() and field != "last_seen" else number
+    return child
+
+
+def live_children(client: redis.Redis, ttl_s: int, now: float | None = None) -> list[dict]:
+    """Return every worker child seen within ``ttl_s``, with its heartbeat fields."""
+    now = time.time() if now is None else now
+    names = [n.decode() for n in client.zrangebyscore(WORKERS_KEY, now - ttl_s, "+inf")]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(worker_key(name))
+    return [{"name": name, **_decode_child(raw)} for name, raw in zip(names, pipe.execute()) if raw]
+
+
+def nodes(client: redis.Redis, ttl_s: int) -> list[dict]:
+    """Group live children by Celery node (one worker process tree): its pool, devices and models."""
+    grouped: dict[str, list[dict]] = {}
+    for child in live_children(client, ttl_s):
+        grouped.setdefault(child.get("node") or child.get("host", "?"), []).append(child)
+    names = sorted(grouped)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(drain_key(name))
+    draining = pipe.execute()
+    result = []
+    for name, drained in zip(names, draining):
+        children = sorted(grouped[name], key=lambda c: c.get("child_index", 0))
+        models = {m: v for child in children for m, v in child.get("models", {}).items()}
+        result.append({
+            "name": name, "host": children[0].get("host"), "pool_size": len(children),
+            "status": "draining" if drained else "active",
+            "devices": sorted({child.get("device", "?") for child in children}), "models": models,
+            "jobs_done": sum(c.get("jobs_done", 0) for c in children),
+            "jobs_failed": sum(c.get("jobs_failed", 0) for c in children),
+            "children": children,
+        })
+    return result
+
+
+def known_queues(model_names) -> list[str]:
+    """Return the queues to watch: one per model, then the webhooks queue."""
+    return sorted({inference_queue(name) for name in model_names}) + [WEBHOOK_QUEUE]
+
+
+def _enqueued_at(raw: bytes | None) -> float | None:
+    """Read ``enqueued_at`` from a Celery message on the Redis transport (base64 JSON body)."""
+    if raw is None:
+        return None
+    try:
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return float(args[0]["enqueued_at"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # a message without our field (e.g. a webhook delivery): age unknown
+
+
+def queues(client: redis.Redis, names: list[str], now: float | None = None) -> list[dict]:
+    """Return each queue's depth and the age of its oldest waiting message (seconds, or None)."""
+    now = time.time() if now is None else now
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+        pipe.lindex(name, -1)  # LPUSH in, consumed from the right: the oldest is the last element
+    replies = pipe.execute()
+    result = []
+    for index, name in enumerate(names):
+        depth, oldest = replies[2 * index], _enqueued_at(replies[2 * index + 1])
+        age = round(max(0.0, now - oldest), 3) if oldest is not None and depth else None
+        result.append({"name": name, "depth": int(depth), "oldest_age_s": age})
+    return result
