@@ -1,0 +1,372 @@
+"""The OpenAPI 3.1 document of the HTTP contract, served at ``GET /api/v1/openapi.json``.
+
+The document is built from plain dicts: ``components()`` holds the shared schemas, responses and
+security schemes, and each ``*_paths()`` function returns one group of paths. A new group of
+endpoints adds a function and lists it in ``PATH_GROUPS``; tests/test_openapi.py fails when the app
+registers a URL rule that no group documents.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from shared.settings import Settings
+
+bp = Blueprint("openapi", __name__)
+
+API_VERSION = "1.0.0"
+MAX_TOP_K = 20  # web.api.MAX_TOP_K
+MAX_WAIT_S = 30  # web.api.MAX_WAIT_S
+IMAGE_TYPES = "image/jpeg, image/png, image/gif, image/webp, image/bmp, image/tiff"
+ISO_TIME = {"type": "string", "format": "date-time"}
+NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+JOB_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "32 lowercase hex digits"}
+API_KEY = [{}, {"apiKey": []}]  # anonymous or with an API key (required when AUTH_REQUIRED is set)
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def param(name: str) -> dict:
+    return {"$ref": f"#/components/parameters/{name}"}
+
+
+def json_body(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+def response(name: str) -> dict:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def errors(*names: str) -> dict:
+    """Return the shared error responses named by status code (``"404"``, ``"429"``...)."""
+    return {status: response(ERROR_RESPONSES[status][0]) for status in names}
+
+
+def header(description: str, schema: dict | None = None, required: bool = False) -> dict:
+    return {"description": description, "required": required, "schema": schema or {"type": "string"}}
+
+
+RETRY_AFTER = header("Seconds to wait before trying again.", {"type": "string", "pattern": "^[0-9]+$"},
+                     required=True)
+LOCATION = header("Where to read the created resource.", required=True)
+
+# status -> (component name, description listing the stable ``error.code`` values, extra headers)
+ERROR_RESPONSES = {
+    "400": ("BadRequest", "Malformed request. Codes: `bad_request`, `missing_image`, `empty_image`, "
+                          "`corrupt_image`.", {}),
+    "401": ("Unauthorized", "Authentication failed. Codes: `unauthorized`, `auth_required` (AUTH_REQUIRED "
+                            "is set and no API key was sent), `invalid_api_key`.", {}),
+    "404": ("NotFound", "No such resource (it may have expired). Code: `not_found`.", {}),
+    "409": ("Conflict", "Conflict with the resource's state. Codes: `conflict`, `idempotency_in_progress` "
+                        "(a request with this Idempotency-Key is still being processed), `not_settled` "
+                        "(the job is not done or failed yet), `no_callback` (no callback URL).", {}),
+    "413": ("PayloadTooLarge", "Upload too large. Codes: `payload_too_large` (bytes over MAX_UPLOAD_MB), "
+                               "`too_many_pixels` (declared size over MAX_IMAGE_PIXELS).", {}),
+    "415": ("UnsupportedImage", "Not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF). "
+                                "Code: `unsupported_image`.", {}),
+    "422": ("UnprocessableEntity", "An option is invalid. Codes: `invalid_option`, `unknown_model`, "
+                                   "`invalid_callback_url`, `idempotency_key_reused` (the key was used "
+                                   "before with a different request).", {}),
+    "429": ("TooManyRequests", "Rate limit exceeded. Code: `rate_limited`.", {
+        "Retry-After": RETRY_AFTER,
+        "RateLimit-Limit": header("Requests allowed in the window.", {"type": "string"}),
+        "RateLimit-Remaining": header("Requests left in the window.", {"type": "string"}),
+        "RateLimit-Reset": header("Seconds until the window resets.", {"type": "string"}),
+    }),
+    "503": ("ServiceUnavailable", "Try again later. Codes: `overloaded` (the model's queue is past "
+                                  "MAX_QUEUE_DEPTH), `unavailable` (Redis or the job queue is down).",
+            {"Retry-After": RETRY_AFTER}),
+}
+
+
+def error_responses() -> dict:
+    return {name: {"description": description, "headers": headers, "content": json_body(ref("Error"))}
+            for name, description, headers in ERROR_RESPONSES.values()}
+
+
+def job_schemas() -> dict:
+    """Schemas of a job and its parts."""
+    return {
+        "JobStatus": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+        "ImageInfo": {"type": "object", "required": ["sha256", "format", "width", "height"], "properties": {
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "format": {"type": "string", "enum": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]},
+            "width": {"type": "integer", "minimum": 1}, "height": {"type": "integer", "minimum": 1}}},
+        "ModelRef": {"type": "object", "required": ["name", "version"],
+                     "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+        "JobOptions": {"type": "object", "required": ["top_k", "gradcam"], "properties": {
+            "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
+            "gradcam": {"type": "boolean"}}},
+        "Prediction": {"type": "object", "required": ["label", "index", "score"], "properties": {
+            "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+            "score": {"type": "number", "minimum": 0, "maximum": 1}}},
+        "Gradcam": {"type": "object", "required": ["class_index", "url"], "properties": {
+            "class_index": {"type": "integer", "minimum": 0},
+            "url": {"type": "string", "description": "GET it for the heatmap PNG."}}},
+        "Result": {"type": "object", "required": ["predictions", "gradcam", "device", "timings_ms"],
+                   "properties": {
+                       "predictions": {"type": "array", "items": ref("Prediction")},
+                       "gradcam": {"oneOf": [ref("Gradcam"), {"type": "null"}],
+                                   "description": "null when the job asked for gradcam=false"},
+                       "device": {"type": "string", "examples": ["cpu", "cuda:0 (NVIDIA H100)"]},
+                       "batch_size": {"type": "integer", "minimum": 1},
+                       "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}}}},
+        "Job": {"type": "object", "required": [
+                    "id", "status", "cached", "created_at", "finished_at", "image", "model", "options",
+                    "callback_url", "batch_id", "result", "error"],
+                "properties": {
+                    "id": JOB_ID, "status": ref("JobStatus"),
+                    "cached": {"type": "boolean", "description": "answered from the result cache"},
+                    "created_at": ISO_TIME, "finished_at": NULLABLE_TIME,
+                    "image": ref("ImageInfo"), "model": ref("ModelRef"), "options": ref("JobOptions"),
+                    "callback_url": {"type": ["string", "null"]},
+                    "batch_id": {"type": ["string", "null"]},
+                    "result": {"oneOf": [ref("Result"), {"type": "null"}],
+                               "description": "set when status is done"},
+                    "error": {"oneOf": [ref("ErrorDetail"), {"type": "null"}],
+                              "description": "set when status is failed; codes include decode_failed, "
+                                             "inference_failed, worker_crashed, timeout, image_expired, "
+                                             "model_version_unavailable, result_expired"}}},
+    }
+
+
+def batch_and_delivery_schemas() -> dict:
+    """Schemas of batches and webhook deliveries."""
+    count = {"type": "integer", "minimum": 0}
+    event = {"type": "object",
+             "required": ["id", "type", "url", "state", "attempts", "next_attempt_at", "created_at"],
+             "properties": {
+                 "id": {"type": "string", "pattern": "^msg_"},
+                 "type": {"type": "string", "enum": ["job.completed", "job.failed", "batch.completed"]},
+                 "url": {"type": "string"},
+                 "state": {"type": "string", "enum": ["pending", "delivered", "failed", "endpoint_gone"]},
+                 "attempts": count, "next_attempt_at": NULLABLE_TIME, "created_at": ISO_TIME}}
+    attempt = {"type": "object",
+               "required": ["event_id", "attempt", "at", "url", "status_code", "duration_ms", "error", "ok"],
+               "properties": {
+                   "event_id": {"type": "string"}, "attempt": {"type": "integer", "minimum": 1},
+                   "at": ISO_TIME, "url": {"type": "string"},
+                   "status_code": {"type": ["integer", "null"]}, "duration_ms": {"type": "number"},
+                   "error": {"type": ["string", "null"]}, "ok": {"type": "boolean"}}}
+    return {
+        "BatchCounts": {"type": "object", "required": ["total", "queued", "running", "done", "failed"],
+                        "properties": dict.fromkeys(("total", "queued", "running", "done", "failed"), count)},
+        "Batch": {"type": "object",
+                  "required": ["id", "status", "created_at", "finished_at", "callback_url", "counts", "jobs"],
+                  "properties": {
+                      "id": {"type": "string"}, "status": {"type": "string", "enum": ["running", "done"]},
+                      "created_at": ISO_TIME, "finished_at": NULLABLE_TIME,
+                      "callback_url": {"type": ["string", "null"]}, "counts": ref("BatchCounts"),
+                      "jobs": {"type": "array", "items": ref("Job")}}},
+        "DeliveryEvent": event,
+        "DeliveryAttempt": attempt,
+        "Deliveries": {"type": "object", "required": ["job_id", "events", "attempts"], "properties": {
+            "job_id": JOB_ID, "events": {"type": "array", "items": ref("DeliveryEvent")},
+            "attempts": {"type": "array", "items": ref("DeliveryAttempt")}}},
+        "Redelivery": {"type": "object", "required": ["event"],
+                       "properties": {"event": ref("DeliveryEvent")}},
+    }
+
+
+def service_schemas() -> dict:
+    """Schemas of errors, model cards and health answers."""
+    triple = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+    return {
+        "ErrorDetail": {"type": "object", "required": ["code", "message"], "properties": {
+            "code": {"type": "string", "description": "stable, machine-readable"},
+            "message": {"type": "string", "description": "a human sentence; may change"}}},
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": ref("ErrorDetail")}},
+        "Model": {"type": "object", "required": ["name", "version", "num_classes", "input_size"],
+                  "properties": {
+            "name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"},
+            "architecture": {"type": "string"}, "variant": {"type": "string"},
+            "num_classes": {"type": "integer", "minimum": 1}, "input_size": {"type": "integer", "minimum": 1},
+            "preprocess": {"type": "object", "properties": {
+                "resize": {"type": "integer"}, "crop": {"type": "integer"}, "mean": triple, "std": triple}},
+            "gradcam_layer": {"type": "string"}}},
+        "ModelList": {"type": "object", "required": ["default", "models"], "properties": {
+            "default": {"type": "string"}, "models": {"type": "array", "items": ref("Model")}}},
+        "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+        "Readiness": {"type": "object", "required": ["redis", "workers", "status"], "properties": {
+            "redis": {"type": "boolean"}, "workers": {"type": "integer", "minimum": 0},
+            "status": {"type": "string", "enum": ["ok", "no_workers"]}}},
+    }
+
+
+def components(settings: Settings) -> dict:
+    return {
+        "schemas": {**job_schemas(), **batch_and_delivery_schemas(), **service_schemas()},
+        "responses": error_responses(),
+        "parameters": {
+            "JobId": {"name": "job_id", "in": "path", "required": True, "schema": JOB_ID},
+            "IdempotencyKey": {"name": "Idempotency-Key", "in": "header", "required": False,
+                               "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                               "description": "Repeat a POST with the same key and body to get the first "
+                                              f"answer again (kept {settings.idempotency_ttl_s} s)."},
+        },
+        "securitySchemes": {
+            "apiKey": {"type": "http", "scheme": "bearer",
+                       "description": "`Authorization: Bearer <API key>`. Optional unless AUTH_REQUIRED."},
+            "adminToken": {"type": "http", "scheme": "bearer",
+                           "description": "`Authorization: Bearer <ADMIN_TOKEN>` for /api/v1/admin/."},
+        },
+    }
+
+
+def option_fields(settings: Settings) -> dict:
+    """The option fields a submit accepts, as schema properties."""
+    return {
+        "model": {"type": "string",
+                  "description": "a name from GET /api/v1/models; default: the default card"},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 5},
+        "gradcam": {"type": "boolean", "default": True},
+        "callback_url": {"type": "string", "format": "uri", "description":
+                         "https URL to POST signed job.completed / job.failed webhooks to "
+                         "(Standard Webhooks)."},
+    }
+
+
+def job_paths(settings: Settings) -> dict:
+    fields = option_fields(settings)
+    multipart = {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "contentMediaType": "application/octet-stream",
+                  "description": f"the image, at most {settings.max_upload_bytes} bytes"}, **fields}}
+    raw = {"type": "string", "contentMediaType": "application/octet-stream"}
+    query = [{"name": name, "in": "query", "required": False, "schema": schema,
+              "description": "only with a raw image body (multipart sends it as a form field)"}
+             for name, schema in fields.items()]
+    job_answer = {"content": json_body(ref("Job")), "headers": {"Location": LOCATION}}
+    return {
+        "/api/v1/jobs": {"post": {
+            "operationId": "submitJob", "tags": ["jobs"], "summary": "Submit an image",
+            "security": API_KEY,
+            "parameters": [param("IdempotencyKey"), *query],
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": multipart,
+                                        "encoding": {"image": {"contentType": IMAGE_TYPES}}},
+                "image/*": {"schema": raw}, "application/octet-stream": {"schema": raw}}},
+            "responses": {
+                "200": {"description": "Cache hit: the job is already done (`cached: true`).", **job_answer},
+                "202": {"description": "Accepted: queued, or attached to identical work in flight.",
+                        **job_answer},
+                **errors("400", "401", "409", "413", "415", "422", "429", "503")}}},
+        "/api/v1/jobs/{job_id}": {"get": {
+            "operationId": "getJob", "tags": ["jobs"], "summary": "Read a job (optionally long-poll)",
+            "security": API_KEY,
+            "parameters": [param("JobId"), {
+                "name": "wait", "in": "query", "required": False,
+                "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0},
+                "description": "block up to this many seconds until the job is done or failed"}],
+            "responses": {"200": {"description": "The job.", "content": json_body(ref("Job"))},
+                          **errors("401", "404", "422", "429", "503")}}},
+        "/api/v1/jobs/{job_id}/gradcam.png": {"get": {
+            "operationId": "getGradcam", "tags": ["jobs"], "summary": "The GradCAM heatmap over the image",
+            "security": API_KEY, "parameters": [param("JobId")],
+            "responses": {
+                "200": {"description": "PNG at the image's upright aspect ratio.",
+                        "content": {"image/png": {"schema": {"type": "string",
+                                                             "contentMediaType": "image/png"}}}},
+                **errors("401", "404", "429", "503")}}},
+    }
+
+
+def delivery_paths(settings: Settings) -> dict:
+    return {
+        "/api/v1/jobs/{job_id}/deliveries": {"get": {
+            "operationId": "getDeliveries", "tags": ["webhooks"],
+            "summary": "Webhook events and attempts of a job",
+            "security": API_KEY, "parameters": [param("JobId")],
+            "responses": {"200": {"description": "Events and delivery attempts.",
+                                  "content": json_body(ref("Deliveries"))},
+                          **errors("401", "404", "429", "503")}}},
+        "/api/v1/jobs/{job_id}/deliveries/redeliver": {"post": {
+            "operationId": "redeliver", "tags": ["webhooks"], "summary": "Send the job's webhook again",
+            "security": API_KEY, "parameters": [param("JobId")],
+            "responses": {"202": {"description": "A new event was queued.",
+                                  "content": json_body(ref("Redelivery"))},
+                          **errors("401", "404", "409", "429", "503")}}},
+    }
+
+
+def batch_paths(settings: Settings) -> dict:
+    images = {"type": "array", "minItems": 1, "maxItems": settings.max_batch_images,
+              "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+              "description": "repeat the field once per image (MAX_BATCH_IMAGES)"}
+    form = {"type": "object", "required": ["image"],
+            "properties": {"image": images, **option_fields(settings)}}
+    return {
+        "/api/v1/batches": {"post": {
+            "operationId": "submitBatch", "tags": ["batches"], "summary": "Submit several images at once",
+            "description": "The options apply to every image. One refused image refuses the whole batch.",
+            "security": API_KEY, "parameters": [param("IdempotencyKey")],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {
+                "schema": form, "encoding": {"image": {"contentType": IMAGE_TYPES}}}}},
+            "responses": {"202": {"description": "Accepted.", "content": json_body(ref("Batch")),
+                                  "headers": {"Location": LOCATION}},
+                          **errors("400", "401", "409", "413", "415", "422", "429", "503")}}},
+        "/api/v1/batches/{batch_id}": {"get": {
+            "operationId": "getBatch", "tags": ["batches"], "summary": "Read a batch and its jobs",
+            "security": API_KEY,
+            "parameters": [{"name": "batch_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The batch.", "content": json_body(ref("Batch"))},
+                          **errors("401", "404", "429", "503")}}},
+    }
+
+
+def service_paths(settings: Settings) -> dict:
+    return {
+        "/api/v1/models": {"get": {
+            "operationId": "listModels", "tags": ["models"], "summary": "Model cards served",
+            "security": API_KEY,
+            "responses": {"200": {"description": "The served cards.", "content": json_body(ref("ModelList"))},
+                          **errors("401", "429", "503")}}},
+        "/api/v1/openapi.json": {"get": {
+            "operationId": "getOpenapi", "tags": ["meta"], "summary": "This document", "security": [],
+            "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {
+                "schema": {"type": "object"}}}}}}},
+        "/healthz": {"get": {
+            "operationId": "healthz", "tags": ["health"], "summary": "The process is up", "security": [],
+            "responses": {"200": {"description": "Up.", "content": json_body(ref("Health"))}}}},
+        "/readyz": {"get": {
+            "operationId": "readyz", "tags": ["health"], "security": [],
+            "summary": "Redis answers and at least one worker is alive",
+            "responses": {
+                "200": {"description": "Ready.", "content": json_body(ref("Readiness"))},
+                "503": {"description": "Not ready: no live worker (`status: no_workers`), or Redis is down "
+                                       "(an error with code `unavailable`).",
+                        "content": json_body({"anyOf": [ref("Readiness"), ref("Error")]})}}}},
+        "/metrics": {"get": {
+            "operationId": "metrics", "tags": ["health"], "summary": "Prometheus metrics", "security": [],
+            "responses": {"200": {"description": "Prometheus text exposition format.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+PATH_GROUPS = [job_paths, delivery_paths, batch_paths, service_paths]
+
+
+def build_spec(settings: Settings) -> dict:
+    """Return the OpenAPI 3.1 document for an app running with ``settings``."""
+    paths: dict = {}
+    for group in PATH_GROUPS:
+        paths.update(group(settings))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "imgsvc", "version": API_VERSION,
+                 "description": "Asynchronous image inference with GradCAM. Every error is "
+                                "`{\"error\": {\"code\", \"message\"}}`; `code` is stable."},
+        "servers": [{"url": "/"}],
+        "tags": [{"name": name} for name in ("jobs", "batches", "webhooks", "models", "health", "meta")],
+        "paths": paths,
+        "components": components(settings),
+    }
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi_json():
+    response = jsonify(build_spec(current_app.extensions["imgsvc"].settings))
+    response.headers["Cache-Control"] = "no-cache"
+    return response
