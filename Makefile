@@ -11,8 +11,11 @@ DEV_STAMP := $(VENV)/.dev-installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(RUNTIME_STAMP): requirements.txt constraints.txt | $(BIN)/python
+# The project itself, editable and without dependencies (the pins above are the dependencies):
+# this installs the `imgsvc` console script. No build isolation, so it needs no download.
+$(RUNTIME_STAMP): requirements.txt constraints.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
