@@ -302,10 +302,10 @@ class JobStore:
         text = self.get_json(job_id)
         return None if text is None else json.loads(text)
 
-    def overlay_png(self, job_id: str) -> bytes | None:
-        """Return the heatmap PNG of a finished job, or None."""
-        result_key = self.redis.hget(job_key(job_id), "result_key")
-        if result_key is None:
+    def overlay_png(self, job_id: str, owner: str | None = None) -> bytes | None:
+        """Return the heatmap PNG of a finished job (of ``owner``, when given), or None."""
+        result_key, job_owner = self.redis.hmget(job_key(job_id), "result_key", "owner")
+        if result_key is None or (owner is not None and (job_owner or b"").decode() != owner):
             return None
         return self.redis.get(overlay_key_for_result(result_key.decode()))
 

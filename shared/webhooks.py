@@ -188,3 +188,10 @@ class Announcer:
             send_webhook(self.celery, event_id)
         except Exception:
             log.warning("could not queue webhook %s now; the poller will retry", event_id, exc_info=True)
+
+
+def announcing_store(client: redis.Redis, settings, celery) -> JobStore:
+    """Return a JobStore whose settled jobs send their webhook and batch events through ``celery``."""
+    store = JobStore.from_settings(client, settings)
+    Announcer(store, celery, settings).install()
+    return store

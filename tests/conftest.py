@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from shared.settings import REPO_ROOT, Settings
-from tools.stack import start_redis, start_web, start_worker, stop, wait_for
+from tools.stack import start_redis, start_web, start_webhook_worker, start_worker, stop, wait_for
 
 WORKER_CHILDREN = 2
 MAX_BATCH = 4
@@ -20,6 +20,7 @@ MAX_WAIT_MS = 1000
 SOFT_TIME_LIMIT_S = 8
 TINY_LABELS = [f"tiny-class-{i}" for i in range(10)]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
+WEBHOOK_SECRET = "whsec_" + "dGVzdC13ZWJob29rLXNlY3JldC0zMi1ieXRlcyEhISE="  # base64 of 32 test bytes
 
 
 @pytest.fixture(scope="session")
@@ -90,10 +91,14 @@ target_layer = "{layer}"
 @pytest.fixture(scope="session")
 def settings(redis_url, cards_dir) -> Settings:
     # A long batching wait makes "an idle job does not wait" observable in the tests.
+    # Callbacks go to receivers on loopback (WEBHOOK_ALLOW_PRIVATE), retries come after a second, and
+    # the rate limit is out of the way of the load tests (test_integrators sets a key's own limit).
     return Settings(redis_url=redis_url, model_cards_dir=cards_dir, heartbeat_interval_s=1,
                     worker_ttl_s=5, worker_concurrency=WORKER_CHILDREN, torch_threads=1,
                     max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, job_soft_time_limit_s=SOFT_TIME_LIMIT_S,
-                    job_time_limit_s=SOFT_TIME_LIMIT_S + 10)
+                    job_time_limit_s=SOFT_TIME_LIMIT_S + 10, secret_key="test-secret-key",
+                    webhook_secret=WEBHOOK_SECRET, webhook_allow_private=True, webhook_retry_schedule=(1, 1, 1),
+                    webhook_timeout_s=3, rate_limit="100000/minute")
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +106,15 @@ def worker(settings):
     """A real Celery worker (prefork, two children) consuming the served models' queues."""
     ARTIFACTS.mkdir(exist_ok=True)
     proc = start_worker(settings, ARTIFACTS / "worker.log", name="test")
+    yield proc
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def webhook_worker(settings):
+    """The real webhook worker, delivering from the webhooks queue."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    proc = start_webhook_worker(settings, ARTIFACTS / "webhook-worker.log")
     yield proc
     stop(proc)
 

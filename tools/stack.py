@@ -135,6 +135,21 @@ def start_worker(settings: Settings, log: Path, name: str = "stack", *, metrics_
     return proc
 
 
+def start_webhook_worker(settings: Settings, log: Path, name: str = "webhooks") -> subprocess.Popen:
+    """Start the webhook worker (threads pool on the webhooks queue) and wait until it consumes."""
+    proc = spawn([sys.executable, "-m", "celery", "-A", "webhooks.celery_app", "worker", "--pool=threads",
+                  "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", f"{name}@%h"],
+                 env=service_env(settings), log=log)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"webhook worker exited with {proc.returncode}; see {log}")
+        return " ready." in log.read_text(errors="replace")
+
+    wait_for(ready, 60, "the webhook worker", interval=0.1)
+    return proc
+
+
 def start_web(settings: Settings, threads: int = 4) -> tuple[subprocess.Popen, str]:
     """Start the web app under gunicorn on a free port; return it and its base URL once it answers."""
     port = free_port()

@@ -2,118 +2,67 @@
 from __future__ import annotations
 
 import json
-import logging
-import re
 import time
 
 from flask import Blueprint, current_app, jsonify, request
-from kombu.exceptions import OperationalError
 
-from shared.errors import InvalidOption, MissingImage, NotFound, Overloaded, PayloadTooLarge, Unavailable
-from shared.keys import WORKERS_KEY, Computation, OutputOptions, image_digest
-from shared.tasks import inference_queue, send_inference
-from web.upload import inspect_image
+from shared.errors import BadRequest, NotFound
+from shared.jobs import JobContext
+from shared.keys import WORKERS_KEY, image_digest
+from web import auth
+from web.idempotency import Created
+from web.intake import accept, check_size, idempotent, number_option, parse_order, read_images, services
 
-log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-MAX_TOP_K = 20
+JOB_ID_LENGTH = 32
 MAX_WAIT_S = 30
+PUBLIC_ENDPOINTS = {"api.list_models", "api.healthz", "api.readyz"}
 
 
-def services():
-    return current_app.extensions["imgsvc"]
+@bp.before_request
+def check_caller():
+    if request.endpoint not in PUBLIC_ENDPOINTS:
+        auth.require_caller()
 
 
-def number_option(values, name: str, default: str, kind: type, low: float, high: float):
-    """Read a numeric option and check its range, or raise InvalidOption naming it."""
-    raw = values.get(name, default).strip()
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise InvalidOption(f"{name} must be a number from {low} to {high}, got {raw!r}.") from None
-    if not low <= value <= high:
-        raise InvalidOption(f"{name} must be from {low} to {high}, got {raw}.")
-    return value
-
-
-def parse_options(values) -> OutputOptions:
-    """Read ``top_k`` and ``gradcam`` from form fields or query arguments."""
-    top_k = number_option(values, "top_k", "5", int, 1, MAX_TOP_K)
-    raw_cam = values.get("gradcam", "true").strip().lower()
-    if raw_cam not in _TRUE | _FALSE:
-        raise InvalidOption(f"gradcam must be true or false, got {raw_cam!r}.")
-    if values.get("callback_url"):
-        raise InvalidOption("callback_url is not supported by this version of the service.")
-    return OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE)
-
-
-def read_upload() -> tuple[bytes, dict]:
-    """Return the image bytes and the option fields, from multipart or a raw image body."""
-    if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
-        if upload is None:
-            raise MissingImage("Send the image in the multipart field 'image'.")
-        try:
-            return upload.read(), request.form
-        finally:
-            upload.close()  # big parts are spooled to a temporary file: release it now
-    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
-        return request.get_data(cache=False), request.args
-    raise MissingImage("Send the image as multipart field 'image' or as a raw body "
-                       "with an image/* Content-Type.")
+def json_response(text: str, status: int = 200, location: str | None = None, replayed: bool = False):
+    response = current_app.response_class(text, status=status, mimetype="application/json")
+    if location:
+        response.headers["Location"] = location
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @bp.post("/api/v1/jobs")
 def submit_job():
     """Accept an image; answer from the cache, attach to identical work in flight, or enqueue."""
-    svc = services()
-    data, fields = read_upload()
-    card = svc.catalog.get(fields.get("model") or None)
-    options = parse_options(fields)
-    if len(data) > svc.settings.max_upload_bytes:
-        raise PayloadTooLarge(f"The image is {len(data)} bytes; the limit is "
-                              f"{svc.settings.max_upload_bytes} bytes.")
-    sha = image_digest(data)
-    comp = Computation(card.name, card.version, sha, options)
-    model_info = {"name": card.name, "version": card.version}
-    submission = svc.store.submit(comp, model_info)  # a cache hit or attach needs no header check
-    if submission.outcome == "miss":
-        ensure_capacity(svc, card.name)
-        info = inspect_image(data, svc.settings.max_image_pixels)
-        submission = svc.store.submit(comp, model_info, data, info.to_dict(sha))
-    if submission.outcome == "new":
-        enqueue_inference(svc, comp)
-    response = json_response(submission.json(), 200 if submission.outcome == "cached" else 202)
-    response.headers["Location"] = f"/api/v1/jobs/{submission.job_id}"
-    return response
+    images, fields = read_images()
+    if len(images) != 1:
+        raise BadRequest("Send one image per job; POST /api/v1/batches takes several.")
+    order = parse_order(fields)
+    check_size(images[0])
+    sha = image_digest(images[0])
+    answered = {}
+
+    def create() -> Created:
+        submission = accept(images[0], order, JobContext(auth.owner(), order.callback_url), sha=sha)
+        answered["json"] = submission.json()
+        return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
+
+    created, replayed = idempotent(order.fingerprint(sha), create)
+    text = answered.get("json") or job_or_404(created.id)
+    return json_response(text, created.status, f"/api/v1/jobs/{created.id}", replayed)
 
 
-def json_response(text: str, status: int = 200):
-    return current_app.response_class(text, status=status, mimetype="application/json")
+def valid_id(job_id: str) -> bool:
+    return len(job_id) == JOB_ID_LENGTH and all(c in "0123456789abcdef" for c in job_id)
 
 
-def ensure_capacity(svc, model: str) -> None:
-    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH; hits still pass."""
-    limit = svc.settings.max_queue_depth
-    if limit and svc.redis.llen(inference_queue(model)) >= limit:
-        raise Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
-
-
-def enqueue_inference(svc, comp: Computation) -> None:
-    """Send the inference task by name to the model's queue; undo the job if that fails."""
-    try:
-        send_inference(svc.celery, comp)
-    except OperationalError as exc:
-        log.error("could not enqueue %s: %s", comp.suffix, exc)
-        svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
-        raise Unavailable("The job queue is unavailable; retry shortly.") from exc
-
-
-def _job_or_404(job_id: str) -> str:
-    job = services().store.get_json(job_id) if _JOB_ID.match(job_id) else None
+def job_or_404(job_id: str) -> str:
+    """Return the caller's job as JSON text, or raise NotFound (also for someone else's job)."""
+    job = services().store.get_json(job_id, owner=auth.owner()) if valid_id(job_id) else None
     if job is None:
         raise NotFound(f"No job with id {job_id!r} (it may have expired).")
     return job
@@ -126,21 +75,21 @@ def _settled(job_json: str) -> bool:
 @bp.get("/api/v1/jobs/<job_id>")
 def get_job(job_id: str):
     """Return the job; with ``?wait=S`` (up to MAX_WAIT_S) block until it settles or S pass."""
-    job = _job_or_404(job_id)
+    job = job_or_404(job_id)
     wait_s = number_option(request.args, "wait", "0", float, 0, MAX_WAIT_S)
     if wait_s > 0 and not _settled(job):
         svc = services()
         svc.store.wait(svc.blocking_redis, job_id, wait_s)
-        job = _job_or_404(job_id)
+        job = job_or_404(job_id)
     return json_response(job)
 
 
 @bp.get("/api/v1/jobs/<job_id>/gradcam.png")
 def get_gradcam(job_id: str):
     # The heatmap first: only a done job has a result key, so this is the whole hot path.
-    png = services().store.overlay_png(job_id) if _JOB_ID.match(job_id) else None
+    png = services().store.overlay_png(job_id, owner=auth.owner()) if valid_id(job_id) else None
     if png is None:
-        job = json.loads(_job_or_404(job_id))
+        job = json.loads(job_or_404(job_id))
         reason = ("the job asked for no GradCAM" if job["status"] == "done"
                   else f"the job is {job['status']}")
         raise NotFound(f"No heatmap for job {job_id}: {reason}.")

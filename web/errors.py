@@ -6,9 +6,10 @@ import re
 
 import redis
 from flask import Flask, jsonify
+from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import ServiceError, Unavailable
+from shared.errors import RateLimited, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -32,6 +33,12 @@ def register(app: Flask) -> None:
     def service_error(exc: ServiceError):
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
         return error_response(exc.status, exc.code, exc.message, headers)
+
+    @app.errorhandler(RateLimitExceeded)
+    def rate_limited(exc: RateLimitExceeded):
+        # No Retry-After here: Flask-Limiter writes the real one (seconds to the window's reset).
+        error = RateLimited(f"Rate limit of {exc.description} exceeded; retry after Retry-After seconds.")
+        return error_response(error.status, error.code, error.message)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

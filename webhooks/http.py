@@ -80,6 +80,8 @@ def post(target: Target, body: bytes, headers: dict[str, str], *, connect_timeou
         return Answer(response.status, _ms(started), None if 200 <= response.status < 300
                       else f"HTTP {response.status}", retry_after(response.getheader("Retry-After")))
     except (OSError, http.client.HTTPException, TimeoutError) as exc:
+        if time.monotonic() - started >= total_timeout:
+            return Answer(None, _ms(started), f"timed out: no complete answer within {total_timeout:g} s")
         return Answer(None, _ms(started), f"{type(exc).__name__}: {exc}"[:300])
     finally:
         if watchdog is not None:

@@ -57,7 +57,7 @@ def init_child(**_):
     index = getattr(current_process(), "index", 0)
     runtime = Runtime.start(settings, catalog, index, broker_connection=app.connection_for_read(),
                             planned_device=device_for_child(device_plan, index), node=node_name,
-                            pool_size=len(device_plan))
+                            pool_size=len(device_plan), sender=app)
 
 
 @worker_process_shutdown.connect
@@ -73,12 +73,12 @@ def main_store():
     """The main process's own JobStore (children have theirs in the runtime), made on first use."""
     import redis
 
-    from shared.jobs import JobStore
+    from shared.webhooks import announcing_store
 
     global _main_store
     if _main_store is None:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-        _main_store = JobStore.from_settings(client, settings)
+        _main_store = announcing_store(client, settings, app)
     return _main_store
 
 

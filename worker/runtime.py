@@ -15,6 +15,7 @@ from shared import stats
 from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
+from shared.webhooks import announcing_store
 from shared.keys import drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
@@ -42,7 +43,7 @@ class Runtime:
     @classmethod
     def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int,
               broker_connection=None, *, planned_device: str = "cpu", node: str = "",
-              pool_size: int = 1) -> "Runtime":
+              pool_size: int = 1, sender=None) -> "Runtime":
         """Pick the device, load and warm every served model, size batches, start the heartbeat."""
         device = devices.choose_device(planned_device)
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // pool_size)
@@ -66,7 +67,9 @@ class Runtime:
         heartbeat.start()
         drainer = QueueDrainer(broker_connection) if broker_connection is not None else None
         log.info("child %s ready on %s with %s", name, info["device"], batch_sizes)
-        return cls(settings, models, batch_sizes, JobStore.from_settings(client, settings), heartbeat,
+        store = announcing_store(client, settings, sender) if sender is not None else JobStore.from_settings(
+            client, settings)  # the sender (the worker's Celery app) carries webhook events
+        return cls(settings, models, batch_sizes, store, heartbeat,
                    drainer, {"device": str(device), "worker": node})
 
     def handle(self, first: Pending) -> list[str]:

@@ -18,10 +18,10 @@ import redis
 from celery import Celery
 
 from shared.errors import ImageExpired
-from shared.jobs import JobStore
 from shared.keys import COMPUTATIONS_KEY, WORKERS_KEY, Computation
 from shared.settings import Settings
 from shared.tasks import send_inference
+from shared.webhooks import announcing_store
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sweeper:lock"
@@ -32,7 +32,7 @@ class Sweeper:
 
     def __init__(self, settings: Settings, client: redis.Redis, celery: Celery, name: str):
         self.settings, self.client, self.celery, self.name = settings, client, celery, name
-        self.store = JobStore.from_settings(client, settings)
+        self.store = announcing_store(client, settings, celery)  # failed jobs still get their events
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 

@@ -1,0 +1,75 @@
+"""Batches: several images in one request, one ``batch.completed`` event when all are finished."""
+from __future__ import annotations
+
+from flask import Blueprint, request
+
+from shared.batches import new_batch_id
+from shared.errors import BadRequest, NotFound
+from shared.jobs import JobContext, new_job_id
+from shared.keys import image_digest
+from web import auth
+from web.api import json_response
+from web.idempotency import Created
+from web.intake import accept, check_size, idempotent, parse_order, read_images, services
+from web.upload import inspect_image
+
+bp = Blueprint("batches", __name__)
+bp.before_request(auth.require_caller)
+BATCH_BODY_IMAGES = 5  # a batch request may carry this many MAX_UPLOAD_MB of images in all
+
+
+@bp.before_request
+def allow_a_bigger_body():
+    settings = services().settings
+    request.max_content_length = settings.max_upload_bytes * BATCH_BODY_IMAGES + 64 * 1024
+
+
+@bp.post("/api/v1/batches")
+def create_batch():
+    """Accept every ``image`` field as one job of a new batch; refuse the batch if any image is bad."""
+    svc = services()
+    images, fields = read_images()
+    if len(images) > svc.settings.max_batch_images:
+        raise BadRequest(f"A batch holds at most {svc.settings.max_batch_images} images; got {len(images)}.")
+    order = parse_order(fields)
+    for number, data in enumerate(images, 1):
+        check_size(data, f"Image {number}")
+    digests = [image_digest(data) for data in images]
+
+    def create() -> Created:
+        infos = [_inspect(number, data) for number, data in enumerate(images, 1)]
+        batch_id, job_ids = new_batch_id(), [new_job_id() for _ in images]
+        svc.batches.create(batch_id, job_ids, auth.owner(), order.callback_url)
+        context = JobContext(auth.owner(), None, batch_id)  # the batch, not each job, calls back
+        for data, sha, info, job_id in zip(images, digests, infos, job_ids):
+            accept(data, order, context, sha=sha, info=info, job_id=job_id)
+        return Created("batch", batch_id, 202)
+
+    created, replayed = idempotent(order.fingerprint(*digests), create)
+    return json_response(batch_or_404(created.id), created.status, f"/api/v1/batches/{created.id}", replayed)
+
+
+def _inspect(number: int, data: bytes):
+    try:
+        return inspect_image(data, services().settings.max_image_pixels)
+    except Exception as exc:  # name the image that spoiled the batch, keep the error's code and status
+        if hasattr(exc, "message"):
+            exc.message = f"Image {number}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+def batch_or_404(batch_id: str) -> str:
+    batch = services().batches.get_json(batch_id, owner=auth.owner()) if _valid(batch_id) else None
+    if batch is None:
+        raise NotFound(f"No batch with id {batch_id!r} (it may have expired).")
+    return batch
+
+
+def _valid(batch_id: str) -> bool:
+    return len(batch_id) == 31 and batch_id.startswith("b") and all(c in "0123456789abcdef" for c in batch_id[1:])
+
+
+@bp.get("/api/v1/batches/<batch_id>")
+def get_batch(batch_id: str):
+    return json_response(batch_or_404(batch_id))

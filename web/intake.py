@@ -1,0 +1,158 @@
+"""Accepting work: read uploads and options, check callbacks, and submit a job (jobs and batches alike)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from flask import current_app, request
+from kombu.exceptions import OperationalError
+from werkzeug.datastructures import MultiDict
+
+from shared.cards import ModelCard
+from shared.errors import (InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded, PayloadTooLarge,
+                           Unavailable)
+from shared.jobs import JobContext, Submission
+from shared.keys import Computation, OutputOptions, image_digest
+from shared.netguard import RefusedUrl, resolve
+from shared.tasks import inference_queue, send_inference
+from web import auth
+from web.idempotency import Created, check_key, fingerprint
+from web.upload import ImageInfo, inspect_image
+
+log = logging.getLogger(__name__)
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+MAX_TOP_K = 20
+
+
+def services():
+    return current_app.extensions["imgsvc"]
+
+
+def number_option(values, name: str, default: str, kind: type, low: float, high: float):
+    """Read a numeric option and check its range, or raise InvalidOption naming it."""
+    raw = values.get(name, default).strip()
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidOption(f"{name} must be a number from {low} to {high}, got {raw!r}.") from None
+    if not low <= value <= high:
+        raise InvalidOption(f"{name} must be from {low} to {high}, got {raw}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Order:
+    """What a request asks for, checked: the model, the output options and whom to call back."""
+
+    card: ModelCard
+    options: OutputOptions
+    callback_url: str | None
+
+    def fingerprint(self, *image_digests: str) -> str:
+        return fingerprint(self.card.name, self.card.version, self.options.to_dict(), self.callback_url,
+                           image_digests)
+
+
+def parse_order(values) -> Order:
+    """Read ``model``, ``top_k``, ``gradcam`` and ``callback_url`` from form fields or query arguments."""
+    svc = services()
+    card = svc.catalog.get(values.get("model") or None)
+    top_k = number_option(values, "top_k", "5", int, 1, MAX_TOP_K)
+    raw_cam = values.get("gradcam", "true").strip().lower()
+    if raw_cam not in _TRUE | _FALSE:
+        raise InvalidOption(f"gradcam must be true or false, got {raw_cam!r}.")
+    key = auth.current_key()
+    callback_url = values.get("callback_url", "").strip() or (key.webhook_url if key else None)
+    if callback_url:
+        check_callback(callback_url)
+    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url)
+
+
+def check_callback(url: str) -> None:
+    """Refuse (422) a callback we could not or would not call, now rather than at delivery."""
+    settings = services().settings
+    try:
+        resolve(url, allow_private=settings.webhook_allow_private)
+    except RefusedUrl as exc:
+        raise InvalidCallbackUrl(str(exc)) from None
+    signer = settings.secret_key if auth.current_key() else settings.webhook_secret
+    if not signer:
+        need = "SECRET_KEY" if auth.current_key() else "WEBHOOK_SECRET (or submit with an API key)"
+        raise InvalidCallbackUrl(f"This server cannot sign webhooks yet: it needs {need}.")
+
+
+def read_images() -> tuple[list[bytes], MultiDict]:
+    """Return every uploaded image and the option fields, from multipart or a raw image body."""
+    if request.mimetype == "multipart/form-data":
+        uploads = request.files.getlist("image")
+        if not uploads:
+            raise MissingImage("Send the image in the multipart field 'image'.")
+        try:
+            return [upload.read() for upload in uploads], request.form
+        finally:
+            for upload in uploads:
+                upload.close()  # big parts are spooled to a temporary file: release them now
+    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        return [request.get_data(cache=False)], request.args
+    raise MissingImage("Send the image as multipart field 'image' or as a raw body "
+                       "with an image/* Content-Type.")
+
+
+def check_size(data: bytes, label: str = "The image") -> None:
+    limit = services().settings.max_upload_bytes
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{label} is {len(data)} bytes; the limit is {limit} bytes.")
+
+
+def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = None,
+           info: ImageInfo | None = None, job_id: str | None = None) -> Submission:
+    """Answer from the cache, attach to identical work in flight, or store the image and enqueue it."""
+    svc = services()
+    sha = sha or image_digest(data)
+    comp = Computation(order.card.name, order.card.version, sha, order.options)
+    model_info = {"name": order.card.name, "version": order.card.version}
+    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id)  # no header check needed
+    if submission.outcome == "miss":
+        ensure_capacity(order.card.name)
+        info = info or inspect_image(data, svc.settings.max_image_pixels)
+        submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id)
+    if submission.outcome == "new":
+        enqueue_inference(comp)
+    return submission
+
+
+def ensure_capacity(model: str) -> None:
+    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH; hits still pass."""
+    svc = services()
+    limit = svc.settings.max_queue_depth
+    if limit and svc.redis.llen(inference_queue(model)) >= limit:
+        raise Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
+
+
+def enqueue_inference(comp: Computation) -> None:
+    """Send the inference task by name to the model's queue; undo the job if that fails."""
+    svc = services()
+    try:
+        send_inference(svc.celery, comp)
+    except OperationalError as exc:
+        log.error("could not enqueue %s: %s", comp.suffix, exc)
+        svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
+        raise Unavailable("The job queue is unavailable; retry shortly.") from exc
+
+
+def idempotent(request_print: str, create) -> tuple[Created, bool]:
+    """Run ``create`` (returning a Created) once per Idempotency-Key; return it and whether it is a replay."""
+    raw_key = request.headers.get("Idempotency-Key")
+    if raw_key is None:
+        return create(), False
+    key, store, who = check_key(raw_key), services().idempotency, auth.owner()
+    earlier = store.begin(who, key, request_print)
+    if earlier is not None:
+        return earlier, True
+    try:
+        created = create()
+    except BaseException:
+        store.release(who, key)
+        raise
+    store.complete(who, key, request_print, created)
+    return created, False
