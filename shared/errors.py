@@ -7,7 +7,8 @@
     │   └── CorruptImage (400 corrupt_image)
     ├── Unauthorized (401 unauthorized)
     │   ├── AuthRequired (401 auth_required)
-    │   └── InvalidApiKey (401 invalid_api_key)
+    │   ├── InvalidApiKey (401 invalid_api_key)
+    │   └── AdminUnauthorized (401 admin_unauthorized)
     ├── NotFound (404 not_found)
     ├── Conflict (409 conflict)
     │   ├── IdempotencyInProgress (409 idempotency_in_progress)
@@ -77,6 +78,12 @@ class AuthRequired(Unauthorized):
 
 class InvalidApiKey(Unauthorized):
     code = "invalid_api_key"
+
+
+class AdminUnauthorized(Unauthorized):
+    """The admin API needs ``Authorization: Bearer <ADMIN_TOKEN>``, and this was not it."""
+
+    code = "admin_unauthorized"
 
 
 class NotFound(ServiceError):

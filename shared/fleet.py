@@ -100,3 +100,53 @@ def queues(client: redis.Redis, names: list[str], now: float | None = None) -> l
         age = round(max(0.0, now - oldest), 3) if oldest is not None and depth else None
         result.append({"name": name, "depth": int(depth), "oldest_age_s": age})
     return result
+
+
+CACHE_SIZE_KEY = "stats:cache_size"  # the last cache measurement, JSON (TTL CACHE_SIZE_TTL_S)
+CACHE_SIZE_TTL_S = 30
+CACHE_SCAN_LIMIT = 200_000  # keys looked at per measurement; beyond it the count is a lower bound
+CACHE_BYTES_SAMPLE = 500  # results whose size (with heatmap) is read to estimate the bytes
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def cache_size(client: redis.Redis) -> dict:
+    """Return how many results are cached and about how many bytes they take (measured every 30 s)."""
+    remembered = client.get(CACHE_SIZE_KEY)
+    if remembered is not None:
+        return json.loads(remembered)
+    keys, exact = [], True
+    for key in client.scan_iter(match="result:*", count=1000):
+        keys.append(key)
+        if len(keys) >= CACHE_SCAN_LIMIT:
+            exact = False
+            break
+    sample = keys[:CACHE_BYTES_SAMPLE]
+    pipe = client.pipeline(transaction=False)
+    for key in sample:
+        pipe.strlen(key)
+        pipe.strlen(b"overlay:" + key.removeprefix(b"result:"))
+    sizes = pipe.execute()
+    average = sum(sizes) / len(sample) if sample else 0
+    size = {"entries": len(keys), "bytes": int(average * len(keys)), "exact": exact and len(sample) == len(keys),
+            "measured_at": time.time()}
+    client.set(CACHE_SIZE_KEY, json.dumps(size), ex=CACHE_SIZE_TTL_S)
+    return size
+
+
+def purge_model_version(client: redis.Redis, prefixes: tuple[str, ...], batch: int = 500) -> int:
+    """Delete every key under ``prefixes`` (one model version's results, heatmaps, meta); return how many."""
+    deleted = 0
+    for prefix in prefixes:
+        chunk = []
+        for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            chunk.append(key)
+            if len(chunk) >= batch:
+                deleted += client.unlink(*chunk)
+                chunk = []
+        if chunk:
+            deleted += client.unlink(*chunk)
+    client.delete(CACHE_SIZE_KEY)
+    return deleted

@@ -7,10 +7,13 @@ import redis
 from celery import Celery
 from flask import Flask
 
+from shared.apikeys import KeyStore
 from shared.cards import ModelCatalog
 from shared.jobs import JobStore
 from shared.settings import Settings
 from shared.tasks import celery_config
+from shared.webhooks import Announcer
+from web.idempotency import IdempotencyStore
 
 # Multipart envelopes add a little to the body; the image itself is capped at max_upload_bytes.
 MULTIPART_SLACK = 64 * 1024
@@ -42,11 +45,21 @@ def create_app(settings: Settings | None = None) -> Flask:
         celery=sender,
     )
 
-    from web import api, errors, site
+    from web import api, auth, batches, cli, deliveries, errors, openapi, site
 
     errors.register(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(batches.bp)
+    app.register_blueprint(deliveries.bp)
+    auth.install_limiter(app, settings.redis_url, [api.bp, batches.bp, deliveries.bp],
+                         exempt=[api.healthz, api.readyz, api.list_models])
+    app.cli.add_command(cli.keys)
     app.register_blueprint(site.bp)
+    from web import admin, metrics
+
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(openapi.bp)
     return app
 
 
@@ -58,3 +71,7 @@ class Services:
         self.settings, self.catalog, self.redis, self.store, self.celery = (
             settings, catalog, redis, store, celery)
         self.blocking_redis = blocking_redis
+        self.announcer = Announcer(store, celery, settings).install()
+        self.events, self.batches = self.announcer.events, self.announcer.batches
+        self.keys = KeyStore(redis)
+        self.idempotency = IdempotencyStore(redis, settings.idempotency_ttl_s)

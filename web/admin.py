@@ -1,0 +1,210 @@
+"""The admin API (``/api/v1/admin/``) and the live admin page (``/admin``).
+
+Both exist only when ADMIN_TOKEN is set (404 otherwise); every API call needs
+``Authorization: Bearer <ADMIN_TOKEN>``. Reads come from Redis (heartbeats, queues, statistics);
+actions on a worker go through Celery's remote control, addressed to its node name.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+
+from flask import Blueprint, current_app, jsonify, render_template, request
+from kombu.exceptions import OperationalError
+
+from shared import fleet, stats
+from shared.errors import AdminUnauthorized, InvalidOption, NotFound, Unavailable
+from shared.keys import cached_prefixes, drain_key
+from shared.tasks import inference_queue
+
+log = logging.getLogger(__name__)
+bp = Blueprint("admin", __name__)
+API = "/api/v1/admin"
+CONTROL_TIMEOUT_S = 5.0
+MAX_POOL_STEP = 16
+WINDOWS_MIN = (1, 5, 60)
+_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,200}$")
+
+
+def services():
+    return current_app.extensions["imgsvc"]
+
+
+@bp.before_request
+def require_admin_token():
+    """Hide everything without ADMIN_TOKEN; ask the API's callers for it."""
+    token = services().settings.admin_token
+    if not token:
+        raise NotFound("No such resource.")
+    if not request.path.startswith(API + "/"):
+        return  # the page itself holds no data; it asks for the token and sends it with each call
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise AdminUnauthorized("The admin API needs the header 'Authorization: Bearer <ADMIN_TOKEN>'.")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise AdminUnauthorized("The admin token is not valid.")
+
+
+@bp.after_request
+def never_cache(response):
+    response.headers["Cache-Control"] = "no-store"
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="imgsvc-admin"'
+    return response
+
+
+@bp.get("/admin")
+def page():
+    return render_template("admin.html")
+
+
+@bp.get(f"{API}/workers")
+def list_workers():
+    """Every live worker node with its children (device, models, counters, latency, GPU memory)."""
+    return jsonify({"workers": fleet.nodes(services().redis, services().settings.worker_ttl_s)})
+
+
+def _model_names() -> list[str]:
+    """Models served by the catalogue or by any live worker."""
+    svc = services()
+    names = {card.name for card in svc.catalog}
+    for child in fleet.live_children(svc.redis, svc.settings.worker_ttl_s):
+        names.update(child.get("models", {}))
+    return sorted(names)
+
+
+@bp.get(f"{API}/queues")
+def list_queues():
+    """Depth and oldest waiting job's age of each model's queue and the webhooks queue."""
+    return jsonify({"queues": fleet.queues(services().redis, fleet.known_queues(_model_names()))})
+
+
+@bp.get(f"{API}/stats")
+def fleet_stats():
+    """Throughput, latency p50/p95 by model and cache hit rate for the last 1/5/60 minutes; chart points."""
+    client, models = services().redis, _model_names()
+    buckets = stats.read_minutes(client, max(WINDOWS_MIN), models)
+    windows = {f"{m}m": stats.summarise(buckets[-m:], models) for m in WINDOWS_MIN}
+    return jsonify({"windows": windows, "cache_size": fleet.cache_size(client),
+                    "series": stats.chart_series(buckets, models)})
+
+
+def _node(name: str) -> dict:
+    """Return the live node called ``name`` or raise NotFound."""
+    svc = services()
+    for node in fleet.nodes(svc.redis, svc.settings.worker_ttl_s):
+        if node["name"] == name:
+            return node
+    raise NotFound(f"No live worker is called {name!r}; GET {API}/workers lists them.")
+
+
+def _control(command: str, name: str, arguments: dict) -> dict:
+    """Run one Celery remote-control command on node ``name``; return its reply or raise."""
+    try:
+        replies = services().celery.control.broadcast(command, arguments=arguments, destination=[name],
+                                                       reply=True, timeout=CONTROL_TIMEOUT_S, limit=1)
+    except OperationalError as exc:
+        raise Unavailable(f"The broker is unreachable: {exc}") from None
+    answer = next((reply[name] for reply in replies or [] if name in reply), None)
+    if answer is None:
+        raise Unavailable(f"Worker {name} did not answer {command} within {CONTROL_TIMEOUT_S:g} s.")
+    if "error" in answer:
+        raise InvalidOption(f"Worker {name} refused {command}: {answer['error']}")
+    return answer
+
+
+def _pool(name: str) -> dict:
+    """Ask the node how many children its pool has now (a change shows up within a second or so)."""
+    replies = services().celery.control.inspect(destination=[name], timeout=CONTROL_TIMEOUT_S, limit=1).stats()
+    if not replies or name not in replies:
+        raise Unavailable(f"Worker {name} did not report its pool within {CONTROL_TIMEOUT_S:g} s.")
+    pool = replies[name].get("pool", {})
+    return {"processes": len(pool.get("processes", []))}
+
+
+def _step() -> int:
+    """Read ``n`` (children to add or remove) from the JSON body; default 1."""
+    body = request.get_json(silent=True) if request.data else {}
+    if not isinstance(body, dict):
+        raise InvalidOption("The body must be a JSON object such as {\"n\": 1}.")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_POOL_STEP:
+        raise InvalidOption(f"n must be a whole number from 1 to {MAX_POOL_STEP}, got {n!r}.")
+    return n
+
+
+def _checked_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidOption(f"{name!r} is not a worker name (like worker1@host).")
+    return name
+
+
+@bp.post(f"{API}/workers/<name>/grow")
+def grow_pool(name: str):
+    """Add ``n`` children to a worker's pool (each loads the models before it takes jobs)."""
+    node, n = _node(_checked_name(name)), _step()
+    before = _pool(node["name"])["processes"]
+    reply = _control("pool_grow", node["name"], {"n": n})
+    return jsonify({"worker": node["name"], "action": "grow", "n": n, "reply": reply,
+                    "pool": {"processes": before, "target": before + n}})
+
+
+@bp.post(f"{API}/workers/<name>/shrink")
+def shrink_pool(name: str):
+    """Remove ``n`` idle children from a worker's pool (at least one stays; drain to stop it all)."""
+    node, n = _node(_checked_name(name)), _step()
+    pool = _pool(node["name"])
+    if pool["processes"] - n < 1:
+        raise InvalidOption(f"Worker {name} has {pool['processes']} child(ren); shrinking by {n} would leave "
+                            "none. Drain it and stop it instead.")
+    reply = _control("pool_shrink", node["name"], {"n": n})
+    return jsonify({"worker": node["name"], "action": "shrink", "n": n, "reply": reply,
+                    "pool": {"processes": pool["processes"], "target": pool["processes"] - n}})
+
+
+@bp.post(f"{API}/workers/<name>/drain")
+def drain(name: str):
+    """Stop a worker consuming (its in-flight jobs finish); new jobs go to the others."""
+    node = _node(_checked_name(name))
+    services().redis.set(drain_key(node["name"]), "1")  # first: its children stop batching extra messages
+    queues = _active_queues(node["name"])
+    for queue in queues:
+        _control("cancel_consumer", node["name"], {"queue": queue})
+    return jsonify({"worker": {**_node(node["name"]), "queues": _active_queues(node["name"])},
+                    "action": "drain", "stopped": queues})
+
+
+@bp.post(f"{API}/workers/<name>/resume")
+def resume(name: str):
+    """Make a drained worker consume its models' queues again."""
+    node = _node(_checked_name(name))
+    queues = sorted(inference_queue(model) for model in node["models"])
+    for queue in queues:
+        _control("add_consumer", node["name"], {"queue": queue})
+    services().redis.delete(drain_key(node["name"]))
+    return jsonify({"worker": {**_node(node["name"]), "queues": _active_queues(node["name"])},
+                    "action": "resume", "started": queues})
+
+
+def _active_queues(name: str) -> list[str]:
+    replies = services().celery.control.inspect(destination=[name], timeout=CONTROL_TIMEOUT_S,
+                                                limit=1).active_queues()
+    if not replies or name not in replies:
+        raise Unavailable(f"Worker {name} did not say which queues it consumes.")
+    return sorted(queue["name"] for queue in replies[name])
+
+
+@bp.post(f"{API}/cache/purge")
+def purge_cache():
+    """Delete the cached results, heatmaps and header facts of one model version."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidOption('Send a JSON object: {"model": "...", "version": "..."}.')
+    model, version = body.get("model"), body.get("version")
+    for field, value in (("model", model), ("version", version)):
+        if not isinstance(value, str) or not _NAME.match(value) or ":" in value:
+            raise InvalidOption(f"{field} must be a model {field} as GET /api/v1/models shows it.")
+    deleted = fleet.purge_model_version(services().redis, cached_prefixes(model, version))
+    log.info("purged %d cached keys of %s %s", deleted, model, version)
+    return jsonify({"model": model, "version": version, "deleted": deleted})
