@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test bench venv venv-dev chromium clean
+.PHONY: run test bench venv venv-dev chromium clean keys
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,16 +25,31 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 venv: $(RUNTIME_STAMP)
 venv-dev: $(DEV_STAMP)
 
+# Development secrets, made once under var/ unless SECRET_KEY / WEBHOOK_SECRET are given
+# (docker-compose and real deployments set their own): SECRET_KEY derives each API key's webhook
+# secret; WEBHOOK_SECRET signs callbacks of jobs sent without a key.
+var/secret_key:
+	@mkdir -p var && umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(32))" > $@
+var/webhook_secret:
+	@mkdir -p var && umask 077 && $(PYTHON) -c "import base64, secrets; \
+		print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())" > $@
+DEV_SECRETS = export SECRET_KEY=$${SECRET_KEY:-$$(cat var/secret_key)} \
+	WEBHOOK_SECRET=$${WEBHOOK_SECRET:-$$(cat var/webhook_secret)};
+
 # Redis: the REDIS_URL given, or the embedded redis-server (data under var/redis).
 # honcho hands each process its own $$PORT, so the web port travels as WEB_PORT.
-run: venv
-	@export WEB_PORT=$${PORT:-8000}; \
+run: venv var/secret_key var/webhook_secret
+	@$(DEV_SECRETS) export WEB_PORT=$${PORT:-8000}; \
 	if [ -n "$$REDIS_URL" ]; then \
-		echo "Using Redis at $$REDIS_URL"; exec $(BIN)/honcho start worker web; \
+		echo "Using Redis at $$REDIS_URL"; exec $(BIN)/honcho start worker webhooks web; \
 	else \
 		export REDIS_URL=redis://127.0.0.1:$${REDIS_PORT:-6379}/0; \
 		echo "Starting embedded Redis at $$REDIS_URL"; exec $(BIN)/honcho start; \
 	fi
+
+# API keys against the same Redis and SECRET_KEY as `make run`: make keys ARGS="create acme"
+keys: venv var/secret_key
+	@$(DEV_SECRETS) $(BIN)/flask --app web.wsgi keys $(ARGS)
 
 # The page test drives Debian's Chromium (Playwright's own browser download is not used).
 chromium:
