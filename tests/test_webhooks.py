@@ -166,3 +166,11 @@ def test_every_delivery_in_the_log_is_json_serialisable(stack, receiver):
     receiver.wait("/log", 1)
     log = deliveries(stack, job["id"], "delivered")
     assert json.loads(json.dumps(log))["job_id"] == job["id"]
+
+
+def test_a_redirect_is_a_failed_attempt_not_followed(stack, receiver):
+    receiver.answer((307, {"Location": receiver.url + "/elsewhere"}))
+    job = submit(stack, images.noise_png(seed=1012), model=MODEL, callback_url=receiver.url + "/moved").get_json()
+    log = deliveries(stack, job["id"], "delivered")
+    assert [(a["status_code"], a["ok"]) for a in log["attempts"]] == [(307, False), (200, True)]
+    assert receiver.on("/elsewhere") == []
