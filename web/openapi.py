@@ -51,6 +51,15 @@ def header(description: str, schema: dict | None = None, required: bool = False)
 RETRY_AFTER = header("Seconds to wait before trying again.", {"type": "string", "pattern": "^[0-9]+$"},
                      required=True)
 LOCATION = header("Where to read the created resource.", required=True)
+REPLAYED = header("`true` when this is the stored answer to an earlier request with the same "
+                  "Idempotency-Key.", {"const": "true"})
+RATE_LIMIT_HEADERS = {  # sent by every rate-limited endpoint, per API key (or client address without one)
+    "X-RateLimit-Limit": header("Requests allowed in the window.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "X-RateLimit-Remaining": header("Requests left in the window.",
+                                    {"type": "string", "pattern": "^[0-9]+$"}),
+    "X-RateLimit-Reset": header("When the window resets (Unix time).", {"type": "string"}),
+}
+BATCH_ID = {"type": "string", "pattern": "^b[0-9a-f]{30}$", "description": "b and 30 lowercase hex digits"}
 
 # status -> (component name, description listing the stable ``error.code`` values, extra headers)
 ERROR_RESPONSES = {
@@ -69,12 +78,8 @@ ERROR_RESPONSES = {
     "422": ("UnprocessableEntity", "An option is invalid. Codes: `invalid_option`, `unknown_model`, "
                                    "`invalid_callback_url`, `idempotency_key_reused` (the key was used "
                                    "before with a different request).", {}),
-    "429": ("TooManyRequests", "Rate limit exceeded. Code: `rate_limited`.", {
-        "Retry-After": RETRY_AFTER,
-        "RateLimit-Limit": header("Requests allowed in the window.", {"type": "string"}),
-        "RateLimit-Remaining": header("Requests left in the window.", {"type": "string"}),
-        "RateLimit-Reset": header("Seconds until the window resets.", {"type": "string"}),
-    }),
+    "429": ("TooManyRequests", "Rate limit (RATE_LIMIT, or the API key's own) exceeded. Code: "
+                               "`rate_limited`.", {"Retry-After": RETRY_AFTER, **RATE_LIMIT_HEADERS}),
     "503": ("ServiceUnavailable", "Try again later. Codes: `overloaded` (the model's queue is past "
                                   "MAX_QUEUE_DEPTH), `unavailable` (Redis or the job queue is down).",
             {"Retry-After": RETRY_AFTER}),
@@ -122,7 +127,7 @@ def job_schemas() -> dict:
                     "created_at": ISO_TIME, "finished_at": NULLABLE_TIME,
                     "image": ref("ImageInfo"), "model": ref("ModelRef"), "options": ref("JobOptions"),
                     "callback_url": {"type": ["string", "null"]},
-                    "batch_id": {"type": ["string", "null"]},
+                    "batch_id": {"oneOf": [BATCH_ID, {"type": "null"}]},
                     "result": {"oneOf": [ref("Result"), {"type": "null"}],
                                "description": "set when status is done"},
                     "error": {"oneOf": [ref("ErrorDetail"), {"type": "null"}],
@@ -156,7 +161,7 @@ def batch_and_delivery_schemas() -> dict:
         "Batch": {"type": "object",
                   "required": ["id", "status", "created_at", "finished_at", "callback_url", "counts", "jobs"],
                   "properties": {
-                      "id": {"type": "string"}, "status": {"type": "string", "enum": ["running", "done"]},
+                      "id": BATCH_ID, "status": {"type": "string", "enum": ["running", "done"]},
                       "created_at": ISO_TIME, "finished_at": NULLABLE_TIME,
                       "callback_url": {"type": ["string", "null"]}, "counts": ref("BatchCounts"),
                       "jobs": {"type": "array", "items": ref("Job")}}},
@@ -237,7 +242,8 @@ def job_paths(settings: Settings) -> dict:
     query = [{"name": name, "in": "query", "required": False, "schema": schema,
               "description": "only with a raw image body (multipart sends it as a form field)"}
              for name, schema in fields.items()]
-    job_answer = {"content": json_body(ref("Job")), "headers": {"Location": LOCATION}}
+    job_answer = {"content": json_body(ref("Job")),
+                  "headers": {"Location": LOCATION, "Idempotent-Replayed": REPLAYED}}
     return {
         "/api/v1/jobs": {"post": {
             "operationId": "submitJob", "tags": ["jobs"], "summary": "Submit an image",
@@ -304,13 +310,12 @@ def batch_paths(settings: Settings) -> dict:
             "requestBody": {"required": True, "content": {"multipart/form-data": {
                 "schema": form, "encoding": {"image": {"contentType": IMAGE_TYPES}}}}},
             "responses": {"202": {"description": "Accepted.", "content": json_body(ref("Batch")),
-                                  "headers": {"Location": LOCATION}},
+                                  "headers": {"Location": LOCATION, "Idempotent-Replayed": REPLAYED}},
                           **errors("400", "401", "409", "413", "415", "422", "429", "503")}}},
         "/api/v1/batches/{batch_id}": {"get": {
             "operationId": "getBatch", "tags": ["batches"], "summary": "Read a batch and its jobs",
             "security": API_KEY,
-            "parameters": [{"name": "batch_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+            "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": BATCH_ID}],
             "responses": {"200": {"description": "The batch.", "content": json_body(ref("Batch"))},
                           **errors("401", "404", "429", "503")}}},
     }
@@ -319,10 +324,9 @@ def batch_paths(settings: Settings) -> dict:
 def service_paths(settings: Settings) -> dict:
     return {
         "/api/v1/models": {"get": {
-            "operationId": "listModels", "tags": ["models"], "summary": "Model cards served",
-            "security": API_KEY,
-            "responses": {"200": {"description": "The served cards.", "content": json_body(ref("ModelList"))},
-                          **errors("401", "429", "503")}}},
+            "operationId": "listModels", "tags": ["models"], "summary": "Model cards served", "security": [],
+            "responses": {"200": {"description": "The served cards.",
+                                  "content": json_body(ref("ModelList"))}}}},
         "/api/v1/openapi.json": {"get": {
             "operationId": "getOpenapi", "tags": ["meta"], "summary": "This document", "security": [],
             "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {
