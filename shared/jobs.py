@@ -15,7 +15,8 @@ import uuid
 
 import redis
 
-from shared.keys import COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key, overlay_key_for_result
+from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key,
+                         overlay_key_for_result)
 
 _SUBMIT = """
 local result_key, inflight, attached, job, image, meta =
@@ -34,6 +35,9 @@ if image_json and redis.call('EXISTS', result_key) == 1 then
     redis.call('SET', meta, image_json, 'EX', math.max(1, redis.call('TTL', result_key)))
   end
   write_job('done', {'cached', '1', 'finished_at', now, 'result_key', result_key})
+  if redis.call('HGET', job, 'announce') == '1' then
+    redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
+  end
   return {'cached', image_json, redis.call('GET', result_key)}
 end
 if image_json and redis.call('EXISTS', inflight) == 1 then
@@ -81,7 +85,10 @@ local announce = {}  -- jobs with a webhook endpoint or a batch to tell
 for _, id in ipairs(ids) do
   local job = job_prefix .. id
   if redis.call('EXISTS', job) == 1 then
-    if redis.call('HGET', job, 'announce') == '1' then table.insert(announce, id) end
+    if redis.call('HGET', job, 'announce') == '1' then
+      table.insert(announce, id)
+      redis.call('ZADD', KEYS[11], redis.call('TIME')[1], id)  -- until its events exist (Announcer)
+    end
     local notify = ARGV[8] .. id
     redis.call('RPUSH', notify, status)
     redis.call('EXPIRE', notify, 60)
@@ -158,7 +165,9 @@ class JobStore:
                  inflight_ttl_s: int, image_ttl_s: int, stuck_after_s: int = 900):
         self.redis = client
         # Called with the ids of settled jobs that have a webhook endpoint or a batch; the owner of
-        # this store installs it (shared.webhooks.Announcer) where it can send Celery tasks.
+        # this store installs it (shared.webhooks.Announcer) where it can send Celery tasks. The
+        # scripts also list those jobs in ANNOUNCE_KEY, in the same step that settles them, so the
+        # webhook worker catches up on any whose process died before announcing them.
         self.on_settled = None
         self.stuck_after_s = stuck_after_s
         self.job_ttl_s = job_ttl_s
@@ -191,7 +200,7 @@ class JobStore:
         extra = [item for pair in context.fields().items() for item in pair]
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
-                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY],
+                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], json.dumps(image_info) if image_info else "", image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, *extra],
@@ -252,7 +261,7 @@ class JobStore:
         return self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
                   comp.overlay_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
-                  comp.owner_key],
+                  comp.owner_key, ANNOUNCE_KEY],
             args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model,
                   notify_key(""), comp.suffix],
             client=client,

@@ -6,6 +6,7 @@ import hashlib
 
 WORKERS_KEY = "workers"  # sorted set: worker name -> last heartbeat (unix seconds)
 COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
+ANNOUNCE_KEY = "announce:pending"  # sorted set: settled job awaiting its events -> settle time
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 

@@ -35,7 +35,3 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{msg_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
-
-def new_event_id() -> str:
-    """Return a webhook-id: unique per event, repeated on every retry of it."""
-    return "msg_" + secrets.token_urlsafe(18)

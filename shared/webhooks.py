@@ -18,8 +18,7 @@ import redis
 
 from shared.batches import BatchStore
 from shared.jobs import JobStore, utc_now
-from shared.keys import WEBHOOK_DUE_KEY, webhook_attempts_key, webhook_event_key, webhook_events_key
-from shared.signing import new_event_id
+from shared.keys import ANNOUNCE_KEY, WEBHOOK_DUE_KEY, webhook_attempts_key, webhook_event_key, webhook_events_key
 from shared.tasks import send_webhook
 
 log = logging.getLogger(__name__)
@@ -79,13 +78,20 @@ class EventStore:
         self.redis, self.ttl_s = client, ttl_s
         self._claim_due = client.register_script(_CLAIM_DUE)
 
-    def create(self, event_type: str, subject: str, url: str, owner: str, data_json: str) -> str:
-        """Store a new pending event whose body wraps ``data_json``; return its id."""
-        event_id, now = new_event_id(), utc_now()
+    def create(self, event_type: str, subject: str, url: str, owner: str, data_json: str) -> str | None:
+        """Store the subject's pending event whose body wraps ``data_json``; return its id, or None
+        when it already exists.
+
+        A subject (a job or a batch) settles once, so its event id is derived from it: announcing
+        twice (a catch-up racing the original announcer) cannot make a second event.
+        """
+        event_id, now = "msg_" + subject.split(":", 1)[1], utc_now()
+        if not self.redis.hsetnx(webhook_event_key(event_id), "id", event_id):
+            return None
         body = f'{{"type": {json.dumps(event_type)}, "timestamp": "{now}", "data": {data_json}}}'
         pipe = self.redis.pipeline()
         pipe.hset(webhook_event_key(event_id), mapping={
-            "id": event_id, "type": event_type, "subject": subject, "url": url, "owner": owner,
+            "type": event_type, "subject": subject, "url": url, "owner": owner,
             "body": body, "state": "pending", "attempts": 0, "created_at": now})
         pipe.expire(webhook_event_key(event_id), self.ttl_s)
         pipe.rpush(webhook_events_key(subject), event_id)
@@ -160,8 +166,17 @@ class Announcer:
         """Create and send the events the settled jobs call for; never raise into the caller."""
         try:
             self._announce(job_ids)
-        except Exception:  # the job is settled either way; a lost event is logged, not fatal
+            self.jobs.redis.zrem(ANNOUNCE_KEY, *job_ids)
+        except Exception:  # the job is settled either way; the webhook worker's catch-up retries it
             log.exception("could not announce settled jobs %s", job_ids)
+
+    def catch_up(self, older_than_s: float = 30, limit: int = 100) -> int:
+        """Announce jobs settled more than ``older_than_s`` ago whose announcer never finished."""
+        stale = self.jobs.redis.zrangebyscore(ANNOUNCE_KEY, "-inf", time.time() - older_than_s, 0, limit)
+        if stale:
+            log.warning("announcing %d settled jobs their own process did not", len(stale))
+            self.jobs_settled([job_id.decode() for job_id in stale])
+        return len(stale)
 
     def _announce(self, job_ids: list[str]) -> None:
         for job_id, job_text in zip(job_ids, self.jobs.get_many_json(job_ids)):
@@ -182,8 +197,10 @@ class Announcer:
             self.dispatch(self.events.create("batch.completed", f"batch:{batch_id}", fields["callback_url"],
                                              fields["owner"], batch_text))
 
-    def dispatch(self, event_id: str) -> None:
-        """Send the event's first attempt now; if that fails the poller sends it after the lease."""
+    def dispatch(self, event_id: str | None) -> None:
+        """Send a new event's first attempt now; if that fails the poller sends it after the lease."""
+        if event_id is None:
+            return  # announced before: that announcer sent it
         try:
             send_webhook(self.celery, event_id)
         except Exception:

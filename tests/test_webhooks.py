@@ -174,3 +174,30 @@ def test_a_redirect_is_a_failed_attempt_not_followed(stack, receiver):
     log = deliveries(stack, job["id"], "delivered")
     assert [(a["status_code"], a["ok"]) for a in log["attempts"]] == [(307, False), (200, True)]
     assert receiver.on("/elsewhere") == []
+
+
+def test_a_job_settled_by_a_process_that_died_before_announcing_it_is_caught_up(stack, receiver, settings,
+                                                                               redis_client):
+    from celery import Celery
+
+    from shared.jobs import JobContext, JobStore
+    from shared.keys import ANNOUNCE_KEY, Computation, OutputOptions
+    from shared.tasks import celery_config
+    from shared.webhooks import Announcer
+
+    bare = JobStore.from_settings(redis_client, settings)  # settles, announces nothing: "died" right after
+    comp = Computation(MODEL, "test-1", "f" * 64, OutputOptions())
+    context = JobContext(callback_url=receiver.url + "/orphan")
+    job = bare.submit(comp, {"name": MODEL, "version": "test-1"}, b"bytes", {"format": "PNG"}, context=context)
+    bare.finish(comp, {"predictions": [], "gradcam": None}, None)
+    assert redis_client.zscore(ANNOUNCE_KEY, job.job_id) is not None
+    sender = Celery("test-sender", set_as_current=False)
+    sender.conf.update(celery_config(settings))
+    catch_up = Announcer(JobStore.from_settings(redis_client, settings), sender, settings)
+    assert catch_up.catch_up(older_than_s=0) >= 1
+    assert catch_up.catch_up(older_than_s=0) == 0  # announced once
+    payload = verify(receiver.wait("/orphan", 1)[0])
+    assert (payload["type"], payload["data"]["id"]) == ("job.completed", job.job_id)
+    catch_up.jobs_settled([job.job_id])  # a late original announcer makes no second event
+    time.sleep(1)
+    assert len(receiver.on("/orphan")) == 1

@@ -13,9 +13,10 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu import Queue
 
+from shared.jobs import JobStore
 from shared.settings import Settings
 from shared.tasks import WEBHOOK_QUEUE, celery_config, send_webhook
-from shared.webhooks import EventStore
+from shared.webhooks import Announcer, EventStore
 
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
@@ -35,16 +36,19 @@ POLL_INTERVAL_S = 1.0
 
 
 class Poller(threading.Thread):
-    """Sends events whose next attempt is due to the webhooks queue, once a second."""
+    """Once a second: send events whose next attempt is due to the webhooks queue, and announce
+    settled jobs whose own process died before it could."""
 
     def __init__(self):
         super().__init__(name="webhook-poller", daemon=True)
         self.events = EventStore(client, settings.job_ttl_s)
+        self.announcer = Announcer(JobStore.from_settings(client, settings), app, settings)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(POLL_INTERVAL_S):
             try:
+                self.announcer.catch_up()
                 for event_id in self.events.claim_due():
                     send_webhook(app, event_id)
             except Exception:  # Redis or the broker away: try again next tick
