@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 SPEC_URL = "/api/v1/openapi.json"
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
-EXAMPLES_PER_OPERATION = 20
+EXAMPLES_PER_OPERATION = 30
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
 
