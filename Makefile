@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test bench venv venv-dev chromium clean keys
+.PHONY: run test bench venv venv-dev chromium clean keys flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ run: venv var/secret_key var/webhook_secret
 # API keys against the same Redis and SECRET_KEY as `make run`: make keys ARGS="create acme"
 keys: venv var/secret_key
 	@$(DEV_SECRETS) $(BIN)/flask --app web.wsgi keys $(ARGS)
+
+# Flower, Celery's own monitor, against the same Redis as `make run` (or REDIS_URL):
+# http://127.0.0.1:5555 (FLOWER_PORT), with our workers, queues and tasks.
+flower: venv
+	@export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:$${REDIS_PORT:-6379}/0}; \
+	exec $(BIN)/celery -A worker.celery_app flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}
 
 # The page test drives Debian's Chromium (Playwright's own browser download is not used).
 chromium:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import sys
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ from shared.settings import Settings
 from tests import images
 from tests.conftest import ARTIFACTS, write_card
 from tests.slow_model import Slow
-from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_for
+from tools.stack import free_port, service_env, spawn, start_redis, start_web, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-admin-token-8c1f"
@@ -298,3 +299,28 @@ def test_the_admin_page_shows_the_fleet_live(fleet):
             f"document.querySelector(\"tr[data-name='{name}'] .badge\").textContent == 'active'",
             timeout=15_000)
         browser.close()
+
+
+def test_flower_shows_our_workers_and_tasks(fleet):
+    port = free_port()
+    env = {**service_env(fleet.settings), "FLOWER_UNAUTHENTICATED_API": "true"}  # its JSON API, for this test
+    flower = spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", "--address=127.0.0.1",
+                    f"--port={port}"], env=env, log=ARTIFACTS / "flower.log")
+    api = f"http://127.0.0.1:{port}/api"
+
+    def get(path):
+        try:
+            return requests.get(f"{api}/{path}", timeout=10).json()
+        except (requests.RequestException, ValueError):
+            return None
+
+    try:
+        workers = wait_for(lambda: (w := get("workers")) and len(w) == 2 and w, 60, "Flower to see both workers")
+        assert sorted(workers) == sorted(fleet.metrics_ports)
+        run_jobs(fleet.url, range(70_600, 70_603))
+        tasks = wait_for(lambda: (t := get("tasks")) and sum(task["name"] == "imgsvc.infer"
+                                                             and task["state"] == "SUCCESS" for task in t.values()) >= 1
+                         and t, 30, "Flower to show our tasks")
+        assert {task["worker"] for task in tasks.values()} <= set(fleet.metrics_ports)
+    finally:
+        stop(flower)
