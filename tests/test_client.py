@@ -1,4 +1,4 @@
-"""The ``imgsvc`` command line, run as a subprocess against the live stack; its retries against a tiny fake."""
+"""The ``imgsvc`` command line as a subprocess against the live stack; its retries against a tiny fake."""
 from __future__ import annotations
 
 import json
@@ -82,6 +82,17 @@ def test_folder_of_good_images_exits_0_with_heatmaps_and_get_reads_a_job(base_ur
     assert run_imgsvc(base_url, "get", "0" * 32).returncode == 1
 
 
+@pytest.mark.integration
+def test_batch_sends_the_folder_in_batches_and_keeps_each_file_with_its_job(base_url, photos):
+    result = run_imgsvc(base_url, "batch", str(photos), "--batch-size", "1", "--no-gradcam", "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = lines_by_file(result.stdout)
+    assert {name: line["job"]["status"] for name, line in lines.items()} == {"cat.JPG": "done",
+                                                                              "coffee.png": "done"}
+    assert lines["cat.JPG"]["job"]["result"]["predictions"][0]["index"] in IMAGENET_CATS
+    assert lines["cat.JPG"]["job"]["batch_id"] != lines["coffee.png"]["job"]["batch_id"]
+
+
 @pytest.mark.parametrize("args", [["submit", "/no/such/folder"], ["submit", ".", "--top-k", "0"],
                                   ["submit"], ["frobnicate"]])
 def test_usage_errors_exit_2(args, tmp_path):
@@ -91,7 +102,7 @@ def test_usage_errors_exit_2(args, tmp_path):
 
 
 class Flaky(BaseHTTPRequestHandler):
-    """Answers the first two submits 503 and 429 with Retry-After: 0, then accepts; records Idempotency-Keys."""
+    """Answers submits with the statuses in ``answers`` (Retry-After: 0); records their Idempotency-Keys."""
 
     answers: list[int] = []
     keys: list[str] = []

@@ -19,8 +19,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from shared import errors
-from tests import images
 from shared.settings import Settings
+from tests import images
 from web.openapi import build_spec
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,8 @@ def test_live_service_conforms_to_document(live_schema, method, path, mode):
     operation = live_schema[path][method]
 
     @hypothesis.settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-                         phases=[hypothesis.Phase.generate], suppress_health_check=list(hypothesis.HealthCheck))
+                         phases=[hypothesis.Phase.generate],  # no shrinking: every example is a request
+                         suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
     def answers_as_documented(case):
         case.call_and_validate(checks=CHECKS)

@@ -220,7 +220,7 @@ def components(settings: Settings) -> dict:
     }
 
 
-def option_fields(settings: Settings) -> dict:
+def option_fields() -> dict:
     """The option fields a submit accepts, as schema properties."""
     return {
         "model": {"type": "string",
@@ -234,7 +234,7 @@ def option_fields(settings: Settings) -> dict:
 
 
 def job_paths(settings: Settings) -> dict:
-    fields = option_fields(settings)
+    fields = option_fields()
     multipart = {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "contentMediaType": "application/octet-stream",
                   "description": f"the image, at most {settings.max_upload_bytes} bytes"}, **fields}}
@@ -301,7 +301,7 @@ def batch_paths(settings: Settings) -> dict:
               "items": {"type": "string", "contentMediaType": "application/octet-stream"},
               "description": "repeat the field once per image (MAX_BATCH_IMAGES)"}
     form = {"type": "object", "required": ["image"],
-            "properties": {"image": images, **option_fields(settings)}}
+            "properties": {"image": images, **option_fields()}}
     return {
         "/api/v1/batches": {"post": {
             "operationId": "submitBatch", "tags": ["batches"], "summary": "Submit several images at once",
