@@ -66,7 +66,8 @@ ERROR_RESPONSES = {
     "400": ("BadRequest", "Malformed request. Codes: `bad_request`, `missing_image`, `empty_image`, "
                           "`corrupt_image`.", {}),
     "401": ("Unauthorized", "Authentication failed. Codes: `unauthorized`, `auth_required` (AUTH_REQUIRED "
-                            "is set and no API key was sent), `invalid_api_key`.", {}),
+                            "is set and no API key was sent), `invalid_api_key`, `admin_unauthorized` "
+                            "(admin API without `Authorization: Bearer <ADMIN_TOKEN>`).", {}),
     "404": ("NotFound", "No such resource (it may have expired). Code: `not_found`.", {}),
     "409": ("Conflict", "Conflict with the resource's state. Codes: `conflict`, `idempotency_in_progress` "
                         "(a request with this Idempotency-Key is still being processed), `not_settled` "
@@ -202,7 +203,7 @@ def service_schemas() -> dict:
 
 def components(settings: Settings) -> dict:
     return {
-        "schemas": {**job_schemas(), **batch_and_delivery_schemas(), **service_schemas()},
+        "schemas": {**job_schemas(), **batch_and_delivery_schemas(), **service_schemas(), **admin_schemas()},
         "responses": error_responses(),
         "parameters": {
             "JobId": {"name": "job_id", "in": "path", "required": True, "schema": JOB_ID},
@@ -349,7 +350,102 @@ def service_paths(settings: Settings) -> dict:
     }
 
 
-PATH_GROUPS = [job_paths, delivery_paths, batch_paths, service_paths]
+def admin_schemas() -> dict:
+    """Schemas of the admin API's answers (web/admin.py)."""
+    nullable_ms = {"type": ["number", "null"]}
+    p50_p95 = {"type": "object", "properties": {"p50": nullable_ms, "p95": nullable_ms}}
+    counts = {"type": "integer", "minimum": 0}
+    return {
+        "WorkerChild": {"type": "object", "required": ["name", "node", "host", "pid", "device", "last_seen"],
+                        "properties": {
+            "name": {"type": "string", "description": "host:pid"}, "node": {"type": "string"},
+            "host": {"type": "string"}, "pid": {"type": "integer"}, "child_index": {"type": "integer"},
+            "device": {"type": "string", "description": "cpu or cuda:N"}, "device_name": {"type": "string"},
+            "gpu_memory": {"type": "object", "description": "bytes; empty on CPU",
+                           "properties": {"used": counts, "total": counts}},
+            "models": {"type": "object", "additionalProperties": {"type": "string"}},
+            "max_batch": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "jobs_done": counts, "jobs_failed": counts, "current_batch": counts,
+            "latency_ms": p50_p95, "last_seen": {"type": "number"}}},
+        "WorkerNode": {"type": "object", "required": ["name", "status", "pool_size", "children"], "properties": {
+            "name": {"type": "string", "description": "Celery node name, e.g. worker1@host"},
+            "host": {"type": ["string", "null"]}, "status": {"type": "string", "enum": ["active", "draining"]},
+            "pool_size": counts, "devices": {"type": "array", "items": {"type": "string"}},
+            "models": {"type": "object", "additionalProperties": {"type": "string"}},
+            "jobs_done": counts, "jobs_failed": counts, "queues": {"type": "array", "items": {"type": "string"}},
+            "children": {"type": "array", "items": ref("WorkerChild")}}},
+        "WorkerList": {"type": "object", "required": ["workers"], "properties": {
+            "workers": {"type": "array", "items": ref("WorkerNode")}}},
+        "QueueList": {"type": "object", "required": ["queues"], "properties": {"queues": {
+            "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s"], "properties": {
+                "name": {"type": "string"}, "depth": counts, "oldest_age_s": nullable_ms}}}}},
+        "WindowStats": {"type": "object", "required": ["models", "cache"], "properties": {
+            "models": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                "done": counts, "failed": counts, "per_second": {"type": "number"},
+                "latency_ms": p50_p95, "inference_ms": p50_p95}}},
+            "cache": {"type": "object", "properties": {"hits": counts, "misses": counts,
+                                                       "hit_rate": nullable_ms}}}},
+        "FleetStats": {"type": "object", "required": ["windows", "cache_size", "series"], "properties": {
+            "windows": {"type": "object", "properties": {w: ref("WindowStats") for w in ("1m", "5m", "60m")}},
+            "cache_size": {"type": "object", "properties": {
+                "entries": counts, "bytes": counts, "exact": {"type": "boolean"}, "measured_at": {"type": "number"}}},
+            "series": {"type": "array", "items": {"type": "object", "properties": {
+                "t": {"type": "integer"}, "done": counts, "p95_ms": nullable_ms,
+                "queue_depth": {"type": "object", "additionalProperties": counts}}}}}},
+        "WorkerAction": {"type": "object", "required": ["worker", "action"], "properties": {
+            "worker": {"anyOf": [{"type": "string"}, ref("WorkerNode")]},
+            "action": {"type": "string", "enum": ["grow", "shrink", "drain", "resume"]},
+            "n": {"type": "integer"}, "reply": {"type": "object"},
+            "pool": {"type": "object", "properties": {"processes": counts, "target": counts}},
+            "stopped": {"type": "array", "items": {"type": "string"}},
+            "started": {"type": "array", "items": {"type": "string"}}}},
+        "PurgeResult": {"type": "object", "required": ["model", "version", "deleted"], "properties": {
+            "model": {"type": "string"}, "version": {"type": "string"}, "deleted": counts}},
+    }
+
+
+def admin_paths(settings: Settings) -> dict:
+    """The admin API: 404 when ADMIN_TOKEN is unset, 401 without it."""
+    admin = [{"adminToken": []}]
+    node = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "the worker's Celery node name, as GET /api/v1/admin/workers lists it"}
+    step = {"required": False, "content": json_body({"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1, "maximum": 16, "default": 1}}})}
+
+    def read(operation: str, summary: str, schema: str) -> dict:
+        return {"get": {"operationId": operation, "tags": ["admin"], "summary": summary, "security": admin,
+                        "responses": {"200": {"description": summary + ".", "content": json_body(ref(schema))},
+                                      **errors("401", "404", "503")}}}
+
+    def action(operation: str, summary: str, body: dict | None = None) -> dict:
+        return {"post": {"operationId": operation, "tags": ["admin"], "summary": summary, "security": admin,
+                         "parameters": [node], **({"requestBody": body} if body else {}),
+                         "responses": {"200": {"description": "Done; the worker's new state.",
+                                               "content": json_body(ref("WorkerAction"))},
+                                       **errors("401", "404", "422", "503")}}}
+
+    return {
+        "/api/v1/admin/workers": read("adminWorkers", "Live workers with their children's heartbeats",
+                                      "WorkerList"),
+        "/api/v1/admin/queues": read("adminQueues", "Queue depths and oldest waiting job ages", "QueueList"),
+        "/api/v1/admin/stats": read("adminStats", "Throughput, latency and cache for 1/5/60 minutes",
+                                    "FleetStats"),
+        "/api/v1/admin/workers/{name}/grow": action("adminGrow", "Add children to a worker's pool", step),
+        "/api/v1/admin/workers/{name}/shrink": action("adminShrink", "Remove idle children (one stays)", step),
+        "/api/v1/admin/workers/{name}/drain": action("adminDrain", "Stop consuming; in-flight jobs finish"),
+        "/api/v1/admin/workers/{name}/resume": action("adminResume", "Consume the worker's queues again"),
+        "/api/v1/admin/cache/purge": {"post": {
+            "operationId": "adminPurge", "tags": ["admin"], "summary": "Purge one model version's cache",
+            "security": admin, "requestBody": {"required": True, "content": json_body({
+                "type": "object", "required": ["model", "version"],
+                "properties": {"model": {"type": "string"}, "version": {"type": "string"}}})},
+            "responses": {"200": {"description": "Deleted keys (results, heatmaps, header facts).",
+                                  "content": json_body(ref("PurgeResult"))},
+                          **errors("401", "404", "422", "503")}}},
+    }
+
+
+PATH_GROUPS = [job_paths, delivery_paths, batch_paths, service_paths, admin_paths]
 
 
 def build_spec(settings: Settings) -> dict:
@@ -363,7 +459,8 @@ def build_spec(settings: Settings) -> dict:
                  "description": "Asynchronous image inference with GradCAM. Every error is "
                                 "`{\"error\": {\"code\", \"message\"}}`; `code` is stable."},
         "servers": [{"url": "/"}],
-        "tags": [{"name": name} for name in ("jobs", "batches", "webhooks", "models", "health", "meta")],
+        "tags": [{"name": name} for name in ("jobs", "batches", "webhooks", "models", "health", "meta",
+                                             "admin")],
         "paths": paths,
         "components": components(settings),
     }
