@@ -130,7 +130,8 @@ def cache_size(client: redis.Redis) -> dict:
         pipe.strlen(b"overlay:" + key.removeprefix(b"result:"))
     sizes = pipe.execute()
     average = sum(sizes) / len(sample) if sample else 0
-    size = {"entries": len(keys), "bytes": int(average * len(keys)), "exact": exact and len(sample) == len(keys),
+    size = {"entries": len(keys), "bytes": int(average * len(keys)),
+            "exact": exact and len(sample) == len(keys),
             "measured_at": time.time()}
     client.set(CACHE_SIZE_KEY, json.dumps(size), ex=CACHE_SIZE_TTL_S)
     return size

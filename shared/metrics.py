@@ -99,7 +99,8 @@ class FleetCollector:
         names = fleet.known_queues(set(self.models) | {m for c in children for m in c.get("models", {})})
         depth = GaugeMetricFamily("imgsvc_queue_depth", "Messages waiting in a queue.", labels=["queue"])
         age = GaugeMetricFamily("imgsvc_queue_oldest_age_seconds",
-                                "Age of the oldest waiting message (0 when empty or unknown).", labels=["queue"])
+                                "Age of the oldest waiting message (0 when empty or unknown).",
+                                labels=["queue"])
         for queue in fleet.queues(self.client, names):
             depth.add_metric([queue["name"]], queue["depth"])
             age.add_metric([queue["name"]], queue["oldest_age_s"] or 0.0)

@@ -3,7 +3,8 @@
 Per minute, for the admin page's 1/5/60-minute figures and hour-long charts (TTL ``MINUTE_TTL_S``):
 
     stats:m:<minute>              hash  done:<model>, failed:<model>, hit:<model>, miss:<model>, depth:<queue>
-    stats:lat:<minute>:<model>    list  "<end-to-end s> <inference s>" of recent images (at most SAMPLES_PER_MINUTE)
+    stats:lat:<minute>:<model>    list  "<end-to-end s> <inference s>" of recent images
+                                        (at most SAMPLES_PER_MINUTE)
 
 Cumulative since the Redis data began (no TTL; one field per series, a few hundred at most):
 
@@ -178,7 +179,8 @@ def chart_series(buckets: list[dict], models: list[str]) -> list[dict]:
             "t": bucket["minute"] * 60,
             "done": int(sum(v for k, v in counts.items() if k.startswith("done:"))),
             "p95_ms": _ms(percentile(latencies, 0.95)),
-            "queue_depth": {k.removeprefix("depth:"): int(v) for k, v in counts.items() if k.startswith("depth:")},
+            "queue_depth": {k.removeprefix("depth:"): int(v)
+                            for k, v in counts.items() if k.startswith("depth:")},
         })
     return points
 

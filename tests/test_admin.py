@@ -50,7 +50,8 @@ def fleet(tmp_path_factory):
                layer="features")
     redis_proc, url = start_redis(tmp_path_factory.mktemp("fleet-redis"))
     settings = Settings(redis_url=url, model_cards_dir=cards, models=(MODEL,), default_model=MODEL,
-                        worker_devices="cpu", worker_concurrency=1, torch_threads=1, max_batch=2, max_wait_ms=50,
+                        worker_devices="cpu", worker_concurrency=1, torch_threads=1, max_batch=2,
+                        max_wait_ms=50,
                         heartbeat_interval_s=1, worker_ttl_s=4, admin_token=TOKEN)
     ARTIFACTS.mkdir(exist_ok=True)
     ports = {"a": free_port(), "b": free_port()}
@@ -315,12 +316,17 @@ def test_flower_shows_our_workers_and_tasks(fleet):
             return None
 
     try:
-        workers = wait_for(lambda: (w := get("workers")) and len(w) == 2 and w, 60, "Flower to see both workers")
+        workers = wait_for(lambda: (w := get("workers")) and len(w) == 2 and w, 60,
+                           "Flower to see both workers")
         assert sorted(workers) == sorted(fleet.metrics_ports)
         run_jobs(fleet.url, range(70_600, 70_603))
-        tasks = wait_for(lambda: (t := get("tasks")) and sum(task["name"] == "imgsvc.infer"
-                                                             and task["state"] == "SUCCESS" for task in t.values()) >= 1
-                         and t, 30, "Flower to show our tasks")
+
+        def succeeded():
+            tasks = get("tasks") or {}
+            done = [t for t in tasks.values() if t["name"] == "imgsvc.infer" and t["state"] == "SUCCESS"]
+            return tasks if done else None
+
+        tasks = wait_for(succeeded, 30, "Flower to show our tasks")
         assert {task["worker"] for task in tasks.values()} <= set(fleet.metrics_ports)
     finally:
         stop(flower)

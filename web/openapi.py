@@ -372,13 +372,15 @@ def admin_schemas() -> dict:
             "host": {"type": ["string", "null"]}, "status": {"type": "string", "enum": ["active", "draining"]},
             "pool_size": counts, "devices": {"type": "array", "items": {"type": "string"}},
             "models": {"type": "object", "additionalProperties": {"type": "string"}},
-            "jobs_done": counts, "jobs_failed": counts, "queues": {"type": "array", "items": {"type": "string"}},
+            "jobs_done": counts, "jobs_failed": counts,
+            "queues": {"type": "array", "items": {"type": "string"}},
             "children": {"type": "array", "items": ref("WorkerChild")}}},
         "WorkerList": {"type": "object", "required": ["workers"], "properties": {
             "workers": {"type": "array", "items": ref("WorkerNode")}}},
         "QueueList": {"type": "object", "required": ["queues"], "properties": {"queues": {
-            "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s"], "properties": {
-                "name": {"type": "string"}, "depth": counts, "oldest_age_s": nullable_ms}}}}},
+            "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s"],
+                                       "properties": {"name": {"type": "string"}, "depth": counts,
+                                                      "oldest_age_s": nullable_ms}}}}},
         "WindowStats": {"type": "object", "required": ["models", "cache"], "properties": {
             "models": {"type": "object", "additionalProperties": {"type": "object", "properties": {
                 "done": counts, "failed": counts, "per_second": {"type": "number"},
@@ -388,7 +390,8 @@ def admin_schemas() -> dict:
         "FleetStats": {"type": "object", "required": ["windows", "cache_size", "series"], "properties": {
             "windows": {"type": "object", "properties": {w: ref("WindowStats") for w in ("1m", "5m", "60m")}},
             "cache_size": {"type": "object", "properties": {
-                "entries": counts, "bytes": counts, "exact": {"type": "boolean"}, "measured_at": {"type": "number"}}},
+                "entries": counts, "bytes": counts, "exact": {"type": "boolean"},
+                "measured_at": {"type": "number"}}},
             "series": {"type": "array", "items": {"type": "object", "properties": {
                 "t": {"type": "integer"}, "done": counts, "p95_ms": nullable_ms,
                 "queue_depth": {"type": "object", "additionalProperties": counts}}}}}},

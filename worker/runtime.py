@@ -62,7 +62,8 @@ class Runtime:
                 "models": {m.card.name: m.card.version for m in models.values()},
                 "max_batch": batch_sizes, "model_loads": load_count(), "started_at": time.time()}
         heartbeat = Heartbeat(client, name, info, interval_s=settings.heartbeat_interval_s,
-                              ttl_s=settings.worker_ttl_s, probe=lambda: {"gpu_memory": devices.gpu_memory(device)},
+                              ttl_s=settings.worker_ttl_s,
+                              probe=lambda: {"gpu_memory": devices.gpu_memory(device)},
                               queues=tuple(inference_queue(card.name) for card in catalog))
         heartbeat.start()
         drainer = QueueDrainer(broker_connection) if broker_connection is not None else None
