@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -210,6 +212,15 @@ def test_grow_and_shrink_change_the_pool(fleet):
     assert shrunk.status_code == 200, shrunk.text
     assert shrunk.json()["pool"] == {"processes": 2, "target": 1}
     wait_for(lambda: _node(fleet.url, name)["pool_size"] == 1, 15, "the removed child to leave")
+
+
+def test_a_dead_child_drops_out_after_the_ttl_and_is_replaced(fleet):
+    name = sorted(fleet.metrics_ports)[0]
+    victim = _node(fleet.url, name)["children"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)  # no goodbye: only the heartbeat's TTL can tell
+    wait_for(lambda: victim not in {c["pid"] for node in _nodes(fleet.url) for c in node["children"]},
+             fleet.settings.worker_ttl_s + 3, "the dead child to drop out", interval=0.3)
+    wait_for(lambda: _node(fleet.url, name)["pool_size"] == 1, 60, "Celery to start a new child")
 
 
 @pytest.mark.parametrize("path, body, status", [
