@@ -25,7 +25,8 @@ def send_inference(celery, comp: Computation) -> None:
 
 def send_webhook(celery, event_id: str) -> None:
     """Send one delivery attempt of a webhook event to the webhooks queue."""
-    celery.send_task(WEBHOOK_TASK, args=[event_id], queue=WEBHOOK_QUEUE)
+    message = {"event_id": event_id, "enqueued_at": time.time()}  # the admin queue view reads enqueued_at
+    celery.send_task(WEBHOOK_TASK, args=[message], queue=WEBHOOK_QUEUE)
 
 
 def celery_config(settings: Settings) -> dict:

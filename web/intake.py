@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import redis
 from flask import current_app, request
 from kombu.exceptions import OperationalError
 from werkzeug.datastructures import MultiDict
 
+from shared import stats
 from shared.cards import ModelCard
 from shared.errors import (InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded, PayloadTooLarge,
                            Unavailable)
@@ -118,7 +120,16 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
         submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id)
     if submission.outcome == "new":
         enqueue_inference(comp)
+    count_submission(order.card.name, submission.outcome == "cached")
     return submission
+
+
+def count_submission(model: str, cached: bool) -> None:
+    """Count an accepted job (a replayed request is not one) for /metrics and the admin page."""
+    try:
+        stats.record_submission(services().redis, model, cached)
+    except redis.RedisError:
+        log.warning("could not count a submission for %s", model, exc_info=True)
 
 
 def ensure_capacity(model: str) -> None:

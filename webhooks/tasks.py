@@ -9,6 +9,6 @@ deliverer = Deliverer(settings, client)
 
 
 @app.task(name=WEBHOOK_TASK)
-def deliver_webhook(event_id: str) -> str:
+def deliver_webhook(message: dict) -> str:
     """Make one attempt of the event; the next one, if any, is scheduled in Redis."""
-    return deliverer.attempt(event_id)
+    return deliverer.attempt(message["event_id"])
