@@ -72,6 +72,8 @@ def main() -> None:
             results["idle"] = service.idle_latency(distinct_jpegs(Image.fromarray(skdata.coffee()), IDLE_JOBS))
             print("cache hits ...", flush=True)
             results["cache_hit"] = service.cache_hits(one_mb_jpeg())
+            print("webhook callbacks ...", flush=True)
+            results["callback"] = service.callbacks(one_mb_jpeg())
         finally:
             service.close()
     limit = results["limit"]["limit_images_per_s"]
@@ -101,6 +103,8 @@ def print_table(r: dict) -> None:
              idle["overhead_ms_p50"] <= 15),
         _row(f"cache hit ({hit['image_bytes'] / 1e6:.1f} MB image)", f"p50 {hit['p50']:.2f} ms, p99 {hit['p99']:.2f} ms",
              "p50 <= 5, p99 <= 20", hit["p50"] <= 5 and hit["p99"] <= 20),
+        _row("cache hit with callback_url: submit -> signed webhook received",
+             f"p50 {r['callback']['p50']:.1f} ms, p99 {r['callback']['p99']:.1f} ms", "", None),
         _row("GradCAM / forward (ours)", f"{cam['ours_ratio']:.2f}x", "<= 1.2x", cam["ours_ratio"] <= 1.2),
         _row("GradCAM / forward (pytorch-grad-cam)", f"{cam['pytorch_grad_cam_ratio']:.2f}x", "", None),
         _row("12 MP JPEG decode+preprocess (ours)", f"{dec['ours_ms']:.1f} ms (plain: {dec['plain_ms']:.1f} ms, "

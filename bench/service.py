@@ -13,6 +13,8 @@ from PIL import Image
 
 from shared.keys import WORKERS_KEY
 from shared.settings import Settings
+from shared.signing import new_secret
+from tests.receiver import Receiver
 from tools import stack
 
 
@@ -46,8 +48,10 @@ class Service:
         self.workdir = workdir
         self.redis_proc, url = stack.start_redis(workdir)
         # One client address sends everything: lift the per-address limit (its check still runs).
+        # Callbacks go to a receiver on loopback, so the address check is off for the benchmark.
         self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=("efficientnet-lite0",),
-                                 heartbeat_interval_s=1, rate_limit="1000000/minute")
+                                 heartbeat_interval_s=1, rate_limit="1000000/minute",
+                                 webhook_secret=new_secret(), webhook_allow_private=True)
         self.redis = redis.Redis.from_url(url)
         start = time.perf_counter()
         self.worker = stack.start_worker(self.settings, workdir / "worker.log", name="bench")
@@ -55,6 +59,7 @@ class Service:
         start = time.perf_counter()
         self.web, self.base = stack.start_web(self.settings, threads=8)
         self.web_first_200_s = time.perf_counter() - start
+        self.webhooks = stack.start_webhook_worker(self.settings, workdir / "webhooks.log", name="bench-webhooks")
         self.web_rss_mb = stack.rss_mb(self.web.pid)
         self.worker_rss_mb = stack.rss_mb(self.worker.pid)
 
@@ -119,9 +124,22 @@ class Service:
                 assert answer.status_code == 200
         return {**percentiles(samples), "image_bytes": len(data)}
 
+    def callbacks(self, data: bytes, count: int = 50) -> dict:
+        """Cache hits with a callback_url: how long until the signed webhook reaches a local receiver."""
+        with Receiver() as receiver, requests.Session() as session:
+            samples = []
+            for i in range(count):
+                start = time.time()  # the receiver stamps arrivals with time.time() too
+                answer = session.post(f"{self.base}/api/v1/jobs", files={"image": ("b.jpg", data)},
+                                      data={"callback_url": f"{receiver.url}/{i}"}, timeout=30)
+                assert answer.status_code == 200, answer.text
+                [arrival] = receiver.wait(f"/{i}", 1, timeout=30)
+                samples.append((arrival.at - start) * 1000)
+        return percentiles(samples)
+
     def workers_alive(self) -> int:
         return self.redis.zcard(WORKERS_KEY)
 
     def close(self) -> None:
-        for proc in (self.web, self.worker, self.redis_proc):
+        for proc in (self.web, self.webhooks, self.worker, self.redis_proc):
             stack.stop(proc)

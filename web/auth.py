@@ -6,6 +6,8 @@ the limiter's key function or ``require_caller``.
 """
 from __future__ import annotations
 
+import time
+
 from flask import Flask, current_app, g, request
 from flask_limiter import Limiter
 
@@ -67,21 +69,27 @@ def _rate_limit() -> str:
 
 
 def install_limiter(app: Flask, redis_url: str, blueprints, exempt=()) -> Limiter:
-    """Rate-limit every route of ``blueprints`` but ``exempt`` per key (or per address), counted in Redis."""
+    """Rate-limit every route of ``blueprints`` but ``exempt`` per key (or per address), counted in Redis.
 
-    @app.after_request
-    def keep_retry_after_for_refusals(response):
-        # Registered before the limiter's own hook, so it runs after it: Flask-Limiter writes
-        # Retry-After on every response; it means something only on a 429 or 503.
-        if response.status_code not in (429, 503):
-            response.headers.pop("Retry-After", None)
-        return response
-
-    limiter = Limiter(key_func=_rate_key, storage_uri=redis_url, headers_enabled=True,
+    Flask-Limiter's own headers cost two more Redis reads on every response; a refusal writes its
+    headers instead (``refusal_headers``), so an allowed request pays one round trip for its limit.
+    """
+    limiter = Limiter(key_func=_rate_key, storage_uri=redis_url, headers_enabled=False,
                       swallow_errors=True, strategy="fixed-window", key_prefix="ratelimit")
     limiter.init_app(app)
+    app.extensions["imgsvc-limiter"] = limiter
     for bp in blueprints:
         limiter.limit(_rate_limit)(bp)
     for view in exempt:
         limiter.exempt(view)
     return limiter
+
+
+def refusal_headers() -> dict[str, str]:
+    """Return Retry-After and X-RateLimit-* for the limit the current request broke."""
+    breached = current_app.extensions["imgsvc-limiter"].current_limit
+    if breached is None:
+        return {"Retry-After": "1"}
+    reset_at = breached.reset_at
+    return {"Retry-After": str(max(1, int(reset_at - time.time()))), "X-RateLimit-Limit": str(breached.limit.amount),
+            "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(reset_at))}

@@ -36,9 +36,10 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(RateLimitExceeded)
     def rate_limited(exc: RateLimitExceeded):
-        # No Retry-After here: Flask-Limiter writes the real one (seconds to the window's reset).
+        from web.auth import refusal_headers
+
         error = RateLimited(f"Rate limit of {exc.description} exceeded; retry after Retry-After seconds.")
-        return error_response(error.status, error.code, error.message)
+        return error_response(error.status, error.code, error.message, refusal_headers())
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
