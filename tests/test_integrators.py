@@ -176,3 +176,12 @@ def test_a_key_default_endpoint_receives_its_jobs(worker, webhook_worker, app, c
         assert job["callback_url"] == receiver.url + "/default"
         [call] = receiver.wait("/default", 1)
         assert Webhook(key["webhook_secret"]).verify(call.body, call.headers)["data"]["id"] == job["id"]
+
+
+def test_a_key_default_endpoint_meets_the_ssrf_guard_at_creation(settings):
+    from web import create_app
+
+    app = create_app(dataclasses.replace(settings, webhook_allow_private=False))
+    result = app.test_cli_runner().invoke(args=["keys", "create", "sneaky", "--webhook-url",
+                                                "http://169.254.169.254/latest/meta-data"])
+    assert result.exit_code != 0 and "non-public address" in result.output

@@ -7,6 +7,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from shared.netguard import RefusedUrl, resolve
 from shared.signing import derive_secret
 
 keys = click.Group("keys", help="Create, list and revoke API keys.")
@@ -28,6 +29,11 @@ def create_key(name: str, webhook_url: str | None, rate_limit: str | None) -> No
         raise click.ClickException("Set SECRET_KEY first: each key's webhook secret is derived from it.")
     if rate_limit:
         _check_rate(rate_limit)
+    if webhook_url:
+        try:  # the same guard every job's callback meets, so the key's jobs are not refused later
+            resolve(webhook_url, allow_private=svc.settings.webhook_allow_private)
+        except RefusedUrl as exc:
+            raise click.ClickException(f"--webhook-url: {exc}") from None
     key, token = svc.keys.create(name, webhook_url=webhook_url, rate_limit=rate_limit)
     click.echo(json.dumps({**key.public(), "api_key": token,
                            "webhook_secret": derive_secret(svc.settings.secret_key, key.id)}, indent=2))
