@@ -282,11 +282,6 @@ class JobStore:
         """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout)."""
         blocking.blpop([notify_key(job_id)], timeout=timeout_s)
 
-    def get_fields(self, job_id: str) -> dict[str, str] | None:
-        """Return the job hash, or None when unknown or expired."""
-        fields = self.redis.hgetall(job_key(job_id))
-        return {k.decode(): v.decode() for k, v in fields.items()} if fields else None
-
     def get_json(self, job_id: str, owner: str | None = None) -> str | None:
         """Return the job as the contract's JSON text, or None when unknown, expired or (when
         ``owner`` is given) submitted by someone else."""
@@ -294,6 +289,10 @@ class JobStore:
 
     def get_many_json(self, job_ids: list[str], owner: str | None = None) -> list[str | None]:
         """``get_json`` for many jobs in two pipelined round trips."""
+        return [None if read is None else read[1] for read in self.read_many(job_ids, owner)]
+
+    def read_many(self, job_ids: list[str], owner: str | None = None) -> list[tuple[dict, str] | None]:
+        """Return each job's hash and its JSON text (None when unknown or not ``owner``'s)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(job_key(job_id))
@@ -303,7 +302,7 @@ class JobStore:
             if fields and "result_key" in fields:
                 pipe.get(fields["result_key"])
         results = iter(pipe.execute())
-        return [None if f is None else job_json(f, next(results) if "result_key" in f else None)
+        return [None if f is None else (f, job_json(f, next(results) if "result_key" in f else None))
                 for f in jobs]
 
     def get(self, job_id: str) -> dict | None:

@@ -179,11 +179,11 @@ class Announcer:
         return len(stale)
 
     def _announce(self, job_ids: list[str]) -> None:
-        for job_id, job_text in zip(job_ids, self.jobs.get_many_json(job_ids)):
-            if job_text is None:
+        for job_id, read in zip(job_ids, self.jobs.read_many(job_ids)):
+            if read is None:
                 continue
-            job = json.loads(job_text)
-            owner = self.jobs.get_fields(job_id).get("owner", "")
+            fields, job_text = read
+            job, owner = json.loads(job_text), fields.get("owner", "")
             if job["callback_url"]:
                 kind = "job.completed" if job["status"] == "done" else "job.failed"
                 self.dispatch(self.events.create(kind, f"job:{job_id}", job["callback_url"], owner, job_text))

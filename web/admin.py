@@ -168,9 +168,15 @@ def drain(name: str):
     """Stop a worker consuming (its in-flight jobs finish); new jobs go to the others."""
     node = _node(_checked_name(name))
     services().redis.set(drain_key(node["name"]), "1")  # first: its children stop batching extra messages
-    queues = _active_queues(node["name"])
-    for queue in queues:
-        _control("cancel_consumer", node["name"], {"queue": queue})
+    queues, cancelled = [], []
+    try:
+        queues = _active_queues(node["name"])
+        for queue in queues:
+            _control("cancel_consumer", node["name"], {"queue": queue})
+            cancelled.append(queue)
+    except Unavailable:
+        _undo_drain(node["name"], cancelled)  # a half-drained worker would consume without batching
+        raise
     return jsonify({"worker": {**_node(node["name"]), "queues": _active_queues(node["name"])},
                     "action": "drain", "stopped": queues})
 
@@ -185,6 +191,16 @@ def resume(name: str):
     services().redis.delete(drain_key(node["name"]))
     return jsonify({"worker": {**_node(node["name"]), "queues": _active_queues(node["name"])},
                     "action": "resume", "started": queues})
+
+
+def _undo_drain(name: str, cancelled: list[str]) -> None:
+    """Put a worker whose drain failed part-way back as it was (as far as it still answers)."""
+    services().redis.delete(drain_key(name))
+    for queue in cancelled:
+        try:
+            _control("add_consumer", name, {"queue": queue})
+        except Unavailable:
+            log.warning("worker %s did not take back queue %s after a failed drain", name, queue)
 
 
 def _active_queues(name: str) -> list[str]:
