@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import redis
@@ -221,6 +222,23 @@ def test_a_dead_child_drops_out_after_the_ttl_and_is_replaced(fleet):
     wait_for(lambda: victim not in {c["pid"] for node in _nodes(fleet.url) for c in node["children"]},
              fleet.settings.worker_ttl_s + 3, "the dead child to drop out", interval=0.3)
     wait_for(lambda: _node(fleet.url, name)["pool_size"] == 1, 60, "Celery to start a new child")
+
+
+def test_a_drain_the_worker_cannot_answer_is_undone(fleet):
+    from shared.keys import drain_key
+
+    name = sorted(fleet.metrics_ports)[1]
+    child = _node(fleet.url, name)["children"][0]["pid"]
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{child}/status").read_text().splitlines())
+    main = int(status["PPid"])
+    os.kill(main, signal.SIGSTOP)  # its children still beat, but the node answers no remote control
+    try:
+        answer = requests.post(f"{fleet.url}/api/v1/admin/workers/{name}/drain", headers=AUTH, timeout=60)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (503, "unavailable")
+        assert not fleet.redis.exists(drain_key(name))  # not left half-drained (consuming, never batching)
+    finally:
+        os.kill(main, signal.SIGCONT)
+    assert _node(fleet.url, name)["status"] == "active"
 
 
 @pytest.mark.parametrize("path, body, status", [
