@@ -15,8 +15,8 @@ from celery.signals import (celeryd_init, worker_process_init, worker_process_sh
 from kombu import Queue
 
 from shared.cards import ModelCatalog
-from shared.settings import Settings
 from shared.keys import drain_key
+from shared.settings import Settings
 from shared.tasks import celery_config, inference_queue
 from worker.device_plan import device_for_child, plan_devices, visible_gpus
 

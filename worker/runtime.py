@@ -10,15 +10,15 @@ import redis
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from shared.cards import ModelCatalog
 from shared import stats
+from shared.cards import ModelCatalog
 from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
-from shared.webhooks import announcing_store
 from shared.keys import drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
+from shared.webhooks import announcing_store
 from worker import devices
 from worker.batching import Pending, QueueDrainer, best_batch_size
 from worker.heartbeat import Heartbeat
