@@ -45,3 +45,18 @@ def test_full_queue_refuses_new_work_but_answers_hits(unserved_app, redis_client
     store.finish(comp, {"predictions": [], "gradcam": {"class_index": 0, "url": GRADCAM_URL_SLOT}}, b"PNG")
     hit = submit(client, data, model="unserved")
     assert hit.status_code == 200 and hit.get_json()["cached"] is True
+
+
+def test_a_batch_is_refused_whole_when_the_queue_is_full(unserved_app, redis_client):
+    import io
+
+    client = unserved_app.test_client()
+    for seed in (1, 2):
+        assert submit(client, images.noise_png(seed=7100 + seed), model="unserved").status_code == 202
+    batches_before = set(redis_client.scan_iter("batch:*"))
+    form = {"image": [(io.BytesIO(images.noise_png(seed=7110 + i)), f"{i}.png") for i in range(3)],
+            "model": "unserved"}
+    refused = client.post("/api/v1/batches", data=form, content_type="multipart/form-data")
+    assert (refused.status_code, refused.get_json()["error"]["code"]) == (503, "overloaded")
+    assert set(redis_client.scan_iter("batch:*")) == batches_before  # nothing half-created
+    assert redis_client.llen(inference_queue("unserved")) == 2

@@ -10,7 +10,7 @@ from shared.keys import image_digest
 from web import auth
 from web.api import json_response
 from web.idempotency import Created
-from web.intake import accept, check_size, idempotent, parse_order, read_images, services
+from web.intake import accept, check_size, ensure_capacity, idempotent, parse_order, read_images, services
 from web.upload import inspect_image
 
 bp = Blueprint("batches", __name__)
@@ -38,11 +38,12 @@ def create_batch():
 
     def create() -> Created:
         infos = [_inspect(number, data) for number, data in enumerate(images, 1)]
+        ensure_capacity(order.card.name)  # once for the batch: it is accepted whole or refused whole
         batch_id, job_ids = new_batch_id(), [new_job_id() for _ in images]
         svc.batches.create(batch_id, job_ids, auth.owner(), order.callback_url)
         context = JobContext(auth.owner(), None, batch_id)  # the batch, not each job, calls back
         for data, sha, info, job_id in zip(images, digests, infos, job_ids):
-            accept(data, order, context, sha=sha, info=info, job_id=job_id)
+            accept(data, order, context, sha=sha, info=info, job_id=job_id, check_capacity=False)
         return Created("batch", batch_id, 202)
 
     created, replayed = idempotent(order.fingerprint(*digests), create)

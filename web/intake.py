@@ -107,15 +107,20 @@ def check_size(data: bytes, label: str = "The image") -> None:
 
 
 def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = None,
-           info: ImageInfo | None = None, job_id: str | None = None) -> Submission:
-    """Answer from the cache, attach to identical work in flight, or store the image and enqueue it."""
+           info: ImageInfo | None = None, job_id: str | None = None, check_capacity: bool = True) -> Submission:
+    """Answer from the cache, attach to identical work in flight, or store the image and enqueue it.
+
+    A batch checks capacity once for all its images (``check_capacity=False`` here), so that it is
+    refused whole rather than half-created.
+    """
     svc = services()
     sha = sha or image_digest(data)
     comp = Computation(order.card.name, order.card.version, sha, order.options)
     model_info = {"name": order.card.name, "version": order.card.version}
     submission = svc.store.submit(comp, model_info, context=context, job_id=job_id)  # no header check needed
     if submission.outcome == "miss":
-        ensure_capacity(order.card.name)
+        if check_capacity:
+            ensure_capacity(order.card.name)
         info = info or inspect_image(data, svc.settings.max_image_pixels)
         submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id)
     if submission.outcome == "new":
