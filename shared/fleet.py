@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from shared.keys import WORKERS_KEY, drain_key, worker_key
+from shared.keys import WEBHOOK_WORKERS_KEY, WORKERS_KEY, drain_key, webhook_worker_key, worker_key
 from shared.tasks import WEBHOOK_QUEUE, inference_queue
 
 JSON_FIELDS = ("models", "max_batch", "gpu_memory", "latency_ms")
@@ -64,6 +64,22 @@ def nodes(client: redis.Redis, ttl_s: int) -> list[dict]:
             "children": children,
         })
     return result
+
+
+def webhook_nodes(client: redis.Redis, ttl_s: int) -> list[dict]:
+    """Return every webhook worker seen within ``ttl_s``: threads and delivery outcomes so far."""
+    names = [n.decode() for n in client.zrangebyscore(WEBHOOK_WORKERS_KEY, time.time() - ttl_s, "+inf")]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(webhook_worker_key(name))
+    result = []
+    for name, raw in zip(names, pipe.execute()):
+        if raw:
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            numbers = {k: float(v) if k == "last_seen" else int(float(v))
+                       for k, v in fields.items() if k not in ("node", "host")}
+            result.append({"name": name, "host": fields.get("host"), **numbers})
+    return sorted(result, key=lambda node: node["name"])
 
 
 def known_queues(model_names) -> list[str]:

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 
 WORKERS_KEY = "workers"  # sorted set: worker name -> last heartbeat (unix seconds)
+WEBHOOK_WORKERS_KEY = "webhook_workers"  # sorted set: webhook worker node -> last heartbeat (not in readyz)
 COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
 ANNOUNCE_KEY = "announce:pending"  # sorted set: settled job awaiting its events -> settle time
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
@@ -26,6 +27,10 @@ def notify_key(job_id: str) -> str:
 
 def worker_key(name: str) -> str:
     return f"worker:{name}"
+
+
+def webhook_worker_key(node: str) -> str:
+    return f"webhook_worker:{node}"
 
 
 def drain_key(node: str) -> str:

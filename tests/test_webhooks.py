@@ -8,6 +8,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests import images
 from tests.conftest import WEBHOOK_SECRET, submit, wait_done
+from tools.stack import wait_for
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -201,3 +202,21 @@ def test_a_job_settled_by_a_process_that_died_before_announcing_it_is_caught_up(
     catch_up.jobs_settled([job.job_id])  # a late original announcer makes no second event
     time.sleep(1)
     assert len(receiver.on("/orphan")) == 1
+
+
+def test_the_admin_api_lists_the_webhook_worker_with_its_deliveries(stack, receiver, settings):
+    from web import create_app
+
+    submit(stack, images.noise_png(seed=1013), model=MODEL, callback_url=receiver.url + "/seen")
+    receiver.wait("/seen", 1)
+    admin = create_app(dataclasses.replace(settings, admin_token="t")).test_client()
+
+    def listed():
+        answer = admin.get("/api/v1/admin/workers", headers={"Authorization": "Bearer t"}).get_json()
+        nodes = [n for n in answer["webhook_workers"] if n.get("delivered", 0) >= 1]
+        return nodes if nodes else None
+
+    [node] = wait_for(listed, 15, "the webhook worker's heartbeat")
+    assert node["name"].startswith("webhooks@") and node["concurrency"] == settings.webhook_concurrency
+    assert node["name"] not in {n["name"] for n in admin.get(
+        "/api/v1/admin/workers", headers={"Authorization": "Bearer t"}).get_json()["workers"]}

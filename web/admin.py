@@ -61,8 +61,10 @@ def page():
 
 @bp.get(f"{API}/workers")
 def list_workers():
-    """Every live worker node with its children (device, models, counters, latency, GPU memory)."""
-    return jsonify({"workers": fleet.nodes(services().redis, services().settings.worker_ttl_s)})
+    """Every live worker node with its children (device, models, counters, latency, GPU memory), and
+    every webhook worker with its delivery outcomes."""
+    client, ttl_s = services().redis, services().settings.worker_ttl_s
+    return jsonify({"workers": fleet.nodes(client, ttl_s), "webhook_workers": fleet.webhook_nodes(client, ttl_s)})
 
 
 def _model_names() -> list[str]:

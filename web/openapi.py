@@ -375,8 +375,15 @@ def admin_schemas() -> dict:
             "jobs_done": counts, "jobs_failed": counts,
             "queues": {"type": "array", "items": {"type": "string"}},
             "children": {"type": "array", "items": ref("WorkerChild")}}},
-        "WorkerList": {"type": "object", "required": ["workers"], "properties": {
-            "workers": {"type": "array", "items": ref("WorkerNode")}}},
+        "WebhookWorker": {"type": "object", "required": ["name", "last_seen"], "properties": {
+            "name": {"type": "string", "description": "Celery node name, e.g. webhooks@host"},
+            "host": {"type": ["string", "null"]}, "pid": counts, "concurrency": counts,
+            "last_seen": {"type": "number"},
+            **{outcome: counts for outcome in ("delivered", "retrying", "failed", "endpoint_gone", "busy",
+                                               "expired")}}},
+        "WorkerList": {"type": "object", "required": ["workers", "webhook_workers"], "properties": {
+            "workers": {"type": "array", "items": ref("WorkerNode")},
+            "webhook_workers": {"type": "array", "items": ref("WebhookWorker")}}},
         "QueueList": {"type": "object", "required": ["queues"], "properties": {"queues": {
             "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s"],
                                        "properties": {"name": {"type": "string"}, "depth": counts,

@@ -6,7 +6,10 @@ runs the poller that sends each due retry back to that queue.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
 
 import redis
 from celery import Celery
@@ -14,6 +17,7 @@ from celery.signals import worker_ready, worker_shutdown
 from kombu import Queue
 
 from shared.jobs import JobStore
+from shared.keys import WEBHOOK_WORKERS_KEY, webhook_worker_key
 from shared.settings import Settings
 from shared.tasks import WEBHOOK_QUEUE, celery_config, send_webhook
 from shared.webhooks import Announcer, EventStore
@@ -44,10 +48,12 @@ class Poller(threading.Thread):
         self.events = EventStore(client, settings.job_ttl_s)
         self.announcer = Announcer(JobStore.from_settings(client, settings), app, settings)
         self.stopped = threading.Event()
+        self.node, self.deliverer, self.last_beat = "", None, 0.0
 
     def run(self) -> None:
         while not self.stopped.wait(POLL_INTERVAL_S):
             try:
+                self.beat()
                 self.announcer.catch_up()
                 for event_id in self.events.claim_due():
                     send_webhook(app, event_id)
@@ -55,14 +61,40 @@ class Poller(threading.Thread):
                 log.warning("webhook poller tick failed", exc_info=True)
 
 
+    def beat(self) -> None:
+        """Tell the admin API this webhook worker lives, with its delivery outcomes so far."""
+        now = time.time()
+        if now - self.last_beat < settings.heartbeat_interval_s:
+            return
+        fields = {"node": self.node, "host": socket.gethostname(), "pid": os.getpid(),
+                  "concurrency": settings.webhook_concurrency, "last_seen": now,
+                  **(self.deliverer.outcome_counts() if self.deliverer else {})}
+        pipe = client.pipeline()
+        pipe.hset(webhook_worker_key(self.node), mapping=fields)
+        pipe.expire(webhook_worker_key(self.node), settings.worker_ttl_s)
+        pipe.zadd(WEBHOOK_WORKERS_KEY, {self.node: now})
+        pipe.zremrangebyscore(WEBHOOK_WORKERS_KEY, 0, now - settings.worker_ttl_s)
+        pipe.execute()
+        self.last_beat = now
+
+
 poller = Poller()
 
 
 @worker_ready.connect
-def start_poller(**_):
+def start_poller(sender=None, **_):
+    from webhooks.tasks import deliverer
+
+    poller.node = getattr(sender, "hostname", None) or f"webhooks@{socket.gethostname()}"
+    poller.deliverer = deliverer
     poller.start()
 
 
 @worker_shutdown.connect
 def stop_poller(**_):
     poller.stopped.set()
+    try:
+        client.zrem(WEBHOOK_WORKERS_KEY, poller.node)
+        client.delete(webhook_worker_key(poller.node))
+    except redis.RedisError:
+        log.warning("could not withdraw webhook worker %s", poller.node, exc_info=True)

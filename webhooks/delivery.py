@@ -1,8 +1,10 @@
 """One delivery attempt of a webhook event, and what happens next: done, retry later, or stop."""
 from __future__ import annotations
 
+import collections
 import logging
 import random
+import threading
 import time
 
 import redis
@@ -26,9 +28,22 @@ class Deliverer:
     def __init__(self, settings: Settings, client: redis.Redis):
         self.settings, self.redis = settings, client
         self.events = EventStore(client, settings.job_ttl_s)
+        self.outcomes: collections.Counter[str] = collections.Counter()  # for this worker's heartbeat
+        self._lock = threading.Lock()
 
     def attempt(self, event_id: str) -> str:
         """Try the event once unless another attempt holds it; return what became of it."""
+        outcome = self._attempt_once(event_id)
+        with self._lock:
+            self.outcomes[outcome] += 1
+        return outcome
+
+    def outcome_counts(self) -> dict[str, int]:
+        """Return how many attempts ended each way so far (a copy, safe to read from another thread)."""
+        with self._lock:
+            return dict(self.outcomes)
+
+    def _attempt_once(self, event_id: str) -> str:
         lock = webhook_lock_key(event_id)
         if not self.redis.set(lock, "1", nx=True, ex=int(self.settings.webhook_timeout_s) + 30):
             return "busy"

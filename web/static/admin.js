@@ -102,6 +102,15 @@ function renderWorkers(workers) {
   document.getElementById("workers-body").replaceChildren(...rows);
 }
 
+function renderWebhookWorkers(nodes) {
+  const rows = nodes.map((n) => el("tr", { class: "webhook-row", "data-name": n.name },
+    el("td", {}, n.name), el("td", { class: "num" }, n.concurrency ?? "–"),
+    ...["delivered", "retrying", "failed", "endpoint_gone"].map((k) => el("td", { class: "num" }, n[k] || 0)),
+    el("td", {}, fmt.ago(n.last_seen))));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 7 }, "No live webhook worker: callbacks wait in the webhooks queue.")));
+  document.getElementById("webhook-workers-body").replaceChildren(...rows);
+}
+
 function renderQueues(queues) {
   document.getElementById("queues-body").replaceChildren(...queues.map((q) =>
     el("tr", { "data-queue": q.name }, el("td", {}, q.name), el("td", { class: "num" }, q.depth),
@@ -151,6 +160,7 @@ async function refresh() {
     const [workers, queues, stats] = await Promise.all([call("/workers"), call("/queues"), call("/stats")]);
     renderTiles(workers.workers, queues.queues, stats);
     renderWorkers(workers.workers);
+    renderWebhookWorkers(workers.webhook_workers || []);
     renderQueues(queues.queues);
     renderModels(stats);
     renderCharts(stats.series);
