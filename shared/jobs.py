@@ -106,9 +106,11 @@ return {ids, announce}
 """
 
 
-def utc_now() -> str:
-    """Return the current time as the contract's ISO-8601 UTC string."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def utc_now(timestamp: float | None = None) -> str:
+    """Return now (or ``timestamp``, unix seconds) as the contract's ISO-8601 UTC string."""
+    moment = dt.datetime.now(dt.timezone.utc) if timestamp is None else dt.datetime.fromtimestamp(
+        timestamp, dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_job_id() -> str:

@@ -54,7 +54,7 @@ class Event:
         next_at = self.next_attempt_at if self.state == "pending" else None
         return {"id": self.id, "type": self.type, "url": self.url, "state": self.state,
                 "attempts": self.attempts, "created_at": self.created_at,
-                "next_attempt_at": _iso(next_at) if next_at else None}
+                "next_attempt_at": utc_now(next_at) if next_at else None}
 
     @classmethod
     def from_hash(cls, f: dict[bytes, bytes]) -> "Event":
@@ -65,10 +65,6 @@ class Event:
                    attempts=int(text.get("attempts", 0)), round_start=int(text.get("round_start", 0)),
                    created_at=text["created_at"],
                    next_attempt_at=float(text["next_attempt_at"]) if text.get("next_attempt_at") else None)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 class EventStore:

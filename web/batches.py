@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from shared.batches import new_batch_id
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, NotFound, ServiceError
 from shared.jobs import JobContext, new_job_id
 from shared.keys import image_digest
 from web import auth
@@ -53,10 +53,9 @@ def create_batch():
 def _inspect(number: int, data: bytes):
     try:
         return inspect_image(data, services().settings.max_image_pixels)
-    except Exception as exc:  # name the image that spoiled the batch, keep the error's code and status
-        if hasattr(exc, "message"):
-            exc.message = f"Image {number}: {exc.message}"
-            exc.args = (exc.message,)
+    except ServiceError as exc:  # name the image that spoiled the batch, keep the error's code and status
+        exc.message = f"Image {number}: {exc.message}"
+        exc.args = (exc.message,)
         raise
 
 

@@ -9,6 +9,7 @@ import time
 
 import redis
 
+from shared.jobs import utc_now
 from shared.keys import webhook_gone_key, webhook_lock_key
 from shared.netguard import RefusedUrl, resolve
 from shared.settings import Settings
@@ -65,7 +66,7 @@ class Deliverer:
         answer = self._send(event)
         number = event.attempts + 1
         self.events.record_attempt(event, {
-            "event_id": event.id, "attempt": number, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "event_id": event.id, "attempt": number, "at": utc_now(),
             "url": event.url, "status_code": answer.status, "duration_ms": answer.duration_ms,
             "error": answer.error, "ok": answer.ok})
         if answer.ok:
