@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test bench venv venv-dev chromium clean keys flower
+.PHONY: run test bench venv venv-dev chromium clean keys flower compose-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ chromium:
 
 test: venv-dev chromium
 	$(BIN)/python -m pytest
+
+# docker-compose.yml on a real Docker engine: build, start on the CPU, classify a photo, check the
+# heatmap and a signed callback, scale to two workers, tear down. Slow (minutes), so not in `make test`.
+compose-test: venv-dev
+	$(BIN)/python scripts/compose_test.py
 
 bench: venv-dev
 	$(BIN)/python -m bench

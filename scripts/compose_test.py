@@ -1,0 +1,378 @@
+"""Prove docker-compose.yml on a real engine: build, start, classify a photo, get a signed callback,
+scale to two workers, tear down. Run by `make compose-test` (slow; not part of `make test`).
+
+Needs a running Docker engine and Compose (v2 plugin or Debian's docker-compose 1.29). Registry
+images are used when they can be pulled; otherwise the Python base and the Redis image are built
+here with mmdebstrap (Debian bookworm, the host's CA bundle inside so pip reaches the same index).
+Everything it starts is removed at the end, also on failure; images are kept as the build cache.
+"""
+from __future__ import annotations
+
+import argparse
+import http.server
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import requests
+import yaml
+from PIL import Image
+from skimage import data
+from standardwebhooks import Webhook
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORK_DIR = REPO_ROOT / "var" / "compose-test"
+PROJECT = "imgsvc-compose-test"
+IMAGE = "imgsvc:compose-test"
+PYTHON_BASE, LOCAL_PYTHON_BASE = "python:3.11-slim", "imgsvc-local/python:3.11-bookworm"
+REDIS_IMAGE, LOCAL_REDIS_IMAGE = "redis:7-alpine", "imgsvc-local/redis:7-bookworm"
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CAT_LABELS = {"Egyptian cat", "tabby", "tiger cat", "lynx", "Persian cat", "Siamese cat"}
+
+
+class Failed(Exception):
+    """A step of the proof did not hold; the message says which and what was seen."""
+
+
+def log(message: str) -> None:
+    print(f"[compose-test {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(args: list[str], timeout: float, check: bool = True, **kwargs) -> str:
+    """Run a command with a time limit; return its stdout; raise Failed on a non-zero exit."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        raise Failed(f"{' '.join(args[:4])} ... ran past {timeout:.0f} s") from None
+    if check and done.returncode != 0:
+        raise Failed(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run_streamed(args: list[str], timeout: float) -> None:
+    """Run a long command (a build) with its output shown as it goes."""
+    proc = subprocess.Popen(args)
+    try:
+        if proc.wait(timeout=timeout) != 0:
+            raise Failed(f"{' '.join(args[:3])} ... exited {proc.returncode}")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise Failed(f"{' '.join(args[:3])} ... ran past {timeout:.0f} s") from None
+
+
+def compose_command() -> list[str]:
+    """Docker's Compose v2 plugin when present, else the standalone docker-compose (v1)."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise Failed("No Compose: install Docker's compose plugin or Debian's docker-compose")
+
+
+def image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True, timeout=30).returncode == 0
+
+
+def pulled(tag: str) -> bool:
+    log(f"pulling {tag}")
+    try:
+        return subprocess.run(["docker", "pull", tag], capture_output=True, timeout=300).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def debian_image(tag: str, packages: str, changes: list[str], with_host_ca: bool) -> None:
+    """Build ``tag`` from Debian bookworm with mmdebstrap and import it (about 20 s each)."""
+    if image_exists(tag):
+        log(f"reusing {tag}")
+        return
+    if not shutil.which("mmdebstrap"):
+        raise Failed("Cannot pull registry images and mmdebstrap is missing: apt-get install mmdebstrap")
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    tar = WORK_DIR / (tag.replace("/", "_").replace(":", "_") + ".tar")
+    hooks = [f"--customize-hook=copy-in {HOST_CA_BUNDLE} /etc/ssl/certs"] if with_host_ca else []
+    log(f"building {tag} with mmdebstrap ({packages})")
+    run(["mmdebstrap", "--quiet", "--variant=minbase", f"--include={packages}", *hooks, "bookworm", str(tar)],
+        timeout=600)
+    run(["docker", "import", *[a for c in changes for a in ("--change", c)], str(tar), tag], timeout=300)
+    tar.unlink()
+
+
+def base_images() -> tuple[str, str]:
+    """Return the Python base and the Redis image: the registry's, or local Debian stand-ins."""
+    python_base = PYTHON_BASE if pulled(PYTHON_BASE) else LOCAL_PYTHON_BASE
+    if python_base == LOCAL_PYTHON_BASE:
+        # The host's CA bundle: the package index is reached through this host's TLS-inspecting proxy.
+        debian_image(LOCAL_PYTHON_BASE, "python3,python3-venv,python3-pip,ca-certificates",
+                     [f"ENV PIP_CERT={HOST_CA_BUNDLE}", 'CMD ["python3"]'], with_host_ca=True)
+    redis_image = REDIS_IMAGE if pulled(REDIS_IMAGE) else LOCAL_REDIS_IMAGE
+    if redis_image == LOCAL_REDIS_IMAGE:
+        # Like the official image's entry point: no config file, so leave protected mode off.
+        entrypoint = ('ENTRYPOINT ["sh", "-c", "if [ \\"$1\\" = redis-server ]; then shift; '
+                      'exec redis-server \\"$@\\" --protected-mode no; fi; exec \\"$@\\"", "redis-entrypoint"]')
+        debian_image(LOCAL_REDIS_IMAGE, "redis-server",
+                     ["WORKDIR /data", "EXPOSE 6379", entrypoint, 'CMD ["redis-server"]'], with_host_ca=False)
+    return python_base, redis_image
+
+
+def torch_index() -> str:
+    """PyTorch's CPU wheel index when it answers; empty (PyPI's CUDA wheels, which also run on a CPU) if not."""
+    try:
+        urllib.request.urlopen(f"{CPU_TORCH_INDEX}/torch/", timeout=15).close()
+        return CPU_TORCH_INDEX
+    except OSError as exc:
+        log(f"{CPU_TORCH_INDEX} unreachable ({exc}): torch comes from PyPI (CUDA build, runs on the CPU)")
+        return ""
+
+
+def build_image(python_base: str, index: str) -> None:
+    log(f"building {IMAGE} from {python_base} (torch index: {index or 'PyPI'})")
+    run_streamed(["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={python_base}",
+                  "--build-arg", f"TORCH_INDEX_URL={index}", "-t", IMAGE, str(REPO_ROOT)], timeout=3600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render_stack(compose: list[str], env: dict[str, str], ports: dict[str, int]) -> Path:
+    """Merge docker-compose.yml with the CPU override and make it runnable here: no GPU reservation
+    (an override cannot delete it), loopback ports nobody else holds, callbacks to this host allowed."""
+    merged = yaml.safe_load(run([*compose, "-f", str(REPO_ROOT / "docker-compose.yml"),
+                                 "-f", str(REPO_ROOT / "docker-compose.cpu.yml"), "config"],
+                                timeout=60, env=env, cwd=REPO_ROOT))
+    services = merged["services"]
+    reservations = services["worker"]["deploy"]["resources"]["reservations"]
+    if not reservations.pop("devices", None):
+        raise Failed("docker-compose.yml lost the worker's GPU reservation")
+    for name, port in ports.items():
+        target = 8000 if name == "web" else 5555
+        services[name]["ports"] = [f"127.0.0.1:{port}:{target}"]
+    for name in ("web", "webhooks"):
+        services[name]["environment"]["WEBHOOK_ALLOW_PRIVATE"] = "true"  # the receiver is on this host
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    path = WORK_DIR / "stack.yml"
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path
+
+
+class Receiver:
+    """A webhook receiver on the stack network's gateway address: reachable from the containers only."""
+
+    def __init__(self, address: str):
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                receiver.arrived.set()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((address, 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 2.0):
+    """Call ``check`` until it returns something truthy; raise Failed after ``timeout`` seconds."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise Failed(f"{what}: not within {timeout:.0f} s (last error: {last})")
+
+
+def cat_photo() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(out, format="JPEG", quality=92)
+    return out.getvalue()
+
+
+class Stack:
+    """The running compose project: its commands, its web address, its secrets."""
+
+    def __init__(self, compose: list[str], file: Path, env: dict[str, str], web_port: int):
+        self.base = [*compose, "-p", PROJECT, "-f", str(file)]
+        self.env, self.web = env, f"http://127.0.0.1:{web_port}"
+
+    def compose(self, *args: str, timeout: float = 300) -> str:
+        return run([*self.base, *args], timeout=timeout, env=self.env, cwd=WORK_DIR)
+
+    def gateway(self) -> str:
+        return run(["docker", "network", "inspect", f"{PROJECT}_default", "-f",
+                    "{{(index .IPAM.Config 0).Gateway}}"], timeout=30).strip()
+
+    def containers(self) -> list[dict]:
+        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+                  timeout=30).split()
+        return json.loads(run(["docker", "inspect", *ids], timeout=30)) if ids else []
+
+    def admin(self, path: str) -> dict:
+        answer = requests.get(f"{self.web}/api/v1/admin/{path}", timeout=10,
+                              headers={"Authorization": f"Bearer {self.env['ADMIN_TOKEN']}"})
+        answer.raise_for_status()
+        return answer.json()
+
+    def down(self) -> None:
+        try:
+            run([*self.base, "down", "-v", "--remove-orphans", "--timeout", "20"], timeout=180,
+                env=self.env, cwd=WORK_DIR)
+        except Failed as exc:
+            log(f"teardown: {exc}")
+
+
+def create_api_key(stack: Stack) -> tuple[str, str]:
+    out = stack.compose("exec", "-T", "web", "flask", "--app", "web.wsgi", "keys", "create", "compose-test",
+                        timeout=120)
+    key = json.loads(out[out.index("{"):])
+    return key["api_key"], key["webhook_secret"]
+
+
+def classify_cat(stack: Stack, api_key: str, callback_url: str) -> dict:
+    photo = cat_photo()
+    answer = requests.post(f"{stack.web}/api/v1/jobs", timeout=30, headers={"Authorization": f"Bearer {api_key}"},
+                           files={"image": ("chelsea.jpg", photo, "image/jpeg")},
+                           data={"callback_url": callback_url})
+    if answer.status_code != 202:
+        raise Failed(f"POST /api/v1/jobs answered {answer.status_code}: {answer.text[:500]}")
+    location = stack.web + answer.headers["Location"]
+
+    def finished():
+        job = requests.get(location, timeout=10, headers={"Authorization": f"Bearer {api_key}"}).json()
+        if job["status"] == "failed":
+            raise Failed(f"the job failed: {job['error']}")
+        return job if job["status"] == "done" else None
+
+    job = wait_for("the cat job to finish", finished, timeout=300)
+    top = job["result"]["predictions"][0]
+    if top["label"] not in CAT_LABELS:
+        raise Failed(f"chelsea was labelled {top}, not a cat")
+    log(f"job {job['id']}: {top['label']} ({top['score']:.2f}) on {job['result']['device']}")
+    png = requests.get(stack.web + job["result"]["gradcam"]["url"], timeout=60,
+                       headers={"Authorization": f"Bearer {api_key}"})
+    heatmap = Image.open(io.BytesIO(png.content))
+    width, height = heatmap.size  # drawn on the small picture the worker kept: the photo's aspect, not its size
+    if png.status_code != 200 or heatmap.format != "PNG" or abs(width / height - 451 / 300) > 0.02:
+        raise Failed(f"gradcam.png: HTTP {png.status_code}, {heatmap.format} {heatmap.size}, wanted a PNG of "
+                     "chelsea's 451:300 aspect")
+    log(f"heatmap: PNG {heatmap.size[0]}x{heatmap.size[1]}, {len(png.content)} bytes")
+    return job
+
+
+def check_callback(receiver: Receiver, secret: str, job: dict) -> None:
+    if not receiver.arrived.wait(timeout=120):
+        raise Failed("no callback reached the receiver within 120 s")
+    headers, body = receiver.received[0]
+    payload = Webhook(secret).verify(body, headers)  # raises on a bad signature
+    if json.dumps(payload).find(job["id"]) < 0:
+        raise Failed(f"the callback does not name job {job['id']}: {body[:300]!r}")
+    log(f"callback: signature verified (webhook-id {headers.get('webhook-id')})")
+
+
+def check_two_workers(stack: Stack) -> None:
+    stack.compose("up", "-d", "--no-build", "--no-recreate", "--scale", "worker=2", timeout=300)
+
+    def two_nodes():
+        nodes = stack.admin("workers")["workers"]
+        return nodes if len(nodes) >= 2 else None
+
+    nodes = wait_for("two worker nodes in the admin API", two_nodes, timeout=300, interval=3)
+    ready = requests.get(f"{stack.web}/readyz", timeout=10).json()
+    log(f"scaled: admin API lists {[n['name'] for n in nodes]}; /readyz counts {ready['workers']} children")
+
+
+def check_nothing_restarted(stack: Stack) -> None:
+    for container in stack.containers():
+        state, name = container["State"], container["Name"].lstrip("/")
+        if not state["Running"] or container["RestartCount"]:
+            raise Failed(f"{name}: running={state['Running']}, restarts={container['RestartCount']}")
+    log("every service container is running and none restarted")
+
+
+def prove(compose: list[str], python_base: str, redis_image: str) -> None:
+    ports = {"web": free_port(), "flower": free_port()}
+    env = {**os.environ, "SECRET_KEY": secrets.token_urlsafe(32), "ADMIN_TOKEN": secrets.token_urlsafe(16),
+           "WEBHOOK_SECRET": "", "IMGSVC_IMAGE": IMAGE, "REDIS_IMAGE": redis_image}
+    stack = Stack(compose, render_stack(compose, env, ports), env, ports["web"])
+    receiver = None
+    try:
+        stack.compose("up", "-d", "--no-build", timeout=300)
+        wait_for("/readyz with a worker", lambda: requests.get(f"{stack.web}/readyz", timeout=5).ok,
+                         timeout=300, interval=3)
+        log("stack up; /readyz counts a worker")
+        api_key, secret = create_api_key(stack)
+        receiver = Receiver(stack.gateway())
+        job = classify_cat(stack, api_key, receiver.url)
+        check_callback(receiver, secret, job)
+        check_two_workers(stack)
+        requests.get(f"http://127.0.0.1:{ports['flower']}/", timeout=10).raise_for_status()
+        check_nothing_restarted(stack)
+    except BaseException:
+        try:
+            print(stack.compose("logs", "--no-color", "--tail", "60", timeout=60)[-20000:], file=sys.stderr)
+        except Failed as exc:
+            log(f"no logs: {exc}")
+        raise
+    finally:
+        if receiver:
+            receiver.close()
+        log("tearing down")
+        stack.down()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    started = time.monotonic()
+    try:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode != 0:
+            raise Failed("No Docker engine answers. As root: dockerd --storage-driver overlay2 "
+                         "> /var/log/dockerd.log 2>&1 &   (see the deployment docs)")
+        compose = compose_command()
+        python_base, redis_image = base_images()
+        build_image(python_base, torch_index())
+        log(f"image ready after {time.monotonic() - started:.0f} s")
+        prove(compose, python_base, redis_image)
+    except Failed as exc:
+        log(f"FAILED after {time.monotonic() - started:.0f} s: {exc}")
+        return 1
+    log(f"passed in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
