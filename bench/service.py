@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import time
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from tests.receiver import Receiver
 from tools import stack
 
 
-def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480)) -> list[bytes]:
+def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480), seed: int = 1) -> list[bytes]:
     """``count`` different JPEGs cut from one photo (a fresh cache key each)."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     base = photo.resize((size[0] * 2, size[1] * 2))
     out = []
     for i in range(count):
@@ -44,12 +45,13 @@ def percentiles(samples_ms: list[float]) -> dict:
 class Service:
     """redis-server, one worker and gunicorn, started and timed."""
 
-    def __init__(self, workdir: Path, cards_dir: Path):
+    def __init__(self, workdir: Path, cards_dir: Path, models: tuple[str, ...] = ("efficientnet-lite0",),
+                 web_processes: int = 1, web_threads: int = 8):
         self.workdir = workdir
         self.redis_proc, url = stack.start_redis(workdir)
         # One client address sends everything: lift the per-address limit (its check still runs).
         # Callbacks go to a receiver on loopback, so the address check is off for the benchmark.
-        self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=("efficientnet-lite0",),
+        self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=models,
                                  heartbeat_interval_s=1, rate_limit="1000000/minute",
                                  webhook_secret=new_secret(), webhook_allow_private=True)
         self.redis = redis.Redis.from_url(url)
@@ -57,7 +59,7 @@ class Service:
         self.worker = stack.start_worker(self.settings, workdir / "worker.log", name="bench")
         self.worker_ready_s = time.perf_counter() - start
         start = time.perf_counter()
-        self.web, self.base = stack.start_web(self.settings, threads=8)
+        self.web, self.base = stack.start_web(self.settings, threads=web_threads, processes=web_processes)
         self.web_first_200_s = time.perf_counter() - start
         self.webhooks = stack.start_webhook_worker(self.settings, workdir / "webhooks.log", name="bench-webhooks")
         self.web_rss_mb = stack.rss_mb(self.web.pid)
@@ -136,6 +138,17 @@ class Service:
                 [arrival] = receiver.wait(f"/{i}", 1, timeout=30)
                 samples.append((arrival.at - start) * 1000)
         return percentiles(samples)
+
+    def pids(self) -> dict[str, int]:
+        """The root process of each kind, for CPU accounting (each counts its whole process tree)."""
+        return {"web": self.web.pid, "worker": self.worker.pid, "redis-server": self.redis_proc.pid,
+                "webhook worker": self.webhooks.pid}
+
+    def worker_info(self) -> dict:
+        """What the worker children report in their heartbeats: device, threads, batch sizes."""
+        infos = [self.redis.hgetall(key) for key in self.redis.scan_iter("worker:*")]
+        return {"children": len(infos), "max_batch": [json.loads(i[b"max_batch"]) for i in infos],
+                "threads": [int(i[b"threads"]) for i in infos]}
 
     def workers_alive(self) -> int:
         return self.redis.zcard(WORKERS_KEY)

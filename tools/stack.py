@@ -150,10 +150,10 @@ def start_webhook_worker(settings: Settings, log: Path, name: str = "webhooks") 
     return proc
 
 
-def start_web(settings: Settings, threads: int = 4) -> tuple[subprocess.Popen, str]:
+def start_web(settings: Settings, threads: int = 4, processes: int = 1) -> tuple[subprocess.Popen, str]:
     """Start the web app under gunicorn on a free port; return it and its base URL once it answers."""
     port = free_port()
-    proc = spawn([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+    proc = spawn([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(processes),
                   "--threads", str(threads), "--worker-class", "gthread", "web.wsgi:app"],
                  env=service_env(settings))
     url = f"http://127.0.0.1:{port}"

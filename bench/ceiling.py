@@ -1,0 +1,108 @@
+"""The service ceiling: the whole service (HTTP, Redis, Celery, worker) around a model that costs nothing.
+
+``python -m bench.ceiling`` runs it alone; ``make bench`` runs it as part of the full harness.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+from bench import null_model
+from bench.procstat import CpuMeter
+from bench.service import Service, distinct_jpegs
+
+CEILING_IMAGES = int(os.environ.get("BENCH_CEILING_IMAGES", "300"))
+CLIENTS = int(os.environ.get("BENCH_CLIENTS", "8"))
+
+
+class Poster:
+    """Keep-alive HTTP clients, one per thread: the cheapest load generator the standard library has."""
+
+    def __init__(self, base: str):
+        self.address = urlsplit(base)
+        self.local = threading.local()
+
+    def post(self, data: bytes, path: str = "/api/v1/jobs") -> tuple[int, dict, float]:
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.local.connection = http.client.HTTPConnection(
+                self.address.hostname, self.address.port, timeout=60)
+        start = time.perf_counter()
+        connection.request("POST", path, body=data, headers={"Content-Type": "image/jpeg"})
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, json.loads(body), (time.perf_counter() - start) * 1000
+
+
+def submit_all(service: Service, images: list[bytes], clients: int) -> list[tuple[int, dict, float]]:
+    poster = Poster(service.base)
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(poster.post, images))
+
+
+def ceiling(service: Service, images: list[bytes], clients: int = CLIENTS) -> dict:
+    """New submits, then the same images again as cache hits; img/s and CPU ms per image by process."""
+    meter = CpuMeter(service.pids())
+    start = time.perf_counter()
+    answers = submit_all(service, images, clients)
+    bad = [a for a in answers if a[0] not in (200, 202)]
+    if bad:
+        raise RuntimeError(f"{len(bad)} submits refused, e.g. {bad[0][:2]}")
+    end = service.wait_all([body["id"] for _, body, _ in answers])
+    new = {"images": len(images), "seconds": end - start, "images_per_s": len(images) / (end - start),
+           "cpu_ms_per_image": meter.per_image_ms(len(images))}
+    meter = CpuMeter(service.pids())
+    start = time.perf_counter()
+    answers = submit_all(service, images, clients)
+    seconds = time.perf_counter() - start
+    if any(status != 200 for status, _, _ in answers):
+        raise RuntimeError("a repeated upload was not answered from the cache")
+    latencies = [ms for _, _, ms in answers]
+    hits = {"images": len(images), "images_per_s": len(images) / seconds,
+            "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
+            "cpu_ms_per_image": meter.per_image_ms(len(images))}
+    return {"new": new, "cache_hit": hits, "clients": clients}
+
+
+def run(workdir: Path, **service_options) -> dict:
+    cards = workdir / "cards"
+    cards.mkdir()
+    null_model.write_card(cards)
+    service = Service(workdir, cards, models=(null_model.NAME,), **service_options)
+    try:
+        images = distinct_jpegs(Image.fromarray(skdata.chelsea()), CEILING_IMAGES, seed=7)
+        result = ceiling(service, images)
+        result["worker"] = service.worker_info()
+        return result
+    finally:
+        service.close()
+
+
+def print_ceiling(result: dict) -> None:
+    new, hit = result["new"], result["cache_hit"]
+    kinds = list(new["cpu_ms_per_image"])
+    print(f"service ceiling (null model, GradCAM on): {new['images_per_s']:.1f} img/s, "
+          f"{new['images']} distinct 640x480 JPEGs, {result['clients']} clients; worker {result['worker']}")
+    print("| CPU ms per image | " + " | ".join(kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    print("| new submit | " + " | ".join(f"{new['cpu_ms_per_image'][k]:.2f}" for k in kinds) + " |")
+    print("| cache hit | " + " | ".join(f"{hit['cpu_ms_per_image'][k]:.2f}" for k in kinds) + " |")
+    print(f"cache hits under load: {hit['images_per_s']:.0f} img/s, p50 {hit['p50']:.1f} ms, p99 {hit['p99']:.1f} ms")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = run(Path(tmp))
+    print_ceiling(outcome)
+    print(json.dumps(outcome))
