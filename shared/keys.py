@@ -40,7 +40,7 @@ def drain_key(node: str) -> str:
 
 def cached_prefixes(model: str, version: str) -> tuple[str, ...]:
     """Return the key prefixes of everything cached for one model version (results, heatmaps, meta)."""
-    return tuple(f"{kind}:{model}:{version}:" for kind in ("result", "overlay", "meta"))
+    return tuple(f"{kind}:{model}:{version}:" for kind in ("result", "overlay", "picture", "meta"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,11 @@ class Computation:
     @property
     def overlay_key(self) -> str:
         return f"overlay:{self.suffix}"
+
+    @property
+    def picture_key(self) -> str:
+        """The small picture ``gradcam.png`` is drawn on: the upload itself, or a thumbnail of it."""
+        return f"picture:{self.suffix}"
 
     @property
     def inflight_key(self) -> str:
@@ -130,6 +135,11 @@ class Computation:
 def overlay_key_for_result(result_key: str) -> str:
     """Return the overlay key that belongs to a result key."""
     return "overlay:" + result_key.removeprefix("result:")
+
+
+def picture_key_for_result(result_key: str) -> str:
+    """Return the key of the picture an overlay is drawn on, for a result key."""
+    return "picture:" + result_key.removeprefix("result:")
 
 
 BATCH_PREFIX = "batch:"

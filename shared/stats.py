@@ -54,32 +54,43 @@ def series_field(name: str, labels: dict, part: int | str | None = None) -> str:
     return json.dumps(key if part is None else [*key, part], separators=(",", ":"))
 
 
-def _observe(pipe, name: str, labels: dict, value: float) -> None:
-    """Add one observation to a histogram: its own bucket (cumulated when read), sum and count."""
-    index = bisect.bisect_left(HISTOGRAMS[name], value)  # len(buckets) is the +Inf bucket
-    pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, index), 1)
-    pipe.hincrbyfloat(HISTOGRAMS_KEY, series_field(name, labels, "sum"), value)
-    pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, "count"), 1)
+def _observe(pipe, name: str, labels: dict, values: list[float]) -> None:
+    """Add observations to a histogram: one increment per bucket hit (cumulated when read), sum and count."""
+    if not values:
+        return
+    buckets: dict[int, int] = {}
+    for value in values:
+        index = bisect.bisect_left(HISTOGRAMS[name], value)  # len(buckets) is the +Inf bucket
+        buckets[index] = buckets.get(index, 0) + 1
+    for index, hits in buckets.items():
+        pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, index), hits)
+    pipe.hincrbyfloat(HISTOGRAMS_KEY, series_field(name, labels, "sum"), sum(values))
+    pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, "count"), len(values))
 
 
 def record_batch(client: redis.Redis, labels: dict, samples: list[tuple[float, float]],
-                 batch_size: int, now: float | None = None) -> None:
-    """Count a finished batch: ``samples`` holds (end-to-end s, inference s) per computation done."""
+                 batch_size: int, now: float | None = None, pipe=None) -> None:
+    """Count a finished batch: ``samples`` holds (end-to-end s, inference s) per computation done.
+
+    With ``pipe`` the commands join that pipeline (the caller executes it); otherwise they are sent now.
+    The cost is per batch, not per image: each histogram gets one increment per bucket hit.
+    """
     now = time.time() if now is None else now
     model, minute = labels["model"], minute_of(now)
-    pipe = client.pipeline(transaction=False)
+    own = pipe is None
+    pipe = client.pipeline(transaction=False) if own else pipe
     if samples:
         pipe.hincrby(minute_key(minute), f"done:{model}", len(samples))
         pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_jobs_completed", labels), len(samples))
         pipe.lpush(latency_key(minute, model), *(f"{e2e:.6f} {inf:.6f}" for e2e, inf in samples))
         pipe.ltrim(latency_key(minute, model), 0, SAMPLES_PER_MINUTE - 1)
         pipe.expire(latency_key(minute, model), MINUTE_TTL_S)
-    for e2e, inference in samples:
-        _observe(pipe, "imgsvc_inference_seconds", labels, inference)
-        _observe(pipe, "imgsvc_end_to_end_seconds", labels, e2e)
-    _observe(pipe, "imgsvc_batch_size", labels, batch_size)
+    _observe(pipe, "imgsvc_inference_seconds", labels, [inference for _, inference in samples])
+    _observe(pipe, "imgsvc_end_to_end_seconds", labels, [e2e for e2e, _ in samples])
+    _observe(pipe, "imgsvc_batch_size", labels, [batch_size])
     pipe.expire(minute_key(minute), MINUTE_TTL_S)
-    pipe.execute()
+    if own:
+        pipe.execute()
 
 
 def record_failures(client: redis.Redis, labels: dict, count: int = 1, now: float | None = None) -> None:

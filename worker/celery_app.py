@@ -11,7 +11,7 @@ import os
 from billiard.process import current_process
 from celery import Celery
 from celery.signals import (celeryd_init, worker_process_init, worker_process_shutdown, worker_ready,
-                            worker_shutdown)
+                            worker_shutdown, worker_shutting_down)
 from kombu import Queue
 
 from shared.cards import ModelCatalog
@@ -100,6 +100,17 @@ def start_node_services(sender=None, **_):
     global metrics_server
     main_store().redis.delete(drain_key(node_name))
     metrics_server = serve_metrics(settings, [card.name for card in catalog], node_name)
+
+
+@worker_shutting_down.connect
+def stop_taking_batches(**_):
+    """On warm shutdown, children stop taking further batches and finish the ones in hand: the rest
+    of the queue stays for other workers (or this one's next life, which clears the drain)."""
+    try:
+        main_store().redis.set(drain_key(node_name), "shutdown", ex=max(60, settings.job_time_limit_s))
+    except Exception:  # Redis down: children then finish their loop budget before the pool stops
+        logging.getLogger(__name__).warning("could not mark %s as draining for shutdown", node_name,
+                                            exc_info=True)
 
 
 @worker_shutdown.connect

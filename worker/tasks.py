@@ -9,7 +9,7 @@ from shared.errors import JobTimeout
 from shared.keys import Computation
 from shared.tasks import INFER_TASK
 from worker import celery_app
-from worker.batching import Pending
+from worker.broker import Pending
 
 log = logging.getLogger(__name__)
 
