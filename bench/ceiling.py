@@ -79,7 +79,9 @@ def run(workdir: Path, **service_options) -> dict:
     cards = workdir / "cards"
     cards.mkdir()
     null_model.write_card(cards)
-    service = Service(workdir, cards, models=(null_model.NAME,), **service_options)
+    # The null model stands in for a model on a GPU: its child, like a GPU child, needs one torch
+    # thread (more would only spin OpenMP threads on the cores the service needs).
+    service = Service(workdir, cards, models=(null_model.NAME,), torch_threads=1, **service_options)
     try:
         images = distinct_jpegs(Image.fromarray(skdata.chelsea()), CEILING_IMAGES, seed=7)
         result = ceiling(service, images)

@@ -46,13 +46,13 @@ class Service:
     """redis-server, one worker and gunicorn, started and timed."""
 
     def __init__(self, workdir: Path, cards_dir: Path, models: tuple[str, ...] = ("efficientnet-lite0",),
-                 web_processes: int = 1, web_threads: int = 8):
+                 web_processes: int = 1, web_threads: int = 8, torch_threads: int = 0):
         self.workdir = workdir
         self.redis_proc, url = stack.start_redis(workdir)
         # One client address sends everything: lift the per-address limit (its check still runs).
         # Callbacks go to a receiver on loopback, so the address check is off for the benchmark.
         self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=models,
-                                 heartbeat_interval_s=1, rate_limit="1000000/minute",
+                                 heartbeat_interval_s=1, rate_limit="1000000/minute", torch_threads=torch_threads,
                                  webhook_secret=new_secret(), webhook_allow_private=True)
         self.redis = redis.Redis.from_url(url)
         start = time.perf_counter()

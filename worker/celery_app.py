@@ -51,13 +51,17 @@ def remember_node_name(sender=None, **_):
 @worker_process_init.connect
 def init_child(**_):
     """Load every served model once in this child, on its own device."""
+    if device_for_child(device_plan, getattr(current_process(), "index", 0)) != "cpu":
+        # Before torch loads OpenMP: a GPU child's CPU work is decoding in its own threads, and idle
+        # OpenMP threads would spin on its cores. (A CPU child keeps spinning: it is faster there.)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.runtime import Runtime
 
     global runtime
     index = getattr(current_process(), "index", 0)
+    planned = device_for_child(device_plan, index)
     runtime = Runtime.start(settings, catalog, index, broker_connection=app.connection_for_read(),
-                            planned_device=device_for_child(device_plan, index), node=node_name,
-                            pool_size=len(device_plan), sender=app)
+                            planned_device=planned, node=node_name, pool_size=len(device_plan), sender=app)
 
 
 @worker_process_shutdown.connect

@@ -86,7 +86,8 @@ class Runtime:
         """Pick the device, load and warm every served model, size batches and threads, start the heartbeat."""
         device = devices.choose_device(planned_device)
         cores = max(1, (os.cpu_count() or 1) // pool_size)
-        threads = settings.torch_threads or cores
+        # A CPU child's model needs its share of the cores; a GPU child's torch has little CPU work.
+        threads = settings.torch_threads or (1 if device.type == "cuda" else cores)
         devices.configure(device, threads)
         models = {card.name: load_model(card, device) for card in catalog}
         for model in models.values():
