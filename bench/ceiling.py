@@ -4,15 +4,11 @@
 """
 from __future__ import annotations
 
-import concurrent.futures
-import http.client
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -20,35 +16,10 @@ from skimage import data as skdata
 
 from bench import null_model
 from bench.procstat import CpuMeter
-from bench.service import Service, distinct_jpegs
+from bench.service import Service, distinct_jpegs, submit_all
 
 CEILING_IMAGES = int(os.environ.get("BENCH_CEILING_IMAGES", "300"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "8"))
-
-
-class Poster:
-    """Keep-alive HTTP clients, one per thread: the cheapest load generator the standard library has."""
-
-    def __init__(self, base: str):
-        self.address = urlsplit(base)
-        self.local = threading.local()
-
-    def post(self, data: bytes, path: str = "/api/v1/jobs") -> tuple[int, dict, float]:
-        connection = getattr(self.local, "connection", None)
-        if connection is None:
-            connection = self.local.connection = http.client.HTTPConnection(
-                self.address.hostname, self.address.port, timeout=60)
-        start = time.perf_counter()
-        connection.request("POST", path, body=data, headers={"Content-Type": "image/jpeg"})
-        response = connection.getresponse()
-        body = response.read()
-        return response.status, json.loads(body), (time.perf_counter() - start) * 1000
-
-
-def submit_all(service: Service, images: list[bytes], clients: int) -> list[tuple[int, dict, float]]:
-    poster = Poster(service.base)
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        return list(pool.map(poster.post, images))
 
 
 def ceiling(service: Service, images: list[bytes], clients: int = CLIENTS) -> dict:
@@ -105,6 +76,6 @@ def print_ceiling(result: dict) -> None:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = run(Path(tmp))
+        outcome = run(Path(tmp), web_server=os.environ.get("BENCH_WEB_SERVER", "gunicorn"))
     print_ceiling(outcome)
     print(json.dumps(outcome))

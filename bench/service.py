@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import io
 import json
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis
@@ -32,6 +35,31 @@ def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480), seed: int = 
     return out
 
 
+class Poster:
+    """Keep-alive HTTP clients, one per thread: the cheapest load generator the standard library has."""
+
+    def __init__(self, base: str):
+        self.address = urlsplit(base)
+        self.local = threading.local()
+
+    def post(self, data: bytes, path: str = "/api/v1/jobs") -> tuple[int, dict, float]:
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.local.connection = http.client.HTTPConnection(
+                self.address.hostname, self.address.port, timeout=60)
+        start = time.perf_counter()
+        connection.request("POST", path, body=data, headers={"Content-Type": "image/jpeg"})
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, json.loads(body), (time.perf_counter() - start) * 1000
+
+
+def submit_all(service: Service, images: list[bytes], clients: int) -> list[tuple[int, dict, float]]:
+    poster = Poster(service.base)
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(poster.post, images))
+
+
 def _post(base: str, data: bytes, session: requests.Session | None = None) -> requests.Response:
     http = session or requests
     return http.post(f"{base}/api/v1/jobs", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
@@ -46,7 +74,8 @@ class Service:
     """redis-server, one worker and gunicorn, started and timed."""
 
     def __init__(self, workdir: Path, cards_dir: Path, models: tuple[str, ...] = ("efficientnet-lite0",),
-                 web_processes: int = 1, web_threads: int = 8, torch_threads: int = 0):
+                 web_processes: int = 1, web_threads: int = 8, torch_threads: int = 0,
+                 web_server: str = "gunicorn"):
         self.workdir = workdir
         self.redis_proc, url = stack.start_redis(workdir)
         # One client address sends everything: lift the per-address limit (its check still runs).
@@ -59,7 +88,9 @@ class Service:
         self.worker = stack.start_worker(self.settings, workdir / "worker.log", name="bench")
         self.worker_ready_s = time.perf_counter() - start
         start = time.perf_counter()
-        self.web, self.base = stack.start_web(self.settings, threads=web_threads, processes=web_processes)
+        self.web_server = web_server
+        self.web, self.base = stack.start_web(self.settings, threads=web_threads, processes=web_processes,
+                                              server=web_server)
         self.web_first_200_s = time.perf_counter() - start
         self.webhooks = stack.start_webhook_worker(self.settings, workdir / "webhooks.log", name="bench-webhooks")
         self.web_rss_mb = stack.rss_mb(self.web.pid)
@@ -87,9 +118,7 @@ class Service:
     def throughput(self, images: list[bytes], clients: int = 8) -> dict:
         """Submit distinct images from several clients at once; images/s from first submit to last done."""
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool, requests.Session() as session:
-            answers = list(pool.map(lambda data: _post(self.base, data, session), images))
-        ids = [answer.json()["id"] for answer in answers]
+        ids = [body["id"] for _, body, _ in submit_all(self, images, clients)]
         end = self.wait_all(ids)
         sizes = [self.result_of(job_id)["batch_size"] for job_id in ids[:: max(1, len(ids) // 50)]]
         return {"images": len(images), "seconds": end - start, "images_per_s": len(images) / (end - start),

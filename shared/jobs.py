@@ -15,6 +15,7 @@ import uuid
 
 import redis
 
+from shared import stats
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key,
                          overlay_key_for_result, picture_key_for_result)
 
@@ -25,10 +26,17 @@ local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, i
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if image_json == '' then image_json = redis.call('GET', meta) end
 local function write_job(status, extra)
-  for i = 12, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 19, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
+end
+local function count(hit)  -- the accepted job, for /metrics and the admin page (ARGV[13..18])
+  if ARGV[14] == '' then return end
+  redis.call('HINCRBY', KEYS[10], hit and ARGV[14] or ARGV[15], 1)
+  redis.call('EXPIRE', KEYS[10], tonumber(ARGV[13]))
+  redis.call('HINCRBY', KEYS[11], ARGV[16], 1)
+  redis.call('HINCRBY', KEYS[11], hit and ARGV[17] or ARGV[18], 1)
 end
 if image_json and redis.call('EXISTS', result_key) == 1 then
   if redis.call('EXISTS', meta) == 0 then
@@ -38,16 +46,21 @@ if image_json and redis.call('EXISTS', result_key) == 1 then
   if redis.call('HGET', job, 'announce') == '1' then
     redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
   end
+  count(true)
   return {'cached', image_json, redis.call('GET', result_key)}
 end
 if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
   redis.call('EXPIRE', attached, inflight_ttl)
+  count(false)
   return {'attached', image_json}
 end
 if image_bytes == '' then
   return {'miss', ''}
+end
+if tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
+  return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
 end
 write_job('queued', {'cached', '0'})
 redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
@@ -56,6 +69,7 @@ redis.call('EXPIRE', attached, inflight_ttl)
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
+count(false)
 return {'new', image_json}
 """
 
@@ -198,26 +212,33 @@ class JobStore:
 
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
-               job_id: str | None = None) -> Submission:
+               job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
+               count: stats.SubmissionCount | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
         nor their header check, and anything else answers ``miss`` without writing. With them, a
-        miss starts the computation. One round trip either way; the returned fields are what the
-        script wrote, so the caller answers without reading the job back.
+        miss starts the computation, unless ``queue`` already holds ``max_queue_depth`` tasks
+        (then ``overloaded``, nothing written). A job it writes is counted with ``count``. One
+        round trip either way; the returned fields are what the script wrote, so the caller
+        answers without reading the job back.
         """
         job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
                   "options": json.dumps(comp.options.to_dict()), **context.fields()}
         extra = [item for pair in context.fields().items() for item in pair]
+        count_keys, count_args = count.script_parts() if count else (["-", "-"], [0, "", "", "", "", ""])
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
-                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY],
+                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], json.dumps(image_info) if image_info else "", image_bytes,
-                  time.time() + self.stuck_after_s, comp.suffix, *extra],
+                  time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
+                  *count_args, *extra],
         )
         outcome = outcome.decode()
+        if outcome == "overloaded":
+            return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
             fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)

@@ -140,6 +140,7 @@ class Settings:
     # Admins: admin API and page, worker metrics endpoint.
     admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin; empty disables both (404)
     worker_metrics_port: int = 9808  # each worker's main process serves /metrics here; 0: off
+    task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -198,4 +199,5 @@ class Settings:
             webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", d.webhook_concurrency, minimum=1),
             admin_token=env.get("ADMIN_TOKEN", "").strip(),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", d.worker_metrics_port),
+            task_events=_bool(env, "TASK_EVENTS", d.task_events),
         )

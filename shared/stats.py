@@ -18,6 +18,7 @@ the admin page needs fleet-wide windows that no single process sees.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 import time
@@ -103,16 +104,30 @@ def record_failures(client: redis.Redis, labels: dict, count: int = 1, now: floa
     pipe.execute()
 
 
+@dataclasses.dataclass(frozen=True)
+class SubmissionCount:
+    """How an accepted job is counted (the same series as ``record_submission``), for the submit
+    script to count it in the round trip that writes the job."""
+
+    model: str
+    now: float
+
+    def script_parts(self) -> tuple[list[str], list]:
+        """Keys (minute bucket, counters) and arguments (TTL, then hit/miss fields) for the script."""
+        model = {"model": self.model}
+        return [minute_key(minute_of(self.now)), COUNTERS_KEY], [
+            MINUTE_TTL_S, f"hit:{self.model}", f"miss:{self.model}",
+            series_field("imgsvc_jobs_submitted", model), series_field("imgsvc_cache_hits", model),
+            series_field("imgsvc_cache_misses", model)]
+
+
 def record_submission(client: redis.Redis, model: str, cached: bool, now: float | None = None) -> None:
-    """Count an accepted job and whether the cache answered it."""
-    now = time.time() if now is None else now
-    outcome = "hit" if cached else "miss"
+    """Count an accepted job and whether the cache answered it (the series the submit script counts)."""
+    (minute, counters), (ttl, hit, miss, submitted, hits, misses) = SubmissionCount(
+        model, time.time() if now is None else now).script_parts()
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(minute_key(minute_of(now)), f"{outcome}:{model}", 1)
-    pipe.expire(minute_key(minute_of(now)), MINUTE_TTL_S)
-    pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_jobs_submitted", {"model": model}), 1)
-    pipe.hincrby(COUNTERS_KEY, series_field(f"imgsvc_cache_{'hits' if cached else 'misses'}",
-                                            {"model": model}), 1)
+    pipe.hincrby(minute, hit if cached else miss, 1).expire(minute, ttl)
+    pipe.hincrby(counters, submitted, 1).hincrby(counters, hits if cached else misses, 1)
     pipe.execute()
 
 

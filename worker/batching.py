@@ -45,7 +45,8 @@ class BatchSizer:
 
     Every ``explore_every`` full batches it runs ``trial_batches`` at a neighbouring size (twice or
     half the current one, in turn) and moves there when that measured at least ``gain`` better.
-    Rates are averages over whole trials, so one noisy batch cannot move the choice.
+    Rates are averages over whole trials, so one noisy batch cannot move the choice. A trial that
+    loses doubles the wait before the next (up to 8x), so a settled size costs little exploring.
     """
 
     def __init__(self, initial: int, candidates: tuple[int, ...], *, fixed: bool = False,
@@ -57,6 +58,7 @@ class BatchSizer:
         self._trial: int | None = None  # the size on trial, or None
         self._direction = 1
         self._since_trial = 0
+        self._interval = explore_every
         self._window: list[tuple[int, float]] = []  # (images, seconds) of the size being measured
 
     @property
@@ -77,7 +79,7 @@ class BatchSizer:
         if self._trial is not None:
             self._end_trial()
         else:
-            if self._since_trial >= self.explore_every:
+            if self._since_trial >= self._interval:
                 self._start_trial()
 
     def _start_trial(self) -> None:
@@ -94,4 +96,6 @@ class BatchSizer:
                      self.rates[trial], self.rates.get(self.chosen, 0.0))
             self._direction = 1 if trial > self.chosen else -1  # keep going the way that paid
             self.chosen = trial
-            self._since_trial = self.explore_every  # and try the next step at once
+            self._interval = self._since_trial = self.explore_every  # and try the next step at once
+        else:
+            self._interval = min(2 * self._interval, 8 * self.explore_every)

@@ -28,21 +28,25 @@ for i = 3, #KEYS do
   while #taken < limit do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
-    local properties = cjson.decode(raw)['properties']
-    local info = properties['delivery_info']
-    local tag = properties['delivery_tag']
-    redis.call('ZADD', KEYS[2], now, tag)
-    redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
-               .. cjson.encode(info['routing_key']) .. ']')
+    local ok, message = pcall(cjson.decode, raw)
+    local properties = ok and type(message) == 'table' and message['properties']
+    local info = type(properties) == 'table' and properties['delivery_info']
+    if type(info) == 'table' and type(properties['delivery_tag']) == 'string' then
+      local tag = properties['delivery_tag']
+      redis.call('ZADD', KEYS[2], now, tag)
+      redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
+                 .. cjson.encode(info['routing_key']) .. ']')
+    end  -- else unreadable: returned, never recorded, so the caller drops it for good
     table.insert(taken, raw)
   end
 end
 return taken
 """
 
-# Put messages back at the head of their queue (the next to be taken) and forget them as unacked.
+# Put messages back at the head of their queue (the next to be taken, in their order: consumers take
+# from the right, so the first goes in last) and forget them as unacked.
 _REQUEUE = """
-for i = 1, #ARGV, 2 do
+for i = #ARGV - 1, 1, -2 do
   redis.call('RPUSH', KEYS[3], ARGV[i + 1])
   redis.call('HDEL', KEYS[1], ARGV[i])
   redis.call('ZREM', KEYS[2], ARGV[i])
