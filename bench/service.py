@@ -15,6 +15,7 @@ import redis
 import requests
 from PIL import Image
 
+from bench.procstat import CpuMeter
 from shared.keys import WORKERS_KEY
 from shared.settings import Settings
 from shared.signing import new_secret
@@ -117,12 +118,14 @@ class Service:
 
     def throughput(self, images: list[bytes], clients: int = 8) -> dict:
         """Submit distinct images from several clients at once; images/s from first submit to last done."""
+        meter = CpuMeter(self.pids())
         start = time.perf_counter()
         ids = [body["id"] for _, body, _ in submit_all(self, images, clients)]
         end = self.wait_all(ids)
+        cpu = meter.per_image_ms(len(images))
         sizes = [self.result_of(job_id)["batch_size"] for job_id in ids[:: max(1, len(ids) // 50)]]
         return {"images": len(images), "seconds": end - start, "images_per_s": len(images) / (end - start),
-                "mean_batch_size_sampled": float(np.mean(sizes))}
+                "mean_batch_size_sampled": float(np.mean(sizes)), "cpu_ms_per_image": cpu}
 
     def result_of(self, job_id: str) -> dict:
         return requests.get(f"{self.base}/api/v1/jobs/{job_id}", timeout=10).json()["result"]

@@ -97,6 +97,10 @@ if status == 'done' then
     redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
   end
   redis.call('EXPIRE', KEYS[7], ttl)
+elseif redis.call('EXISTS', KEYS[4]) == 1 then
+  -- already answered (e.g. a hard time limit reported for the first message of a batch loop that
+  -- had finished it long before): a late failure changes nothing
+  return {{}, {}}
 else
   redis.call('DEL', KEYS[7])
 end

@@ -111,6 +111,7 @@ class Settings:
     visibility_timeout_s: int = 600  # a dead worker's unacked messages come back after this
     worker_devices: str = "auto"  # auto | cpu | 0,1,... (GPU indices): one child per device
     amp_dtype: str = "float16"  # float16 | bfloat16 (CUDA only)
+    device_decode: str = "auto"  # auto: GPU children decode JPEGs on the GPU (nvJPEG) | on | off
     torch_threads: int = 0  # 0: the machine's cores shared among the pool's children
     worker_concurrency: int = 1
     max_batch: int = 0  # images per forward pass; 0 measures the best size per model at start-up
@@ -170,6 +171,7 @@ class Settings:
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", d.visibility_timeout_s, minimum=1),
             worker_devices=_devices(env.get("WORKER_DEVICES", "").strip().lower() or d.worker_devices),
             amp_dtype=_choice(env, "AMP_DTYPE", d.amp_dtype, ("float16", "bfloat16")),
+            device_decode=_choice(env, "DEVICE_DECODE", d.device_decode, ("auto", "on", "off")),
             torch_threads=_int(env, "TORCH_THREADS", d.torch_threads),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1),
             max_batch=_int(env, "MAX_BATCH", d.max_batch),

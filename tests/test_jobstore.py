@@ -95,3 +95,14 @@ def test_every_key_expires(store, redis_client):
     assert store.overlay_png(sub.job_id, render=lambda *_: b"PNG") == b"PNG"
     for key in (f"job:{sub.job_id}", comp.result_key, comp.picture_key, comp.overlay_key, comp.meta_key):
         assert 0 < redis_client.ttl(key) <= 60, key
+
+
+def test_a_failure_reported_after_the_result_changes_nothing(store, redis_client):
+    comp = _comp("f" * 64)
+    sub = store.submit(comp, MODEL, b"img", INFO)
+    store.finish(comp, {"predictions": [], "gradcam": None})
+    counted = store.computations()
+    assert store.fail(comp, {"code": "timeout", "message": "late"}) == []
+    assert store.get(sub.job_id)["status"] == "done" and redis_client.exists(comp.meta_key)
+    assert store.computations() == counted
+    assert store.submit(comp, MODEL).outcome == "cached"

@@ -13,14 +13,16 @@ import torch
 from PIL import Image
 
 from shared.cards import ModelCard
-from shared.pictures import ALLOWED_FORMATS, Decoded, decode, to_rgb  # noqa: F401 (the worker's imports)
+from shared.pictures import ALLOWED_FORMATS, Decoded, decode, to_rgb
+
+__all__ = ["ALLOWED_FORMATS", "Decoded", "Prepared", "decode", "normalised_batch", "preprocess", "to_rgb"]
 
 
 @dataclasses.dataclass
 class Prepared:
     """The model input for one image (8-bit, S x S x 3) and where its crop sits in the upright image."""
 
-    pixels: np.ndarray  # S x S x 3, uint8, the centre crop after resizing
+    pixels: np.ndarray | None  # S x S x 3, uint8, the centre crop after resizing (None: made on the device)
     crop_box: tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
     card: ModelCard
 

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Executor
 
 import numpy as np
+import torch
 
 from shared.errors import JobFailed
 from shared.jobs import GRADCAM_URL_SLOT, KEEP_UPLOAD, Picture
@@ -77,10 +78,55 @@ def stage_all(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_
     return staged, {i: o for i, o in enumerate(outcomes) if not isinstance(o, Staged)}
 
 
-def compute(model: LoadedModel, staged: list[Staged], amp_dtype: str) -> BatchOutput:
-    """One forward pass (and GradCAM, if any image asks for it) over the staged images."""
-    batch = normalised_batch([s.prepared.pixels for s in staged], model.card, model.device)
-    return predict_batch(model, batch, gradcam=any(s.options.gradcam for s in staged), amp_dtype=amp_dtype)
+def stage_on_device(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_pixels: int,
+                    pool: Executor | None = None) -> tuple[list[Staged], dict[int, JobFailed], torch.Tensor | None]:
+    """Decode and preprocess a batch on the model's device (worker.device_decode: nvJPEG for JPEGs,
+    the CPU path for anything it refuses); return the staged images in the rows of the returned
+    input tensor, and the failures by index. Thumbnails for big uploads' heatmaps are made on the
+    CPU meanwhile (in ``pool``'s threads when given)."""
+    from worker.device_decode import decode_batch
+
+    start = time.perf_counter()
+    wanted = [i for i, (data, options) in enumerate(items) if options.gradcam and not keeps_original(len(data))]
+    thumbnails = {i: (pool.submit if pool else _now)(_thumbnail, items[i][0], model, max_pixels) for i in wanted}
+    batch = decode_batch([data for data, _ in items], model.card, model.device, max_pixels=max_pixels)
+    decode_ms = round(_ms(start) / max(1, len(items)), 2)  # the batch's decode, shared out per image
+    staged = []
+    for row, index in enumerate(batch.rows):
+        options = items[index][1]
+        picture = (thumbnails[index].result() if index in thumbnails else KEEP_UPLOAD) if options.gradcam else None
+        staged.append(Staged(index, options, Prepared(None, batch.crop_boxes[row], model.card), picture,
+                             decode_ms, 0.0))
+    return staged, dict(batch.failures), (batch.tensor if staged else None)
+
+
+class _now:
+    """A finished future: the result of calling ``fn`` right away (no pool to run it in)."""
+
+    def __init__(self, fn, *args):
+        self.value = fn(*args)
+
+    def result(self):
+        return self.value
+
+
+def _thumbnail(data: bytes, model: LoadedModel, max_pixels: int) -> Picture:
+    try:
+        return overlay_thumbnail(decode(data, min_short_side=model.card.resize, max_pixels=max_pixels).image)
+    except JobFailed:
+        return None  # decoded on the device but not by Pillow: the job has its map, not a heatmap PNG
+
+
+def compute(model: LoadedModel, staged: list[Staged], amp_dtype: str,
+            inputs: torch.Tensor | None = None) -> BatchOutput:
+    """One forward pass (and GradCAM, if any image asks for it) over the staged images.
+
+    ``inputs`` is the batch already on the device (``stage_on_device``); otherwise the staged 8-bit
+    crops are stacked and normalised here.
+    """
+    if inputs is None:
+        inputs = normalised_batch([s.prepared.pixels for s in staged], model.card, model.device)
+    return predict_batch(model, inputs, gradcam=any(s.options.gradcam for s in staged), amp_dtype=amp_dtype)
 
 
 def results(model: LoadedModel, staged: list[Staged], batch: BatchOutput) -> list[PipelineOutput]:

@@ -41,7 +41,7 @@ from worker.broker import BatchReceiver, Pending
 from worker.heartbeat import Heartbeat
 from worker.inference import predict
 from worker.models import LoadedModel, load_count, load_model
-from worker.pipeline import PipelineOutput, Staged, compute, results, stage_all
+from worker.pipeline import PipelineOutput, Staged, compute, results, stage_all, stage_on_device
 
 log = logging.getLogger(__name__)
 CPU_BATCHES = (1, 2, 4, 8)  # measured at start-up; the sizer may move on to bigger ones under load
@@ -57,7 +57,9 @@ class StagedBatch:
 
     pendings: list[Pending]
     requested: int  # the batch size asked for (fewer taken: the queue ran dry)
-    groups: list[tuple[LoadedModel, list[Staged]]]  # one forward pass each; Staged.index is the batch index
+    # One forward pass each: the model, its staged images (Staged.index is the batch index) and their
+    # input batch when it was made on the device.
+    groups: list[tuple[LoadedModel, list[Staged], torch.Tensor | None]]
     outcomes: dict[int, str]  # by batch index: settled before computing (already done, failed), or after
     draining: bool = False
     staged_at: float = 0.0
@@ -204,14 +206,23 @@ class Runtime:
         for group in _groups(runnable):
             model = self.models[group[0][1].comp.model]
             items = [(data, pending.comp.options) for _, pending, data, _ in group]
-            staged, failures = stage_all(items, model, self.settings.max_image_pixels,
-                                         self.decoders if len(items) > 1 else None)
+            inputs = None
+            if self._decodes_on_device(model):
+                staged, failures, inputs = stage_on_device(items, model, self.settings.max_image_pixels, self.decoders)
+            else:
+                staged, failures = stage_all(items, model, self.settings.max_image_pixels,
+                                             self.decoders if len(items) > 1 else None)
             for position, error in failures.items():
                 outcomes[group[position][0]] = self._fail(group[position][1], error)
             for item in staged:
                 item.index = group[item.index][0]  # from its place in the group to its place in the batch
-            groups.append((model, staged))
+            groups.append((model, staged, inputs))
         return StagedBatch(batch, requested, groups, outcomes, draining, time.time())
+
+    def _decodes_on_device(self, model: LoadedModel) -> bool:
+        """DEVICE_DECODE: auto decodes on the device where it is a GPU; on forces it (tests, on the CPU)."""
+        mode = self.settings.device_decode
+        return mode == "on" or (mode == "auto" and model.device.type == "cuda")
 
     def _check(self, pending: Pending, claim: Claim) -> bytes:
         comp = pending.comp
@@ -227,11 +238,12 @@ class Runtime:
     def _compute(self, batch: StagedBatch) -> list[tuple[LoadedModel, list[Staged], list[PipelineOutput]]]:
         """Run every group of the batch through its model (in this thread: the device's)."""
         done = []
-        for model, staged in batch.groups:
+        for model, staged, inputs in batch.groups:
             if not staged:
                 continue
             try:
-                done.append((model, staged, results(model, staged, compute(model, staged, self.settings.amp_dtype))))
+                output = compute(model, staged, self.settings.amp_dtype, inputs)
+                done.append((model, staged, results(model, staged, output)))
             except SoftTimeLimitExceeded:
                 raise
             except Exception as exc:  # a bug or a device error must fail the jobs, not the worker
@@ -286,7 +298,7 @@ class Runtime:
         return outcomes
 
     def _fail_all(self, batch: StagedBatch, error: ServiceError) -> None:
-        for _, staged in batch.groups:
+        for _, staged, _ in batch.groups:
             for item in staged:
                 batch.outcomes[item.index] = self._fail(batch.pendings[item.index], error)
         if self.receiver is not None:
