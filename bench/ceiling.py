@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import tempfile
@@ -46,6 +47,27 @@ def ceiling(service: Service, images: list[bytes], clients: int = CLIENTS) -> di
     return {"new": new, "cache_hit": hits, "clients": clients}
 
 
+def batches(service: Service, images: list[bytes], per_request: int = 16, clients: int = 2) -> dict:
+    """New images sent ``per_request`` at a time with POST /api/v1/batches: what the web tier costs then."""
+    import requests
+
+    def post(chunk: list[bytes]) -> list[str]:
+        files = [("image", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(chunk)]
+        answer = requests.post(f"{service.base}/api/v1/batches", files=files, timeout=60)
+        if answer.status_code != 202:
+            raise RuntimeError(f"batch refused: {answer.status_code} {answer.text[:200]}")
+        return [job["id"] for job in answer.json()["jobs"]]
+
+    chunks = [images[i:i + per_request] for i in range(0, len(images), per_request)]
+    meter = CpuMeter(service.pids())
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        ids = [job_id for chunk_ids in pool.map(post, chunks) for job_id in chunk_ids]
+    end = service.wait_all(ids)
+    return {"images": len(images), "per_request": per_request, "images_per_s": len(images) / (end - start),
+            "cpu_ms_per_image": meter.per_image_ms(len(images))}
+
+
 def run(workdir: Path, **service_options) -> dict:
     cards = workdir / "cards"
     cards.mkdir()
@@ -56,6 +78,7 @@ def run(workdir: Path, **service_options) -> dict:
     try:
         images = distinct_jpegs(Image.fromarray(skdata.chelsea()), CEILING_IMAGES, seed=7)
         result = ceiling(service, images)
+        result["batches"] = batches(service, distinct_jpegs(Image.fromarray(skdata.coffee()), CEILING_IMAGES, seed=8))
         result["worker"] = service.worker_info()
         return result
     finally:
@@ -71,6 +94,9 @@ def print_ceiling(result: dict) -> None:
     print("|---|" + "---|" * len(kinds))
     print("| new submit | " + " | ".join(f"{new['cpu_ms_per_image'][k]:.2f}" for k in kinds) + " |")
     print("| cache hit | " + " | ".join(f"{hit['cpu_ms_per_image'][k]:.2f}" for k in kinds) + " |")
+    batch = result["batches"]
+    print(f"| new, {batch['per_request']} per POST /api/v1/batches ({batch['images_per_s']:.0f} img/s) | "
+          + " | ".join(f"{batch['cpu_ms_per_image'][k]:.2f}" for k in kinds) + " |")
     print(f"cache hits under load: {hit['images_per_s']:.0f} img/s, p50 {hit['p50']:.1f} ms, p99 {hit['p99']:.1f} ms")
 
 
