@@ -123,46 +123,16 @@ class Runtime:
 
     def handle(self, first: Pending) -> list[str]:
         """Run ``first`` and, while the budget lasts, every batch that waits behind it in its queue."""
-        model, queue = first.comp.model, inference_queue(first.comp.model)
-        sizer = self.sizers.get(model)
-        alone = self.receiver is None or sizer is None or self.store.redis.exists(
-            first.comp.attempts_key, drain_key(self.labels["worker"]))  # a retried computation runs alone
-        outcomes: list[str] = []
-        writes: collections.deque[tuple[Future, StagedBatch]] = collections.deque()
-        deadline = time.monotonic() + self.loop_budget_s
-        current: StagedBatch | None = None
-        following: Future | None = None
+        loop = BatchLoop(self, first)
         try:
-            requested = 1 if alone else sizer.size
-            batch = [first] if alone else [first, *self._take_first(queue, requested - 1)]
-            current = self._stage(batch, requested)
-            cycle_start = time.perf_counter()
-            while current is not None:
-                following = None
-                if not alone and not current.draining and time.monotonic() < deadline:
-                    requested = sizer.size
-                    taken = self.receiver.take(queue, requested)
-                    following = self.stager.submit(self._stage, taken, requested) if taken else None
-                self.heartbeat.batch_started(len(current.pendings))
-                outputs = self._compute(current)
-                writes.append((self.writer.submit(self._write, current, outputs), current))
-                now = time.perf_counter()
-                if sizer is not None:
-                    sizer.record(current.requested, len(current.pendings), now - cycle_start)
-                cycle_start = now
-                outcomes += self._collect(writes, block=False)
-                current = following.result() if following is not None else None
+            loop.run()
         except SoftTimeLimitExceeded:
             # Raised wherever the task thread was; only a hung computation gets here in practice.
-            log.error("a batch of %s passed the soft time limit", model)
-            self._give_back(queue, following)
-            if current is not None and not any(current is staged for _, staged in writes):
-                self._fail_all(current, JobTimeout(
-                    f"The computation took longer than {self.settings.job_soft_time_limit_s} s."))
+            log.error("a batch of %s passed the soft time limit", first.comp.model)
+            loop.stop_timed_out()
         finally:
-            outcomes += self._collect(writes, block=True)
-            self.heartbeat.batch_started(0)
-        return outcomes
+            loop.finish()
+        return loop.outcomes
 
     def _take_first(self, queue: str, limit: int) -> list[Pending]:
         """Fill the first batch: wait up to MAX_WAIT_MS for more only when the queue already had some."""
@@ -323,6 +293,63 @@ class Runtime:
         self.writer.shutdown(wait=True)
         if self.receiver is not None:
             self.receiver.close()
+
+
+class BatchLoop:
+    """One Celery task's run of batches: each computed in this thread while the next is staged and
+    the last is written (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, first: Pending):
+        self.runtime, self.first = runtime, first
+        self.queue = inference_queue(first.comp.model)
+        self.sizer = runtime.sizers.get(first.comp.model)
+        # A retried computation runs alone (it may be what crashed a child), and so does a drained node.
+        self.alone = runtime.receiver is None or self.sizer is None or runtime.store.redis.exists(
+            first.comp.attempts_key, drain_key(runtime.labels["worker"]))
+        self.deadline = time.monotonic() + runtime.loop_budget_s
+        self.writes: collections.deque[tuple[Future, StagedBatch]] = collections.deque()
+        self.current: StagedBatch | None = None
+        self.following: Future | None = None
+        self.outcomes: list[str] = []
+
+    def run(self) -> None:
+        requested = 1 if self.alone else self.sizer.size
+        batch = [self.first] if self.alone else [self.first, *self.runtime._take_first(self.queue, requested - 1)]
+        self.current = self.runtime._stage(batch, requested)
+        cycle_start = time.perf_counter()
+        while self.current is not None:
+            self.following = self._stage_next()
+            self._compute_and_write(self.current)
+            now = time.perf_counter()
+            if self.sizer is not None:
+                self.sizer.record(self.current.requested, len(self.current.pendings), now - cycle_start)
+            cycle_start = now
+            self.outcomes += self.runtime._collect(self.writes, block=False)
+            self.current = self.following.result() if self.following is not None else None
+
+    def _stage_next(self) -> Future | None:
+        """Take the next batch and stage it in the stage thread, unless the loop should end here."""
+        if self.alone or self.current.draining or time.monotonic() >= self.deadline:
+            return None
+        requested = self.sizer.size
+        taken = self.runtime.receiver.take(self.queue, requested)
+        return self.runtime.stager.submit(self.runtime._stage, taken, requested) if taken else None
+
+    def _compute_and_write(self, batch: StagedBatch) -> None:
+        self.runtime.heartbeat.batch_started(len(batch.pendings))
+        outputs = self.runtime._compute(batch)
+        self.writes.append((self.runtime.writer.submit(self.runtime._write, batch, outputs), batch))
+
+    def stop_timed_out(self) -> None:
+        """After the soft time limit: put the staged batch back, fail the one being computed."""
+        self.runtime._give_back(self.queue, self.following)
+        if self.current is not None and not any(self.current is staged for _, staged in self.writes):
+            limit = self.runtime.settings.job_soft_time_limit_s
+            self.runtime._fail_all(self.current, JobTimeout(f"The computation took longer than {limit} s."))
+
+    def finish(self) -> None:
+        self.outcomes += self.runtime._collect(self.writes, block=True)
+        self.runtime.heartbeat.batch_started(0)
 
 
 def _groups(runnable) -> list[list]:
