@@ -68,7 +68,7 @@ def batches(service: Service, images: list[bytes], per_request: int = 16, client
             "cpu_ms_per_image": meter.per_image_ms(len(images))}
 
 
-def run(workdir: Path, **service_options) -> dict:
+def run(workdir: Path, clients: int = CLIENTS, **service_options) -> dict:
     cards = workdir / "cards"
     cards.mkdir()
     null_model.write_card(cards)
@@ -77,7 +77,7 @@ def run(workdir: Path, **service_options) -> dict:
     service = Service(workdir, cards, models=(null_model.NAME,), torch_threads=1, **service_options)
     try:
         images = distinct_jpegs(Image.fromarray(skdata.chelsea()), CEILING_IMAGES, seed=7)
-        result = ceiling(service, images)
+        result = ceiling(service, images, clients)
         result["batches"] = batches(service, distinct_jpegs(Image.fromarray(skdata.coffee()), CEILING_IMAGES, seed=8))
         result["worker"] = service.worker_info()
         return result
