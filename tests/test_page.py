@@ -1,5 +1,6 @@
 """The upload page in a real headless Chromium against the real stack: it works, not just renders."""
 import shutil
+from urllib.parse import urljoin
 
 import pytest
 from playwright.sync_api import sync_playwright
@@ -33,10 +34,20 @@ def test_uploading_a_cat_shows_a_cat_and_its_heatmap_then_the_cache(page, tmp_pa
         "document.querySelectorAll('.job[data-status=done], .job[data-status=failed]').length == 2",
         timeout=120_000)
     card = page.locator(".job[data-status=done]")
-    assert card.locator(".predictions li .label").first.text_content() in {"Egyptian cat", "tabby", "tiger cat"}
-    overlay = card.locator("img.overlay")
-    overlay.wait_for()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
+    top = card.locator(".predictions li .label").first.text_content()
+    assert top in {"Egyptian cat", "tabby", "tiger cat"}
+    # The page draws the heatmap itself, from the result's map over the chosen file, and names the class.
+    heatmap = card.locator("canvas.heatmap")
+    heatmap.wait_for()
+    page.wait_for_function("c => c.width > 0 && c.height > 0", arg=heatmap.element_handle())
+    assert top in card.locator(".gradcam figcaption").text_content()
+    assert heatmap.evaluate("c => c.width / c.height") == pytest.approx(451 / 300, abs=0.01)
+    drawn = heatmap.evaluate("c => c.toDataURL()")
+    card.locator("input.opacity").fill("1")
+    page.wait_for_function("([c, before]) => c.toDataURL() != before", arg=[heatmap.element_handle(), drawn])
+    # The server's PNG behind the link renders too (on its first request).
+    png = page.request.get(urljoin(page.url, card.locator(".gradcam .links a").first.get_attribute("href")))
+    assert png.status == 200 and png.headers["content-type"] == "image/png"
     failed = page.locator(".job[data-status=failed]")
     assert failed.locator(".error-code").text_content() == "unsupported_image"
 

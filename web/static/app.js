@@ -271,18 +271,7 @@
     }
 
     if (result.gradcam && result.gradcam.url) {
-      var figure = el("figure", "gradcam");
-      var img = el("img", "overlay");
-      img.src = String(result.gradcam.url);
-      img.alt = "GradCAM overlay";
-      img.loading = "lazy";
-      figure.appendChild(img);
-      var caption = "GradCAM";
-      if (result.gradcam.class_index !== undefined && result.gradcam.class_index !== null) {
-        caption += " for class " + result.gradcam.class_index;
-      }
-      figure.appendChild(el("figcaption", null, caption));
-      this.body.appendChild(figure);
+      this.body.appendChild(this.heatmapFigure(job, result.gradcam));
     }
 
     var info = el("dl", "info");
@@ -329,6 +318,108 @@
       this.body.appendChild(table);
     }
   };
+
+  // The heatmap: drawn here from the result's map over the picture the user chose (the worker
+  // draws nothing); the server's gradcam.png when the map or the picture is missing.
+  Card.prototype.heatmapFigure = function (job, gradcam) {
+    var figure = el("figure", "gradcam");
+    var label = gradcam.label || (gradcam.class_index !== undefined ? "class " + gradcam.class_index : "its top class");
+    var links = el("p", "links");
+    var png = el("a", null, "heatmap PNG");
+    png.href = String(gradcam.url);
+    var json = el("a", null, "job JSON");
+    json.href = "/api/v1/jobs/" + encodeURIComponent(job.id);
+    links.appendChild(png);
+    links.appendChild(document.createTextNode(" \u00b7 "));
+    links.appendChild(json);
+    var map = Array.isArray(gradcam.map) && gradcam.map.length ? gradcam.map : null;
+    var box = Array.isArray(gradcam.crop_box) && gradcam.crop_box.length === 4 ? gradcam.crop_box : null;
+    if (!map || !box || !this.thumbUrl) {
+      var img = el("img", "overlay");
+      img.src = String(gradcam.url);
+      img.alt = "GradCAM heatmap: why it is " + label;
+      figure.appendChild(img);
+    } else {
+      var canvas = el("canvas", "heatmap");
+      canvas.setAttribute("role", "img");
+      canvas.setAttribute("aria-label", "GradCAM heatmap: why it is " + label);
+      figure.appendChild(canvas);
+      var slider = el("input", "opacity");
+      slider.type = "range";
+      slider.min = "0";
+      slider.max = "1";
+      slider.step = "0.05";
+      slider.value = "0.5";
+      slider.id = "opacity-" + job.id;
+      var sliderLabel = el("label", "opacity-label", "Heatmap opacity");
+      sliderLabel.htmlFor = slider.id;
+      var controls = el("div", "heatmap-controls");
+      controls.appendChild(sliderLabel);
+      controls.appendChild(slider);
+      figure.appendChild(controls);
+      var picture = new Image();
+      var redraw = function () { drawHeatmap(canvas, picture, map, box, Number(slider.value)); };
+      picture.onload = redraw;
+      slider.addEventListener("input", redraw);
+      picture.src = this.thumbUrl;
+    }
+    figure.appendChild(el("figcaption", null, "Heatmap: why it is \u201c" + label + "\u201d"));
+    figure.appendChild(links);
+    return figure;
+  };
+
+  var JET = (function () {
+    var lut = new Uint8ClampedArray(256 * 3);
+    for (var i = 0; i < 256; i++) {
+      var x = i / 255;
+      lut[i * 3] = 255 * Math.min(1, Math.max(0, 1.5 - Math.abs(4 * x - 3)));
+      lut[i * 3 + 1] = 255 * Math.min(1, Math.max(0, 1.5 - Math.abs(4 * x - 2)));
+      lut[i * 3 + 2] = 255 * Math.min(1, Math.max(0, 1.5 - Math.abs(4 * x - 1)));
+    }
+    return lut;
+  })();
+  var MAX_HEATMAP_SIDE = 768;
+  var DIM = 0.45;  // as the server's PNG: what the model's centre crop did not see is dimmed
+
+  // Draw the picture, dim it outside the crop box, and blend the map (bilinear, jet colours) over
+  // the box at ``opacity``. The same look as the server's gradcam.png.
+  function drawHeatmap(canvas, picture, map, box, opacity) {
+    var scale = Math.min(1, MAX_HEATMAP_SIDE / Math.max(picture.naturalWidth, picture.naturalHeight));
+    var width = Math.max(1, Math.round(picture.naturalWidth * scale));
+    var height = Math.max(1, Math.round(picture.naturalHeight * scale));
+    canvas.width = width;
+    canvas.height = height;
+    var ctx = canvas.getContext("2d");
+    ctx.drawImage(picture, 0, 0, width, height);
+    var left = Math.round(box[0] * width), top = Math.round(box[1] * height);
+    var right = Math.max(left + 1, Math.round(box[2] * width));
+    var bottom = Math.max(top + 1, Math.round(box[3] * height));
+    var image = ctx.getImageData(0, 0, width, height);
+    var px = image.data, rows = map.length, cols = map[0].length;
+    var boxW = right - left, boxH = bottom - top;
+    for (var y = 0; y < height; y++) {
+      for (var x = 0; x < width; x++) {
+        var o = (y * width + x) * 4;
+        if (x < left || x >= right || y < top || y >= bottom) {
+          px[o] *= DIM; px[o + 1] *= DIM; px[o + 2] *= DIM;
+          continue;
+        }
+        // bilinear sample of the map at this pixel's centre (pixel centres aligned, edges clamped)
+        var fy = Math.min(rows - 1, Math.max(0, ((y - top + 0.5) / boxH) * rows - 0.5));
+        var fx = Math.min(cols - 1, Math.max(0, ((x - left + 0.5) / boxW) * cols - 0.5));
+        var y0 = Math.floor(fy), x0 = Math.floor(fx);
+        var y1 = Math.min(rows - 1, y0 + 1), x1 = Math.min(cols - 1, x0 + 1);
+        var dy = fy - y0, dx = fx - x0;
+        var v = (map[y0][x0] * (1 - dx) + map[y0][x1] * dx) * (1 - dy) +
+                (map[y1][x0] * (1 - dx) + map[y1][x1] * dx) * dy;
+        var level = Math.min(255, Math.max(0, Math.floor(v * 255))) * 3;
+        px[o] += (JET[level] - px[o]) * opacity;
+        px[o + 1] += (JET[level + 1] - px[o + 1]) * opacity;
+        px[o + 2] += (JET[level + 2] - px[o + 2]) * opacity;
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+  }
 
   Card.prototype.schedulePoll = function () {
     if (this.finished) {
