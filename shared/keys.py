@@ -1,4 +1,4 @@
-"""Redis key builders: the one place that knows the key layout (see README, "Redis layout")."""
+"""Redis key builders: the one place that knows the key layout (see docs/internals.md, "Redis layout")."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,7 +1,7 @@
 """Read the environment once, at start-up, into one typed settings object.
 
 Every other module is handed a ``Settings``; nothing else reads ``os.environ``.
-README's configuration table lists each variable with its default.
+docs/operations.md's configuration table lists each variable with its default.
 """
 from __future__ import annotations
 
