@@ -9,6 +9,9 @@
   var POLL_SLOW_MS = 1000;
   var SLOW_AFTER_MS = 20000;
   var MAX_POLL_ERRORS = 5;
+  var UPLOAD_TIMEOUT_MS = 10 * 60 * 1000;
+  var HISTORY_KEY = "imgsvc.history.v1";
+  var MAX_HISTORY = 50;
   var TIMING_KEYS = ["queue", "decode", "preprocess", "inference", "gradcam", "render", "total"];
   var STATUS_TEXT = {
     uploading: "uploading",
@@ -26,6 +29,8 @@
   var gradcamInput = document.getElementById("gradcam");
   var modelDescription = document.getElementById("model-description");
   var jobsList = document.getElementById("jobs");
+  var announcer = document.getElementById("announcer");
+  var clearButton = document.getElementById("clear-history");
 
   var maxUploadMb = Number(controls.getAttribute("data-max-upload-mb")) || 0;
   var maxUploadBytes = maxUploadMb * 1024 * 1024;
@@ -108,9 +113,13 @@
     modelDescription.textContent = parts.join(" \u2014 ");
   }
 
-  function Card(file, options) {
+  // A card is one upload (``file`` set) or one job remembered from an earlier visit (``entry`` set:
+  // no file, so its heatmap is the server's PNG).
+  function Card(file, options, entry) {
     this.file = file;
     this.options = options;
+    this.name = file ? (file.name || "(unnamed file)") : (entry.name || "(unnamed file)");
+    this.size = file ? file.size : entry.size;
     this.jobId = null;
     this.status = null;
     this.startedAt = now();
@@ -125,8 +134,8 @@
   Card.prototype.build = function () {
     var root = el("li", "job");
     var header = el("div", "job-header");
-    var name = el("span", "file-name", this.file.name || "(unnamed file)");
-    name.title = this.file.name || "";
+    var name = el("span", "file-name", this.name);
+    name.title = this.name;
     var badges = el("span", "badges");
     this.statusBadge = el("span", "badge status");
     this.cacheBadge = el("span", "badge");
@@ -138,26 +147,39 @@
     root.appendChild(header);
 
     var media = el("div", "media");
-    var thumb = el("img", "thumb");
-    thumb.alt = "Preview of " + (this.file.name || "file");
-    try {
-      this.thumbUrl = URL.createObjectURL(this.file);
-      thumb.src = this.thumbUrl;
-    } catch (e) {
-      thumb.hidden = true;
+    if (this.file) {
+      var thumb = el("img", "thumb");
+      thumb.alt = "Preview of " + this.name;
+      try {
+        this.thumbUrl = URL.createObjectURL(this.file);
+        thumb.src = this.thumbUrl;
+      } catch (e) {
+        thumb.hidden = true;
+      }
+      thumb.addEventListener("error", function () {
+        thumb.hidden = true;
+      });
+      media.appendChild(thumb);
     }
-    thumb.addEventListener("error", function () {
-      thumb.hidden = true;
-    });
-    media.appendChild(thumb);
     this.media = media;
     root.appendChild(media);
 
     var opts = this.options;
     var meta = el("p", "meta",
-      formatBytes(this.file.size) + " \u00b7 " + opts.model + " \u00b7 top " + opts.topK +
-      " \u00b7 GradCAM " + (opts.gradcam ? "on" : "off"));
+      (typeof this.size === "number" ? formatBytes(this.size) + " \u00b7 " : "") + opts.model +
+      " \u00b7 top " + opts.topK + " \u00b7 GradCAM " + (opts.gradcam ? "on" : "off"));
     root.appendChild(meta);
+
+    this.progressBox = el("div", "upload-progress");
+    this.progressBox.hidden = true;
+    this.progressBar = el("progress");
+    this.progressBar.max = 100;
+    this.progressBar.value = 0;
+    this.progressBar.setAttribute("aria-label", "Upload of " + this.name);
+    this.progressText = el("span", "progress-text");
+    this.progressBox.appendChild(this.progressBar);
+    this.progressBox.appendChild(this.progressText);
+    root.appendChild(this.progressBox);
 
     this.elapsedNode = el("p", "elapsed");
     root.appendChild(this.elapsedNode);
@@ -170,6 +192,9 @@
 
   Card.prototype.setStatus = function (status) {
     var text = STATUS_TEXT[status] || String(status);
+    if (this.status !== status) {
+      announce(this.name + ": " + text);
+    }
     this.status = status;
     this.root.setAttribute("data-status", text);
     this.statusBadge.textContent = text;
@@ -182,21 +207,39 @@
   };
 
   Card.prototype.updateElapsed = function (final) {
+    if (!this.file) {
+      this.elapsedNode.textContent = "From an earlier visit";
+      return;
+    }
     var ms = now() - this.startedAt;
     this.elapsedNode.textContent = (final ? "Wall time (browser): " : "Elapsed: ") + formatElapsed(ms);
   };
 
-  Card.prototype.fail = function (code, message) {
+  Card.prototype.showProgress = function (loaded, total) {
+    var percent = total > 0 ? Math.floor((loaded / total) * 100) : 0;
+    this.progressBox.hidden = false;
+    this.progressBar.value = percent;
+    this.updateElapsed(false);
+    this.progressText.textContent = "Uploading " + percent + "% (" + formatBytes(loaded) + " of " +
+      formatBytes(total) + ")";
+  };
+
+  Card.prototype.fail = function (code, message, hint) {
     if (this.status !== null) {
       this.updateElapsed(true);
     }
     this.finished = true;
     this.stopPolling();
+    this.progressBox.hidden = true;
     this.setStatus("failed");
     this.body.textContent = "";
     var box = el("div", "error");
+    box.setAttribute("role", "alert");
     box.appendChild(el("span", "error-code", code || "unknown_error"));
     box.appendChild(el("span", "error-message", message || "The job failed."));
+    if (hint) {
+      box.appendChild(el("span", "error-hint", hint));
+    }
     this.body.appendChild(box);
   };
 
@@ -467,11 +510,14 @@
             self.schedulePoll();
             return;
           }
-          var err = describeError(response, body);
+          var err = describeError(response.status, body, response.headers.get("Retry-After"));
           if (response.status >= 500 || response.status === 429) {
             self.pollFailed(err.code, err.message);
           } else {
-            self.fail(err.code, err.message);
+            if (response.status === 404) {
+              forget(self.jobId);
+            }
+            self.fail(err.code, err.message, err.hint);
           }
         });
       })
@@ -483,6 +529,7 @@
       });
   };
 
+  // XMLHttpRequest rather than fetch: only it reports upload progress.
   Card.prototype.upload = function () {
     var self = this;
     var form = new FormData();
@@ -495,63 +542,163 @@
     self.startedAt = now();
     self.updateElapsed(false);
 
-    fetch(JOBS_URL, {
-      method: "POST",
-      body: form,
-      headers: { "Accept": "application/json" }
-    })
-      .then(function (response) {
-        return readBody(response).then(function (body) {
-          if (!response.ok) {
-            var err = describeError(response, body);
-            self.fail(err.code, err.message);
-            return;
-          }
-          var job = body.json;
-          if (!job || typeof job !== "object" || job.id === undefined || job.id === null) {
-            self.fail("bad_response", "Server did not return a job.");
-            return;
-          }
-          self.setJobId(job.id);
-          self.applyJob(job);
-          self.schedulePoll();
-        });
-      })
-      .catch(function (error) {
-        self.fail("network_error", "Upload failed: " + (error && error.message ? error.message : "request failed"));
-      });
+    var xhr = new XMLHttpRequest();
+    xhr.open("POST", JOBS_URL);
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.upload.addEventListener("progress", function (event) {
+      if (event.lengthComputable) {
+        self.showProgress(event.loaded, event.total);
+      }
+    });
+    xhr.upload.addEventListener("load", function () {
+      self.progressText.textContent = "Uploaded " + formatBytes(self.file.size) + "; waiting for the server";
+    });
+    xhr.addEventListener("load", function () {
+      self.progressBox.hidden = true;
+      var body = parseBody(xhr.responseText);
+      if (xhr.status < 200 || xhr.status >= 300) {
+        var err = describeError(xhr.status, body, xhr.getResponseHeader("Retry-After"));
+        self.fail(err.code, err.message, err.hint);
+        return;
+      }
+      var job = body.json;
+      if (!job || typeof job !== "object" || job.id === undefined || job.id === null) {
+        self.fail("bad_response", "Server did not return a job.");
+        return;
+      }
+      self.setJobId(job.id);
+      remember(self);
+      self.applyJob(job);
+      self.schedulePoll();
+    });
+    xhr.addEventListener("error", function () {
+      self.fail("network_error", "Upload failed: the connection to the server was lost.");
+    });
+    xhr.addEventListener("timeout", function () {
+      self.fail("network_error", "Upload failed: the server did not answer in time.");
+    });
+    xhr.timeout = UPLOAD_TIMEOUT_MS;
+    xhr.send(form);
   };
 
-  function readBody(response) {
-    return response.text().then(function (text) {
-      var json = null;
-      if (text) {
-        try {
-          json = JSON.parse(text);
-        } catch (e) {
-          json = null;
-        }
+  // Show a remembered job: fetch it once, then poll like a fresh upload until it settles.
+  Card.prototype.restore = function (id) {
+    this.setJobId(id);
+    this.setStatus("queued");
+    this.poll();
+  };
+
+  function parseBody(text) {
+    var json = null;
+    if (text) {
+      try {
+        json = JSON.parse(text);
+      } catch (e) {
+        json = null;
       }
-      return { text: text, json: json };
-    }, function () {
+    }
+    return { text: text || "", json: json };
+  }
+
+  function readBody(response) {
+    return response.text().then(parseBody, function () {
       return { text: "", json: null };
     });
   }
 
-  function describeError(response, body) {
+  // What a refusal means to the user, and when to try again (the server's Retry-After, in seconds).
+  var REFUSAL_HINTS = {
+    413: "The file is too large for this service.",
+    415: "This file is not an image the service reads (JPEG, PNG, GIF, WebP, BMP, TIFF).",
+    429: "Too many requests from you right now.",
+    503: "The service is busy or unavailable right now."
+  };
+
+  function describeError(status, body, retryAfter) {
     var err = body.json && typeof body.json === "object" ? body.json.error : null;
+    var code, message;
     if (err && typeof err === "object") {
-      return {
-        code: err.code ? String(err.code) : "http_" + response.status,
-        message: err.message ? String(err.message) : (response.statusText || "Request failed")
-      };
+      code = err.code ? String(err.code) : "http_" + status;
+      message = err.message ? String(err.message) : "HTTP " + status;
+    } else {
+      code = "http_" + status;
+      message = "HTTP " + status;
+      var snippet = (body.text || "").replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
+      if (snippet) {
+        message += ": " + (snippet.length > 160 ? snippet.slice(0, 160) + "\u2026" : snippet);
+      }
     }
-    var message = "HTTP " + response.status + (response.statusText ? " " + response.statusText : "");
-    var snippet = (body.text || "").replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
-    if (snippet) {
-      message += ": " + (snippet.length > 160 ? snippet.slice(0, 160) + "\u2026" : snippet);
+    var hint = REFUSAL_HINTS[status] || "";
+    var seconds = parseInt(retryAfter, 10);
+    if ((status === 429 || status === 503) && isFinite(seconds)) {
+      hint += " The server asks to retry in " + seconds + (seconds === 1 ? " second." : " seconds.");
     }
-    return { code: "http_" + response.status, message: message };
+    return { code: code, message: message, hint: hint };
+  }
+
+  // History: the ids of this browser's jobs, newest first, kept in localStorage across reloads.
+  function loadHistory() {
+    try {
+      var entries = JSON.parse(window.localStorage.getItem(HISTORY_KEY) || "[]");
+      return Array.isArray(entries) ? entries.filter(function (e) { return e && e.id; }) : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function saveHistory(entries) {
+    try {
+      window.localStorage.setItem(HISTORY_KEY, JSON.stringify(entries.slice(0, MAX_HISTORY)));
+    } catch (e) {
+      // Storage full or disabled (private mode): the page still works, it just forgets on reload.
+    }
+    clearButton.hidden = entries.length === 0;
+  }
+
+  function remember(card) {
+    var entries = loadHistory().filter(function (e) { return e.id !== card.jobId; });
+    entries.unshift({ id: card.jobId, name: card.name, size: card.size, model: card.options.model,
+                      topK: card.options.topK, gradcam: card.options.gradcam });
+    saveHistory(entries);
+  }
+
+  function forget(id) {
+    saveHistory(loadHistory().filter(function (e) { return e.id !== id; }));
+  }
+
+  function restoreHistory() {
+    var entries = loadHistory();
+    entries.forEach(function (entry) {
+      var card = new Card(null, { model: entry.model, topK: entry.topK, gradcam: entry.gradcam }, entry);
+      jobsList.appendChild(card.root);
+      card.restore(entry.id);
+    });
+    clearButton.hidden = entries.length === 0;
+    if (entries.length) {
+      announce("Showing " + entries.length + " earlier job" + (entries.length === 1 ? "" : "s") + ".");
+    }
+  }
+
+  function clearHistory() {
+    saveHistory([]);
+    Array.prototype.slice.call(jobsList.children).forEach(function (node) {
+      jobsList.removeChild(node);
+    });
+    announce("History cleared.");
+  }
+
+  var announceTimer = null;
+  // Screen readers hear status changes through one polite live region, one message at a time.
+  function announce(text) {
+    var pending = announcer.getAttribute("data-pending");
+    announcer.setAttribute("data-pending", pending ? pending + " " + text : text);
+    if (announceTimer === null) {
+      announceTimer = setTimeout(function () {
+        announceTimer = null;
+        announcer.textContent = announcer.getAttribute("data-pending");
+        announcer.removeAttribute("data-pending");
+      }, 250);
+    }
   }
 
   function addFiles(fileList) {
@@ -561,11 +708,12 @@
     }
     var options = readOptions();
     files.forEach(function (file) {
-      var card = new Card(file, options);
+      var card = new Card(file, options, null);
       jobsList.insertBefore(card.root, jobsList.firstChild);
       if (maxUploadBytes > 0 && file.size > maxUploadBytes) {
-        card.fail("file_too_large",
-          "File is " + formatBytes(file.size) + "; the limit is " + maxUploadMb + " MB. It was not uploaded.");
+        card.fail("payload_too_large",
+          "File is " + formatBytes(file.size) + "; the limit is " + maxUploadMb + " MB. It was not uploaded.",
+          REFUSAL_HINTS[413]);
         return;
       }
       card.upload();
@@ -576,6 +724,12 @@
     addFiles(fileInput.files);
     fileInput.value = "";
   });
+
+  // The drop zone is a button: Enter, Space or a click opens the file chooser.
+  dropZone.addEventListener("click", function () {
+    fileInput.click();
+  });
+  clearButton.addEventListener("click", clearHistory);
 
   var dragDepth = 0;
   dropZone.addEventListener("dragenter", function (event) {
@@ -614,4 +768,5 @@
 
   modelSelect.addEventListener("change", updateModelDescription);
   updateModelDescription();
+  restoreHistory();
 })();
