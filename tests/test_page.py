@@ -132,8 +132,20 @@ def test_history_survives_a_reload_newest_first_and_can_be_cleared(tab, tmp_path
     ARTIFACTS.mkdir(exist_ok=True)
     tab.screenshot(path=str(ARTIFACTS / "upload-page-after-reload.png"), full_page=True)
 
-    tab.get_by_role("button", name="Clear history").click()
-    assert tab.locator(".job").count() == 0
+    slow = tmp_path / "slow.png"  # still uploading when the history is cleared: it must not come back
+    slow.write_bytes(images.noise_png(133, size=(500, 400)))
+    cdp = tab.context.new_cdp_session(tab)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": 256 * 1024})
+    with tab.expect_response(lambda r: r.request.method == "POST", timeout=30_000) as answer:
+        tab.set_input_files("#file-input", [str(slow)])
+        tab.wait_for_selector(".job[data-status=uploading]")
+        tab.get_by_role("button", name="Clear history").click()
+        assert tab.locator(".job").count() == 0
+    assert answer.value.status == 202
+    tab.wait_for_timeout(200)  # let the page handle the answer
+    assert tab.evaluate("localStorage.getItem('imgsvc.history.v1')") == "[]"
     tab.reload()
     tab.wait_for_load_state("load")
     assert tab.locator(".job").count() == 0

@@ -32,6 +32,7 @@
   var announcer = document.getElementById("announcer");
   var clearButton = document.getElementById("clear-history");
 
+  var cards = [];
   var maxUploadMb = Number(controls.getAttribute("data-max-upload-mb")) || 0;
   var maxUploadBytes = maxUploadMb * 1024 * 1024;
 
@@ -128,7 +129,9 @@
     this.pollTimer = null;
     this.finished = false;
     this.thumbUrl = null;
+    this.cleared = false;
     this.build();
+    cards.push(this);
   }
 
   Card.prototype.build = function () {
@@ -656,6 +659,9 @@
   }
 
   function remember(card) {
+    if (card.cleared) {
+      return;
+    }
     var entries = loadHistory().filter(function (e) { return e.id !== card.jobId; });
     entries.unshift({ id: card.jobId, name: card.name, size: card.size, model: card.options.model,
                       topK: card.options.topK, gradcam: card.options.gradcam });
@@ -681,6 +687,12 @@
 
   function clearHistory() {
     saveHistory([]);
+    cards.forEach(function (card) {
+      card.cleared = true;  // an upload still in flight must not come back into the history
+      card.finished = true;
+      card.stopPolling();
+    });
+    cards = [];
     Array.prototype.slice.call(jobsList.children).forEach(function (node) {
       jobsList.removeChild(node);
     });
