@@ -1,4 +1,5 @@
 """Micro-batching: waiting jobs share a forward pass, each gets its own result; idle jobs never wait."""
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,10 @@ def test_a_batch_gives_each_image_its_own_result(lite0):
         assert [p["index"] for p in output.result["predictions"]] == [p["index"] for p in alone.result["predictions"]]
         for mine, single in zip(output.result["predictions"], alone.result["predictions"]):
             assert mine["score"] == pytest.approx(single["score"], abs=1e-3)
-        assert output.result["gradcam"] == alone.result["gradcam"]
+        mine, single = output.result["gradcam"], alone.result["gradcam"]
+        assert {k: v for k, v in mine.items() if k != "map"} == {k: v for k, v in single.items() if k != "map"}
+        assert np.allclose(mine["map"], single["map"], atol=2e-3)  # batching moves floats, not the map
+        assert all(len(repr(v)) <= 6 for row in mine["map"] for v in row)  # 0..1 in 4 decimals, no float32 noise
     assert batched[0].result["predictions"][0]["label"] != batched[1].result["predictions"][0]["label"]
 
 

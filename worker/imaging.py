@@ -15,7 +15,8 @@ from PIL import Image
 from shared.cards import ModelCard
 from shared.pictures import ALLOWED_FORMATS, Decoded, decode, to_rgb
 
-__all__ = ["ALLOWED_FORMATS", "Decoded", "Prepared", "decode", "normalised_batch", "preprocess", "to_rgb"]
+__all__ = ["ALLOWED_FORMATS", "Decoded", "Prepared", "decode", "normalise_on_device", "normalised_batch",
+           "preprocess", "to_rgb"]
 
 
 @dataclasses.dataclass
@@ -52,13 +53,24 @@ def normalised_batch(pixels: list[np.ndarray], card: ModelCard, device: torch.de
     """Stack 8-bit S x S x 3 crops into a normalised N x 3 x S x S float batch on ``device``.
 
     The stacked N x S x S x 3 array seen as N x 3 x S x S is already channels_last, the layout the
-    model runs fastest in; on CUDA the 8-bit batch (a quarter of the float bytes) crosses from
-    pinned memory without blocking, and the conversion runs on the GPU.
+    model runs fastest in. On CUDA the 8-bit batch (a quarter of the float bytes) crosses from
+    pinned memory without blocking and is converted there; on the CPU numpy converts it in place
+    (a third of the cost of the same arithmetic in torch at these sizes).
     """
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+    stacked = np.stack(pixels)
     if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    scale, shift = _normalisation(card, device)
+        batch = torch.from_numpy(stacked).pin_memory().to(device, non_blocking=True)
+        return normalise_on_device(batch.permute(0, 3, 1, 2), card)
+    scale, shift = _normalisation(card, torch.device("cpu"))
+    floats = stacked.astype(np.float32)
+    floats *= scale.numpy().reshape(3)
+    floats -= shift.numpy().reshape(3)
+    return torch.from_numpy(floats).permute(0, 3, 1, 2)
+
+
+def normalise_on_device(batch: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """Normalise an 8-bit N x 3 x S x S batch where it is; the result is float32 and channels_last."""
+    scale, shift = _normalisation(card, batch.device)
     return torch.addcmul(-shift, batch, scale, value=1).contiguous(memory_format=torch.channels_last)
 
 

@@ -132,7 +132,8 @@ def compute(model: LoadedModel, staged: list[Staged], amp_dtype: str,
 def results(model: LoadedModel, staged: list[Staged], batch: BatchOutput) -> list[PipelineOutput]:
     """Each staged image's stored result, in order."""
     predictions = top_predictions_batch(batch.probabilities, model.labels, [s.options.top_k for s in staged])
-    maps = None if batch.cams is None else np.round(batch.cams.numpy(), MAP_DECIMALS).tolist()
+    # float64 before rounding: float32 values would print as 0.23389999568462372 in the JSON
+    maps = None if batch.cams is None else np.round(batch.cams.numpy().astype(np.float64), MAP_DECIMALS).tolist()
     classes = None if batch.cam_classes is None else batch.cam_classes.tolist()
     inference_ms, gradcam_ms = round(batch.inference_ms, 2), round(batch.gradcam_ms, 2)
     device = describe(model.device)

@@ -176,18 +176,24 @@ class Runtime:
         for group in _groups(runnable):
             model = self.models[group[0][1].comp.model]
             items = [(data, pending.comp.options) for _, pending, data, _ in group]
-            inputs = None
-            if self._decodes_on_device(model):
-                staged, failures, inputs = stage_on_device(items, model, self.settings.max_image_pixels, self.decoders)
-            else:
-                staged, failures = stage_all(items, model, self.settings.max_image_pixels,
-                                             self.decoders if len(items) > 1 else None)
+            staged, failures, inputs = self._stage_group(model, items)
             for position, error in failures.items():
                 outcomes[group[position][0]] = self._fail(group[position][1], error)
             for item in staged:
                 item.index = group[item.index][0]  # from its place in the group to its place in the batch
             groups.append((model, staged, inputs))
         return StagedBatch(batch, requested, groups, outcomes, draining, time.time())
+
+    def _stage_group(self, model: LoadedModel, items: list) -> tuple[list[Staged], dict, torch.Tensor | None]:
+        """Decode and preprocess one model's images: on its device where configured, else on the CPU."""
+        max_pixels = self.settings.max_image_pixels
+        if self._decodes_on_device(model):
+            try:
+                return stage_on_device(items, model, max_pixels, self.decoders)
+            except Exception:  # a device decoder that breaks must cost speed, not answers
+                log.exception("decoding a batch of %d on %s failed; decoding it on the CPU", len(items), model.device)
+        staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None)
+        return staged, failures, None
 
     def _decodes_on_device(self, model: LoadedModel) -> bool:
         """DEVICE_DECODE: auto decodes on the device where it is a GPU; on forces it (tests, on the CPU)."""
