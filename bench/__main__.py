@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from bench import ceiling, micro
+from bench import ceiling, device_decode, micro
 from bench.gpu import GpuBusy
 from bench.service import Service, distinct_jpegs
 from shared.cards import load_card
@@ -62,6 +62,9 @@ def main() -> None:
     if torch.cuda.is_available():
         print("measuring fp32 vs AMP on the GPU ...", flush=True)
         results["gpu"] = micro.gpu_precision(load_model(card, torch.device("cuda", 0)))
+        results["gpu"]["device_decode_ms_per_image"] = {
+            f"b{batch}": {"nvjpeg": ours, "pillow": pillow}
+            for batch, ours, pillow in device_decode.bench(torch.device("cuda", 0), batches=(1, 32, 128))}
         torch.cuda.empty_cache()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +132,9 @@ def print_table(r: dict) -> None:
     if "gpu" in r:
         rows += [_row(f"GPU {r['gpu']['device']} {name}", f"{rate:.0f} img/s", "", None)
                  for name, rate in r["gpu"]["images_per_s"].items()]
+        rows += [_row(f"GPU decode + preprocess, batch {b[1:]}", f"nvJPEG {ms['nvjpeg']:.2f} ms/img, "
+                      f"Pillow {ms['pillow']:.2f} ms/img", "", None)
+                 for b, ms in r["gpu"]["device_decode_ms_per_image"].items()]
         fp16 = max(v for k, v in r["gpu"]["images_per_s"].items() if k.startswith("float16"))
         rows.append(_row("GPU end to end / raw fp16 limit", f"{e2e['images_per_s'] / fp16:.2f}", ">= 0.5",
                          e2e["images_per_s"] / fp16 >= 0.5))

@@ -52,7 +52,7 @@ end
 if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
-  redis.call('EXPIRE', attached, inflight_ttl)
+  redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
   count(false)
   return {'attached', image_json}
 end
@@ -65,7 +65,7 @@ end
 write_job('queued', {'cached', '0'})
 redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
 redis.call('RPUSH', attached, job_id)
-redis.call('EXPIRE', attached, inflight_ttl)
+redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])

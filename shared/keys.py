@@ -8,6 +8,7 @@ WORKERS_KEY = "workers"  # sorted set: worker name -> last heartbeat (unix secon
 WEBHOOK_WORKERS_KEY = "webhook_workers"  # sorted set: webhook worker node -> last heartbeat (not in readyz)
 COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
 ANNOUNCE_KEY = "announce:pending"  # sorted set: settled job awaiting its events -> settle time
+TAKEN_BY_KEY = "taken_by"  # hash: broker delivery tag a worker child took into a batch -> that child
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 

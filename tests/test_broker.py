@@ -9,7 +9,7 @@ from shared.keys import Computation, OutputOptions
 from shared.settings import Settings
 from shared.tasks import celery_config, inference_queue, send_inference
 from tools.stack import start_redis, stop
-from worker.broker import BatchReceiver
+from worker.broker import BatchReceiver, restore_taken_by
 
 QUEUE = inference_queue("broker-test")
 
@@ -81,3 +81,25 @@ def test_kombu_restores_what_a_dead_child_took_after_the_visibility_timeout(brok
         connection.default_channel.qos.restore_visible(num=100)  # what every consumer runs periodically
     again = receiver.take(QUEUE, 3)
     assert sorted(p.comp.sha256 for p in again) == sorted(c.sha256 for c in comps)
+
+
+def test_what_a_dead_child_took_goes_back_at_once_and_a_live_childs_stays(broker):
+    app, receiver, client = broker
+    comps = _send(app, 4)
+    with app.connection_for_read() as connection:
+        live = BatchReceiver.for_connection(connection, owner="live-host:1")
+        dead = BatchReceiver.for_connection(connection, owner="dead-host:2")
+        kept = live.take(QUEUE, 2)
+        lost = dead.take(QUEUE, 2)
+        assert client.hgetall("taken_by") == {p.tag.encode(): b"live-host:1" for p in kept} | {
+            p.tag.encode(): b"dead-host:2" for p in lost}
+        assert restore_taken_by(client, {"dead-host:2"}) == 2  # the sweeper saw its heartbeat stop
+        again = receiver.take(QUEUE, 4)
+        assert len(again) == 2 and {p.comp for p in again} == set(comps[2:])  # back, and taken next
+        assert set(client.hgetall("taken_by").values()) == {b"live-host:1", b""}
+        pipe = client.pipeline(transaction=False)
+        live.ack(pipe, kept)
+        pipe.execute()
+        assert b"live-host:1" not in client.hgetall("taken_by").values()
+        live.close()
+        dead.close()

@@ -15,16 +15,18 @@ import json
 import logging
 import time
 
-from shared.keys import Computation
+from shared.keys import TAKEN_BY_KEY, Computation
 from shared.tasks import INFER_TASK
 
 log = logging.getLogger(__name__)
 
-# KEYS: unacked hash, unacked index, then the queue's lists in kombu's priority order.
+# KEYS: unacked hash, unacked index, taken-by hash, then the queue's lists in kombu's priority order.
 # Each message is kept verbatim: the unacked entry is the JSON array [message, exchange, routing key].
+# The taken-by entry names the child that took it, so that the sweeper puts it back at once if that
+# child dies (kombu's own restore would wait for the visibility timeout).
 _TAKE = """
-local taken, limit, now = {}, tonumber(ARGV[1]), ARGV[2]
-for i = 3, #KEYS do
+local taken, limit, now, owner = {}, tonumber(ARGV[1]), ARGV[2], ARGV[3]
+for i = 4, #KEYS do
   while #taken < limit do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
@@ -36,6 +38,7 @@ for i = 3, #KEYS do
       redis.call('ZADD', KEYS[2], now, tag)
       redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
                  .. cjson.encode(info['routing_key']) .. ']')
+      redis.call('HSET', KEYS[3], tag, owner)
     end  -- else unreadable: returned, never recorded, so the caller drops it for good
     table.insert(taken, raw)
   end
@@ -47,9 +50,10 @@ return taken
 # from the right, so the first goes in last) and forget them as unacked.
 _REQUEUE = """
 for i = #ARGV - 1, 1, -2 do
-  redis.call('RPUSH', KEYS[3], ARGV[i + 1])
+  redis.call('RPUSH', KEYS[4], ARGV[i + 1])
   redis.call('HDEL', KEYS[1], ARGV[i])
   redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
 end
 return #ARGV / 2
 """
@@ -68,8 +72,9 @@ class Pending:
 class BatchReceiver:
     """Takes up to N inference messages of a queue in one round trip; acknowledges them in a pipeline."""
 
-    def __init__(self, channel):
+    def __init__(self, channel, owner: str = ""):
         self.client = channel._create_client()  # kombu's own connection pool: same server, same options
+        self.owner = owner  # this child's heartbeat name, recorded against every message it takes
         self.unacked, self.index = channel.unacked_key, channel.unacked_index_key
         self.queues = {}
         self._channel = channel
@@ -77,14 +82,14 @@ class BatchReceiver:
         self._requeue = self.client.register_script(_REQUEUE)
 
     @classmethod
-    def for_connection(cls, connection) -> "BatchReceiver | None":
+    def for_connection(cls, connection, owner: str = "") -> "BatchReceiver | None":
         """A receiver on the broker connection, or None where its transport is not kombu's Redis."""
         channel = connection.default_channel
         if not hasattr(channel, "unacked_index_key") or getattr(channel, "global_keyprefix", ""):
             log.warning("broker transport %s is not plain Redis: batching takes no extra messages",
                         type(channel).__name__)
             return None
-        return cls(channel)
+        return cls(channel, owner)
 
     def _lists(self, queue: str) -> list[str]:
         if queue not in self.queues:
@@ -95,7 +100,8 @@ class BatchReceiver:
         """Take up to ``limit`` waiting inference messages of ``queue`` (none if it is empty)."""
         if limit <= 0:
             return []
-        raws = self._take(keys=[self.unacked, self.index, *self._lists(queue)], args=[limit, time.time()])
+        raws = self._take(keys=[self.unacked, self.index, TAKEN_BY_KEY, *self._lists(queue)],
+                          args=[limit, time.time(), self.owner])
         taken, strays = [], []
         for raw in raws:
             pending = self._parse(raw)
@@ -125,7 +131,8 @@ class BatchReceiver:
             return Pending(Computation.from_message(payload), float(payload["enqueued_at"]), tag, raw)
         except (KeyError, IndexError, TypeError, ValueError):
             log.exception("dropping a malformed inference message %s", tag)
-            self.client.pipeline(transaction=False).zrem(self.index, tag).hdel(self.unacked, tag).execute()
+            self.client.pipeline(transaction=False).zrem(self.index, tag).hdel(self.unacked, tag).hdel(
+                TAKEN_BY_KEY, tag).execute()
             return None
 
     def ack(self, pipe, pendings: list[Pending]) -> None:
@@ -134,6 +141,7 @@ class BatchReceiver:
         if tags:
             pipe.zrem(self.index, *tags)
             pipe.hdel(self.unacked, *tags)
+            pipe.hdel(TAKEN_BY_KEY, *tags)
 
     def ack_now(self, pendings: list[Pending]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -146,8 +154,36 @@ class BatchReceiver:
         pairs = [(m.tag, m.raw) if isinstance(m, Pending) else m for m in messages]
         pairs = [(tag, raw) for tag, raw in pairs if tag is not None]
         if pairs:
-            self._requeue(keys=[self.unacked, self.index, self._lists(queue)[0]],
+            self._requeue(keys=[self.unacked, self.index, TAKEN_BY_KEY, self._lists(queue)[0]],
                           args=[part for pair in pairs for part in pair])
 
     def close(self) -> None:
         self.client.close()
+
+
+def restore_taken_by(client, dead: set[str]) -> int:
+    """Put the messages that now-dead children took back on their queues; return how many.
+
+    As kombu's own restore does (under WATCH, so a concurrent ack or restore wins), minus the
+    visibility timeout: the sweeper knows the taker is dead from its stopped heartbeat.
+    """
+    restored = 0
+    for tag, owner in client.hgetall(TAKEN_BY_KEY).items():
+        if owner.decode() not in dead:
+            continue
+
+        def restore(pipe, tag=tag):
+            nonlocal restored
+            entry = pipe.hget("unacked", tag)
+            pipe.multi()
+            pipe.hdel(TAKEN_BY_KEY, tag)
+            if entry:
+                message, _exchange, routing_key = json.loads(entry)
+                message.get("headers", {})["redelivered"] = True
+                pipe.rpush(routing_key, json.dumps(message))  # the head: taken next
+                pipe.hdel("unacked", tag)
+                pipe.zrem("unacked_index", tag)
+                restored += 1
+
+        client.transaction(restore, "unacked")
+    return restored

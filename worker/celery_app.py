@@ -92,7 +92,8 @@ def start_sweeper(sender=None, **_):
     from worker.sweeper import Sweeper
 
     global sweeper
-    sweeper = Sweeper(settings, main_store().redis, app, name=getattr(sender, "hostname", "worker"))
+    sweeper = Sweeper(settings, main_store().redis, app, name=getattr(sender, "hostname", "worker"),
+                      queues=tuple(inference_queue(card.name) for card in catalog))
     sweeper.start()
 
 

@@ -109,7 +109,7 @@ class Runtime:
                                              "max_batch": {n: s.size for n, s in sizers.items()}},
                               queues=tuple(inference_queue(card.name) for card in catalog))
         heartbeat.start()
-        receiver = BatchReceiver.for_connection(broker_connection) if broker_connection is not None else None
+        receiver = BatchReceiver.for_connection(broker_connection, owner=name) if broker_connection else None
         log.info("child %s ready on %s with batch sizes %s", name, info["device"], info["max_batch"])
         store = announcing_store(client, settings, sender) if sender is not None else JobStore.from_settings(
             client, settings)  # the sender (the worker's Celery app) carries webhook events
@@ -316,9 +316,23 @@ class BatchLoop:
         self.writes: collections.deque[tuple[Future, StagedBatch]] = collections.deque()
         self.current: StagedBatch | None = None
         self.following: Future | None = None
+        self.next_taken: list[Pending] = []  # the messages of ``following``, until it is staged
         self.outcomes: list[str] = []
 
     def run(self) -> None:
+        try:
+            self._run()
+        except redis.RedisError:
+            # Claiming failed: what this child took but never claimed goes back on the queue (while
+            # Redis answers; else kombu's visibility timeout brings it back).
+            if self.next_taken:
+                try:
+                    self.runtime.receiver.requeue(self.queue, self.next_taken)
+                except redis.RedisError:
+                    log.warning("could not put %d taken messages back on %s", len(self.next_taken), self.queue)
+            raise
+
+    def _run(self) -> None:
         requested = 1 if self.alone else self.sizer.size
         batch = [self.first] if self.alone else [self.first, *self.runtime._take_first(self.queue, requested - 1)]
         self.current = self.runtime._stage(batch, requested)
@@ -332,13 +346,14 @@ class BatchLoop:
             cycle_start = now
             self.outcomes += self.runtime._collect(self.writes, block=False)
             self.current = self.following.result() if self.following is not None else None
+            self.next_taken = []
 
     def _stage_next(self) -> Future | None:
         """Take the next batch and stage it in the stage thread, unless the loop should end here."""
         if self.alone or self.current.draining or time.monotonic() >= self.deadline:
             return None
         requested = self.sizer.size
-        taken = self.runtime.receiver.take(self.queue, requested)
+        taken = self.next_taken = self.runtime.receiver.take(self.queue, requested)
         return self.runtime.stager.submit(self.runtime._stage, taken, requested) if taken else None
 
     def _compute_and_write(self, batch: StagedBatch) -> None:
