@@ -57,7 +57,7 @@ class BatchSizer:
         self.rates: dict[int, float] = {}  # size -> images/s over its last whole measurement
         self._trial: int | None = None  # the size on trial, or None
         self._direction = 1
-        self._since_trial = 0
+        self._since_trial = explore_every - trial_batches  # the start-up guess is tried against early
         self._interval = explore_every
         self._window: list[tuple[int, float]] = []  # (images, seconds) of the size being measured
 
