@@ -26,23 +26,23 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def page(browser, base_url):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    tab = context.new_page()
-    tab.goto(base_url + "/")
-    yield tab
-    context.close()
-
-
-@pytest.fixture
-def tab(browser, base_url):
+def _upload_page(browser, base_url):
     """A tab in a fresh browser context (its own localStorage), on the upload page."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     tab = context.new_page()
     tab.goto(base_url + "/")
     yield tab
     context.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, base_url):
+    yield from _upload_page(browser, base_url)
+
+
+@pytest.fixture
+def tab(browser, base_url):
+    yield from _upload_page(browser, base_url)
 
 
 @pytest.fixture(scope="module")
