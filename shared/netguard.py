@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 MAX_URL_LENGTH = 2048
 
@@ -31,6 +31,26 @@ class Target:
     port: int
     path: str  # path and query, as sent on the request line
     address: str
+
+
+def normalise_url(url: str) -> str:
+    """Return ``url`` as a browser sends it: IDNA host, non-ASCII path and query percent-encoded
+    (UTF-8), the fragment dropped; or raise RefusedUrl. ``https://bücher.example/café`` becomes
+    ``https://xn--bcher-kva.example/caf%C3%A9``; an ASCII URL comes back unchanged."""
+    check_syntax(url)
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise RefusedUrl(f"callback_url host {parts.hostname!r} is not a valid international domain name.") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    path = quote(parts.path, safe="/%:@!$&'()*+,;=-._~")
+    query = quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 def check_syntax(url: str) -> tuple[str, str, int, str]:

@@ -5,6 +5,7 @@ docs/operations.md's configuration table lists each variable with its default.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from pathlib import Path
@@ -75,8 +76,16 @@ def _seconds_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -
 
 
 def _webhook_secret(raw: str) -> str:
-    if raw and not raw.startswith("whsec_"):
-        raise SettingsError("WEBHOOK_SECRET must look like whsec_<base64>, as Standard Webhooks secrets do")
+    """A Standard Webhooks secret: ``whsec_`` and the base64 of 24 to 64 random bytes."""
+    if not raw:
+        return raw
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_"), validate=True) if raw.startswith("whsec_") else b""
+    except ValueError:
+        key = b""
+    if not 24 <= len(key) <= 64:
+        raise SettingsError("WEBHOOK_SECRET must be whsec_ followed by the base64 of 24 to 64 random bytes, "
+                            "as Standard Webhooks secrets are (make run makes one in var/webhook_secret)")
     return raw
 
 

@@ -1,7 +1,7 @@
 """The SSRF guard's address rules, without the network (literal addresses resolve locally)."""
 import pytest
 
-from shared.netguard import RefusedUrl, is_public, refusal, resolve
+from shared.netguard import RefusedUrl, is_public, normalise_url, refusal, resolve
 
 
 @pytest.mark.parametrize("address, public", [
@@ -44,3 +44,18 @@ def test_tricky_urls_are_refused(url):
 
 def test_development_flag_lets_loopback_through():
     assert resolve("http://localhost:9/x", allow_private=True).address in ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize("url, sent", [
+    ("https://example.com/café?q=ü&x=1#frag", "https://example.com/caf%C3%A9?q=%C3%BC&x=1"),
+    ("https://bücher.example:8443/x", "https://xn--bcher-kva.example:8443/x"),
+    ("https://example.com/a%20b/ok?x=%2F", "https://example.com/a%20b/ok?x=%2F"),  # already encoded: unchanged
+    ("http://[2606:4700::1111]/hook", "http://[2606:4700::1111]/hook"),
+])
+def test_international_urls_are_encoded_the_way_browsers_send_them(url, sent):
+    assert normalise_url(url) == sent and sent.isascii()
+
+
+def test_a_host_that_is_no_domain_name_is_refused():
+    with pytest.raises(RefusedUrl, match="international domain name"):
+        normalise_url("https://" + "ü" * 70 + ".example/")

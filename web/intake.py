@@ -15,7 +15,7 @@ from shared.errors import (InvalidCallbackUrl, InvalidOption, MissingImage, Over
                            Unavailable)
 from shared.jobs import JobContext, Submission
 from shared.keys import Computation, OutputOptions, image_digest
-from shared.netguard import RefusedUrl, resolve
+from shared.netguard import RefusedUrl, normalise_url, resolve
 from shared.tasks import inference_queue, send_inference
 from web import auth
 from web.idempotency import Created, check_key, fingerprint
@@ -66,14 +66,16 @@ def parse_order(values) -> Order:
     key = auth.current_key()
     callback_url = values.get("callback_url", "").strip() or (key.webhook_url if key else None)
     if callback_url:
-        check_callback(callback_url)
+        callback_url = check_callback(callback_url)
     return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url)
 
 
-def check_callback(url: str) -> None:
-    """Refuse (422) a callback we could not or would not call, now rather than at delivery."""
+def check_callback(url: str) -> str:
+    """Refuse (422) a callback we could not or would not call, now rather than at delivery; return it
+    as it will be called (international hosts and characters encoded the way browsers do)."""
     settings = services().settings
     try:
+        url = normalise_url(url)
         resolve(url, allow_private=settings.webhook_allow_private)
     except RefusedUrl as exc:
         raise InvalidCallbackUrl(str(exc)) from None
@@ -81,6 +83,7 @@ def check_callback(url: str) -> None:
     if not signer:
         need = "SECRET_KEY" if auth.current_key() else "WEBHOOK_SECRET (or submit with an API key)"
         raise InvalidCallbackUrl(f"This server cannot sign webhooks yet: it needs {need}.")
+    return url
 
 
 def read_images() -> tuple[list[bytes], MultiDict]:
