@@ -95,7 +95,7 @@ def decode_cost(model: LoadedModel, photo: Image.Image) -> dict:
     return {"jpeg_bytes": len(data), "ours_ms": ours_ms, "plain_ms": plain_ms, "speedup": plain_ms / ours_ms}
 
 
-def gpu_precision(model: LoadedModel, batches=(1, 16, 64)) -> dict:
+def gpu_precision(model: LoadedModel, batches=(1, 8, 32, 64, 128, 256)) -> dict:
     """On CUDA: forward throughput in fp32 and under autocast fp16/bf16 at several batch sizes."""
     from worker.inference import AMP_DTYPES
 

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import io
+import json
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis
 import requests
 from PIL import Image
 
+from bench.procstat import CpuMeter
 from shared.keys import WORKERS_KEY
 from shared.settings import Settings
 from shared.signing import new_secret
@@ -18,9 +23,9 @@ from tests.receiver import Receiver
 from tools import stack
 
 
-def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480)) -> list[bytes]:
+def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480), seed: int = 1) -> list[bytes]:
     """``count`` different JPEGs cut from one photo (a fresh cache key each)."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     base = photo.resize((size[0] * 2, size[1] * 2))
     out = []
     for i in range(count):
@@ -29,6 +34,31 @@ def distinct_jpegs(photo: Image.Image, count: int, size=(640, 480)) -> list[byte
         base.crop((x, y, x + size[0], y + size[1])).save(buf, "JPEG", quality=85 + i % 10)
         out.append(buf.getvalue())
     return out
+
+
+class Poster:
+    """Keep-alive HTTP clients, one per thread: the cheapest load generator the standard library has."""
+
+    def __init__(self, base: str):
+        self.address = urlsplit(base)
+        self.local = threading.local()
+
+    def post(self, data: bytes, path: str = "/api/v1/jobs") -> tuple[int, dict, float]:
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.local.connection = http.client.HTTPConnection(
+                self.address.hostname, self.address.port, timeout=60)
+        start = time.perf_counter()
+        connection.request("POST", path, body=data, headers={"Content-Type": "image/jpeg"})
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, json.loads(body), (time.perf_counter() - start) * 1000
+
+
+def submit_all(service: Service, images: list[bytes], clients: int) -> list[tuple[int, dict, float]]:
+    poster = Poster(service.base)
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(poster.post, images))
 
 
 def _post(base: str, data: bytes, session: requests.Session | None = None) -> requests.Response:
@@ -44,20 +74,24 @@ def percentiles(samples_ms: list[float]) -> dict:
 class Service:
     """redis-server, one worker and gunicorn, started and timed."""
 
-    def __init__(self, workdir: Path, cards_dir: Path):
+    def __init__(self, workdir: Path, cards_dir: Path, models: tuple[str, ...] = ("efficientnet-lite0",),
+                 web_processes: int = 1, web_threads: int = 8, torch_threads: int = 0,
+                 web_server: str = "gunicorn"):
         self.workdir = workdir
         self.redis_proc, url = stack.start_redis(workdir)
         # One client address sends everything: lift the per-address limit (its check still runs).
         # Callbacks go to a receiver on loopback, so the address check is off for the benchmark.
-        self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=("efficientnet-lite0",),
-                                 heartbeat_interval_s=1, rate_limit="1000000/minute",
+        self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=models,
+                                 heartbeat_interval_s=1, rate_limit="1000000/minute", torch_threads=torch_threads,
                                  webhook_secret=new_secret(), webhook_allow_private=True)
         self.redis = redis.Redis.from_url(url)
         start = time.perf_counter()
         self.worker = stack.start_worker(self.settings, workdir / "worker.log", name="bench")
         self.worker_ready_s = time.perf_counter() - start
         start = time.perf_counter()
-        self.web, self.base = stack.start_web(self.settings, threads=8)
+        self.web_server = web_server
+        self.web, self.base = stack.start_web(self.settings, threads=web_threads, processes=web_processes,
+                                              server=web_server)
         self.web_first_200_s = time.perf_counter() - start
         self.webhooks = stack.start_webhook_worker(self.settings, workdir / "webhooks.log", name="bench-webhooks")
         self.web_rss_mb = stack.rss_mb(self.web.pid)
@@ -84,14 +118,14 @@ class Service:
 
     def throughput(self, images: list[bytes], clients: int = 8) -> dict:
         """Submit distinct images from several clients at once; images/s from first submit to last done."""
+        meter = CpuMeter(self.pids())
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool, requests.Session() as session:
-            answers = list(pool.map(lambda data: _post(self.base, data, session), images))
-        ids = [answer.json()["id"] for answer in answers]
+        ids = [body["id"] for _, body, _ in submit_all(self, images, clients)]
         end = self.wait_all(ids)
+        cpu = meter.per_image_ms(len(images))
         sizes = [self.result_of(job_id)["batch_size"] for job_id in ids[:: max(1, len(ids) // 50)]]
         return {"images": len(images), "seconds": end - start, "images_per_s": len(images) / (end - start),
-                "mean_batch_size_sampled": float(np.mean(sizes))}
+                "mean_batch_size_sampled": float(np.mean(sizes)), "cpu_ms_per_image": cpu}
 
     def result_of(self, job_id: str) -> dict:
         return requests.get(f"{self.base}/api/v1/jobs/{job_id}", timeout=10).json()["result"]
@@ -136,6 +170,17 @@ class Service:
                 [arrival] = receiver.wait(f"/{i}", 1, timeout=30)
                 samples.append((arrival.at - start) * 1000)
         return percentiles(samples)
+
+    def pids(self) -> dict[str, int]:
+        """The root process of each kind, for CPU accounting (each counts its whole process tree)."""
+        return {"web": self.web.pid, "worker": self.worker.pid, "redis-server": self.redis_proc.pid,
+                "webhook worker": self.webhooks.pid}
+
+    def worker_info(self) -> dict:
+        """What the worker children report in their heartbeats: device, threads, batch sizes."""
+        infos = [self.redis.hgetall(key) for key in self.redis.scan_iter("worker:*")]
+        return {"children": len(infos), "max_batch": [json.loads(i[b"max_batch"]) for i in infos],
+                "threads": [int(i[b"threads"]) for i in infos]}
 
     def workers_alive(self) -> int:
         return self.redis.zcard(WORKERS_KEY)

@@ -144,6 +144,7 @@ def cache_size(client: redis.Redis) -> dict:
     for key in sample:
         pipe.strlen(key)
         pipe.strlen(b"overlay:" + key.removeprefix(b"result:"))
+        pipe.strlen(b"picture:" + key.removeprefix(b"result:"))
     sizes = pipe.execute()
     average = sum(sizes) / len(sample) if sample else 0
     size = {"entries": len(keys), "bytes": int(average * len(keys)),

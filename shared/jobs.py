@@ -15,8 +15,9 @@ import uuid
 
 import redis
 
+from shared import stats
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key,
-                         overlay_key_for_result)
+                         overlay_key_for_result, picture_key_for_result)
 
 _SUBMIT = """
 local result_key, inflight, attached, job, image, meta =
@@ -25,10 +26,17 @@ local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, i
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if image_json == '' then image_json = redis.call('GET', meta) end
 local function write_job(status, extra)
-  for i = 12, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 19, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
+end
+local function count(hit)  -- the accepted job, for /metrics and the admin page (ARGV[13..18])
+  if ARGV[14] == '' then return end
+  redis.call('HINCRBY', KEYS[10], hit and ARGV[14] or ARGV[15], 1)
+  redis.call('EXPIRE', KEYS[10], tonumber(ARGV[13]))
+  redis.call('HINCRBY', KEYS[11], ARGV[16], 1)
+  redis.call('HINCRBY', KEYS[11], hit and ARGV[17] or ARGV[18], 1)
 end
 if image_json and redis.call('EXISTS', result_key) == 1 then
   if redis.call('EXISTS', meta) == 0 then
@@ -38,24 +46,30 @@ if image_json and redis.call('EXISTS', result_key) == 1 then
   if redis.call('HGET', job, 'announce') == '1' then
     redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
   end
+  count(true)
   return {'cached', image_json, redis.call('GET', result_key)}
 end
 if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
-  redis.call('EXPIRE', attached, inflight_ttl)
+  redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
+  count(false)
   return {'attached', image_json}
 end
 if image_bytes == '' then
   return {'miss', ''}
 end
+if tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
+  return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
+end
 write_job('queued', {'cached', '0'})
 redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
 redis.call('RPUSH', attached, job_id)
-redis.call('EXPIRE', attached, inflight_ttl)
+redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
+count(false)
 return {'new', image_json}
 """
 
@@ -75,8 +89,18 @@ local inflight, attached, image = KEYS[1], KEYS[2], KEYS[3]
 local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if status == 'done' then
   redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
-  if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl) end
+  -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail
+  if ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
+    redis.call('RENAME', image, KEYS[5])
+    redis.call('EXPIRE', KEYS[5], ttl)
+  elseif ARGV[10] == 'thumbnail' then
+    redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
+  end
   redis.call('EXPIRE', KEYS[7], ttl)
+elseif redis.call('EXISTS', KEYS[4]) == 1 then
+  -- already answered (e.g. a hard time limit reported for the first message of a batch loop that
+  -- had finished it long before): a late failure changes nothing
+  return {{}, {}}
 else
   redis.call('DEL', KEYS[7])
 end
@@ -104,6 +128,10 @@ redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
 return {ids, announce}
 """
+
+
+KEEP_UPLOAD = "keep-upload"  # a finished computation keeps its upload as the overlay's picture
+Picture = bytes | str | None  # a thumbnail's bytes, KEEP_UPLOAD, or None (no overlay)
 
 
 def utc_now(timestamp: float | None = None) -> str:
@@ -188,26 +216,33 @@ class JobStore:
 
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
-               job_id: str | None = None) -> Submission:
+               job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
+               count: stats.SubmissionCount | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
         nor their header check, and anything else answers ``miss`` without writing. With them, a
-        miss starts the computation. One round trip either way; the returned fields are what the
-        script wrote, so the caller answers without reading the job back.
+        miss starts the computation, unless ``queue`` already holds ``max_queue_depth`` tasks
+        (then ``overloaded``, nothing written). A job it writes is counted with ``count``. One
+        round trip either way; the returned fields are what the script wrote, so the caller
+        answers without reading the job back.
         """
         job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
                   "options": json.dumps(comp.options.to_dict()), **context.fields()}
         extra = [item for pair in context.fields().items() for item in pair]
+        count_keys, count_args = count.script_parts() if count else (["-", "-"], [0, "", "", "", "", ""])
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
-                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY],
+                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], json.dumps(image_info) if image_info else "", image_bytes,
-                  time.time() + self.stuck_after_s, comp.suffix, *extra],
+                  time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
+                  *count_args, *extra],
         )
         outcome = outcome.decode()
+        if outcome == "overloaded":
+            return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
             fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
@@ -221,7 +256,14 @@ class JobStore:
         """Mark each computation's jobs running, count the attempt and record ``owner``; report
         each one's state and bytes. One pipelined round trip for the whole batch.
         """
+        return self.claim_batch(comps, owner)[0]
+
+    def claim_batch(self, comps: list[Computation], owner: str = "",
+                    drain_key: str | None = None) -> tuple[list[Claim], bool]:
+        """``claim``, and in the same round trip whether ``drain_key`` is set (the node is draining)."""
         pipe = self.redis.pipeline(transaction=False)
+        if drain_key is not None:
+            pipe.exists(drain_key)
         now = utc_now()
         deadline = time.time() + self.stuck_after_s
         for comp in comps:
@@ -233,25 +275,33 @@ class JobStore:
             pipe.incr(comp.attempts_key)
             pipe.expire(comp.attempts_key, self.inflight_ttl_s)
         replies = pipe.execute()
+        draining = bool(replies.pop(0)) if drain_key is not None else False
         return [Claim(bool(replies[i + 3]), replies[i + 4], int(replies[i + 5]))
-                for i in range(0, len(replies), 7)]
+                for i in range(0, len(replies), 7)], draining
 
-    def finish(self, comp: Computation, result: dict, overlay_png: bytes | None) -> list[str]:
-        """Store the result (and overlay) and mark every attached job done; return their ids."""
-        return self.finish_many([(comp, result, overlay_png)])[0]
+    def finish(self, comp: Computation, result: dict, picture: Picture = None) -> list[str]:
+        """Store the result (and the overlay's picture) and mark every attached job done; return their ids."""
+        return self.finish_many([(comp, result, picture)])[0]
 
-    def finish_many(self, done: list[tuple[Computation, dict, bytes | None]]) -> list[list[str]]:
-        """``finish`` for a whole batch in one pipelined round trip; job ids per computation."""
+    def finish_many(self, done: list[tuple[Computation, dict, Picture]], also=None) -> list[list[str]]:
+        """``finish`` for a whole batch in one pipelined round trip; job ids per computation.
+
+        ``also(pipe)`` may queue more commands behind the results in the same round trip (the
+        worker acknowledges the batch's broker messages and records its statistics there), so
+        they run only once every result before them is written.
+        """
         pipe = self.redis.pipeline(transaction=False)
-        for comp, result, overlay_png in done:
-            self._settle(comp, "done", json.dumps(result, separators=(",", ":")), overlay_png or b"", pipe)
-        replies = pipe.execute()
+        for comp, result, picture in done:
+            self._settle(comp, "done", json.dumps(result, separators=(",", ":")), pipe, picture)
+        if also is not None:
+            also(pipe)
+        replies = pipe.execute()[:len(done)]
         self._announce([i.decode() for _, announce in replies for i in announce])
         return [[i.decode() for i in ids] for ids, _ in replies]
 
     def fail(self, comp: Computation, error: dict) -> list[str]:
         """Mark every attached job failed with ``error``; cache nothing; return their ids."""
-        ids, announce = self._settle(comp, "failed", json.dumps(error), b"")
+        ids, announce = self._settle(comp, "failed", json.dumps(error))
         self._announce([i.decode() for i in announce])
         return [i.decode() for i in ids]
 
@@ -259,13 +309,14 @@ class JobStore:
         if job_ids and self.on_settled is not None:
             self.on_settled(job_ids)
 
-    def _settle(self, comp: Computation, status: str, payload: str, overlay: bytes, client=None):
+    def _settle(self, comp: Computation, status: str, payload: str, client=None, picture: Picture = None):
+        mode = "none" if picture is None else "original" if picture is KEEP_UPLOAD else "thumbnail"
         return self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
-                  comp.overlay_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
+                  comp.picture_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
                   comp.owner_key, ANNOUNCE_KEY],
-            args=[job_key(""), utc_now(), status, self.result_ttl_s, payload, overlay, comp.model,
-                  notify_key(""), comp.suffix],
+            args=[job_key(""), utc_now(), status, self.result_ttl_s, payload,
+                  picture if mode == "thumbnail" else b"", comp.model, notify_key(""), comp.suffix, mode],
             client=client,
         )
 
@@ -312,12 +363,29 @@ class JobStore:
         text = self.get_json(job_id)
         return None if text is None else json.loads(text)
 
-    def overlay_png(self, job_id: str, owner: str | None = None) -> bytes | None:
-        """Return the heatmap PNG of a finished job (of ``owner``, when given), or None."""
+    def overlay_png(self, job_id: str, owner: str | None = None, render=None) -> bytes | None:
+        """Return the heatmap PNG of a finished job (of ``owner``, when given), or None.
+
+        The first request renders it with ``render(model, result_json, picture)`` and caches it
+        for as long as the result lives; later ones read the cached PNG.
+        """
         result_key, job_owner = self.redis.hmget(job_key(job_id), "result_key", "owner")
         if result_key is None or (owner is not None and (job_owner or b"").decode() != owner):
             return None
-        return self.redis.get(overlay_key_for_result(result_key.decode()))
+        result_key = result_key.decode()
+        overlay_key = overlay_key_for_result(result_key)
+        png = self.redis.get(overlay_key)
+        if png is not None or render is None:
+            return png
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(result_key).get(picture_key_for_result(result_key)).pttl(result_key)
+        result, picture, ttl_ms = pipe.execute()
+        if result is None or picture is None or ttl_ms <= 0:
+            return None
+        png = render(Computation.from_suffix(result_key.removeprefix("result:")).model, result, picture)
+        if png is not None:
+            self.redis.set(overlay_key, png, px=ttl_ms, nx=True)
+        return png
 
 
 GRADCAM_URL_SLOT = "{job-gradcam-url}"  # stored in results; each job's own URL replaces it when read

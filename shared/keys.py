@@ -1,4 +1,4 @@
-"""Redis key builders: the one place that knows the key layout (see README, "Redis layout")."""
+"""Redis key builders: the one place that knows the key layout (see docs/internals.md, "Redis layout")."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,7 @@ WORKERS_KEY = "workers"  # sorted set: worker name -> last heartbeat (unix secon
 WEBHOOK_WORKERS_KEY = "webhook_workers"  # sorted set: webhook worker node -> last heartbeat (not in readyz)
 COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
 ANNOUNCE_KEY = "announce:pending"  # sorted set: settled job awaiting its events -> settle time
+TAKEN_BY_KEY = "taken_by"  # hash: broker delivery tag a worker child took into a batch -> that child
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 
@@ -40,7 +41,7 @@ def drain_key(node: str) -> str:
 
 def cached_prefixes(model: str, version: str) -> tuple[str, ...]:
     """Return the key prefixes of everything cached for one model version (results, heatmaps, meta)."""
-    return tuple(f"{kind}:{model}:{version}:" for kind in ("result", "overlay", "meta"))
+    return tuple(f"{kind}:{model}:{version}:" for kind in ("result", "overlay", "picture", "meta"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,11 @@ class Computation:
     @property
     def overlay_key(self) -> str:
         return f"overlay:{self.suffix}"
+
+    @property
+    def picture_key(self) -> str:
+        """The small picture ``gradcam.png`` is drawn on: the upload itself, or a thumbnail of it."""
+        return f"picture:{self.suffix}"
 
     @property
     def inflight_key(self) -> str:
@@ -130,6 +136,11 @@ class Computation:
 def overlay_key_for_result(result_key: str) -> str:
     """Return the overlay key that belongs to a result key."""
     return "overlay:" + result_key.removeprefix("result:")
+
+
+def picture_key_for_result(result_key: str) -> str:
+    """Return the key of the picture an overlay is drawn on, for a result key."""
+    return "picture:" + result_key.removeprefix("result:")
 
 
 BATCH_PREFIX = "batch:"

@@ -1,10 +1,11 @@
 """Read the environment once, at start-up, into one typed settings object.
 
 Every other module is handed a ``Settings``; nothing else reads ``os.environ``.
-README's configuration table lists each variable with its default.
+docs/operations.md's configuration table lists each variable with its default.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from pathlib import Path
@@ -75,8 +76,16 @@ def _seconds_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -
 
 
 def _webhook_secret(raw: str) -> str:
-    if raw and not raw.startswith("whsec_"):
-        raise SettingsError("WEBHOOK_SECRET must look like whsec_<base64>, as Standard Webhooks secrets do")
+    """A Standard Webhooks secret: ``whsec_`` and the base64 of 24 to 64 random bytes."""
+    if not raw:
+        return raw
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_"), validate=True) if raw.startswith("whsec_") else b""
+    except ValueError:
+        key = b""
+    if not 24 <= len(key) <= 64:
+        raise SettingsError("WEBHOOK_SECRET must be whsec_ followed by the base64 of 24 to 64 random bytes, "
+                            "as Standard Webhooks secrets are (make run makes one in var/webhook_secret)")
     return raw
 
 
@@ -111,6 +120,7 @@ class Settings:
     visibility_timeout_s: int = 600  # a dead worker's unacked messages come back after this
     worker_devices: str = "auto"  # auto | cpu | 0,1,... (GPU indices): one child per device
     amp_dtype: str = "float16"  # float16 | bfloat16 (CUDA only)
+    device_decode: str = "auto"  # auto: GPU children decode JPEGs on the GPU (nvJPEG) | on | off
     torch_threads: int = 0  # 0: the machine's cores shared among the pool's children
     worker_concurrency: int = 1
     max_batch: int = 0  # images per forward pass; 0 measures the best size per model at start-up
@@ -140,6 +150,7 @@ class Settings:
     # Admins: admin API and page, worker metrics endpoint.
     admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin; empty disables both (404)
     worker_metrics_port: int = 9808  # each worker's main process serves /metrics here; 0: off
+    task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -169,6 +180,7 @@ class Settings:
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", d.visibility_timeout_s, minimum=1),
             worker_devices=_devices(env.get("WORKER_DEVICES", "").strip().lower() or d.worker_devices),
             amp_dtype=_choice(env, "AMP_DTYPE", d.amp_dtype, ("float16", "bfloat16")),
+            device_decode=_choice(env, "DEVICE_DECODE", d.device_decode, ("auto", "on", "off")),
             torch_threads=_int(env, "TORCH_THREADS", d.torch_threads),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1),
             max_batch=_int(env, "MAX_BATCH", d.max_batch),
@@ -198,4 +210,5 @@ class Settings:
             webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", d.webhook_concurrency, minimum=1),
             admin_token=env.get("ADMIN_TOKEN", "").strip(),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", d.worker_metrics_port),
+            task_events=_bool(env, "TASK_EVENTS", d.task_events),
         )

@@ -18,6 +18,7 @@ the admin page needs fleet-wide windows that no single process sees.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 import time
@@ -54,32 +55,43 @@ def series_field(name: str, labels: dict, part: int | str | None = None) -> str:
     return json.dumps(key if part is None else [*key, part], separators=(",", ":"))
 
 
-def _observe(pipe, name: str, labels: dict, value: float) -> None:
-    """Add one observation to a histogram: its own bucket (cumulated when read), sum and count."""
-    index = bisect.bisect_left(HISTOGRAMS[name], value)  # len(buckets) is the +Inf bucket
-    pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, index), 1)
-    pipe.hincrbyfloat(HISTOGRAMS_KEY, series_field(name, labels, "sum"), value)
-    pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, "count"), 1)
+def _observe(pipe, name: str, labels: dict, values: list[float]) -> None:
+    """Add observations to a histogram: one increment per bucket hit (cumulated when read), sum and count."""
+    if not values:
+        return
+    buckets: dict[int, int] = {}
+    for value in values:
+        index = bisect.bisect_left(HISTOGRAMS[name], value)  # len(buckets) is the +Inf bucket
+        buckets[index] = buckets.get(index, 0) + 1
+    for index, hits in buckets.items():
+        pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, index), hits)
+    pipe.hincrbyfloat(HISTOGRAMS_KEY, series_field(name, labels, "sum"), sum(values))
+    pipe.hincrby(HISTOGRAMS_KEY, series_field(name, labels, "count"), len(values))
 
 
 def record_batch(client: redis.Redis, labels: dict, samples: list[tuple[float, float]],
-                 batch_size: int, now: float | None = None) -> None:
-    """Count a finished batch: ``samples`` holds (end-to-end s, inference s) per computation done."""
+                 batch_size: int, now: float | None = None, pipe=None) -> None:
+    """Count a finished batch: ``samples`` holds (end-to-end s, inference s) per computation done.
+
+    With ``pipe`` the commands join that pipeline (the caller executes it); otherwise they are sent now.
+    The cost is per batch, not per image: each histogram gets one increment per bucket hit.
+    """
     now = time.time() if now is None else now
     model, minute = labels["model"], minute_of(now)
-    pipe = client.pipeline(transaction=False)
+    own = pipe is None
+    pipe = client.pipeline(transaction=False) if own else pipe
     if samples:
         pipe.hincrby(minute_key(minute), f"done:{model}", len(samples))
         pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_jobs_completed", labels), len(samples))
         pipe.lpush(latency_key(minute, model), *(f"{e2e:.6f} {inf:.6f}" for e2e, inf in samples))
         pipe.ltrim(latency_key(minute, model), 0, SAMPLES_PER_MINUTE - 1)
         pipe.expire(latency_key(minute, model), MINUTE_TTL_S)
-    for e2e, inference in samples:
-        _observe(pipe, "imgsvc_inference_seconds", labels, inference)
-        _observe(pipe, "imgsvc_end_to_end_seconds", labels, e2e)
-    _observe(pipe, "imgsvc_batch_size", labels, batch_size)
+    _observe(pipe, "imgsvc_inference_seconds", labels, [inference for _, inference in samples])
+    _observe(pipe, "imgsvc_end_to_end_seconds", labels, [e2e for e2e, _ in samples])
+    _observe(pipe, "imgsvc_batch_size", labels, [batch_size])
     pipe.expire(minute_key(minute), MINUTE_TTL_S)
-    pipe.execute()
+    if own:
+        pipe.execute()
 
 
 def record_failures(client: redis.Redis, labels: dict, count: int = 1, now: float | None = None) -> None:
@@ -92,16 +104,30 @@ def record_failures(client: redis.Redis, labels: dict, count: int = 1, now: floa
     pipe.execute()
 
 
+@dataclasses.dataclass(frozen=True)
+class SubmissionCount:
+    """How an accepted job is counted (the same series as ``record_submission``), for the submit
+    script to count it in the round trip that writes the job."""
+
+    model: str
+    now: float
+
+    def script_parts(self) -> tuple[list[str], list]:
+        """Keys (minute bucket, counters) and arguments (TTL, then hit/miss fields) for the script."""
+        model = {"model": self.model}
+        return [minute_key(minute_of(self.now)), COUNTERS_KEY], [
+            MINUTE_TTL_S, f"hit:{self.model}", f"miss:{self.model}",
+            series_field("imgsvc_jobs_submitted", model), series_field("imgsvc_cache_hits", model),
+            series_field("imgsvc_cache_misses", model)]
+
+
 def record_submission(client: redis.Redis, model: str, cached: bool, now: float | None = None) -> None:
-    """Count an accepted job and whether the cache answered it."""
-    now = time.time() if now is None else now
-    outcome = "hit" if cached else "miss"
+    """Count an accepted job and whether the cache answered it (the series the submit script counts)."""
+    (minute, counters), (ttl, hit, miss, submitted, hits, misses) = SubmissionCount(
+        model, time.time() if now is None else now).script_parts()
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(minute_key(minute_of(now)), f"{outcome}:{model}", 1)
-    pipe.expire(minute_key(minute_of(now)), MINUTE_TTL_S)
-    pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_jobs_submitted", {"model": model}), 1)
-    pipe.hincrby(COUNTERS_KEY, series_field(f"imgsvc_cache_{'hits' if cached else 'misses'}",
-                                            {"model": model}), 1)
+    pipe.hincrby(minute, hit if cached else miss, 1).expire(minute, ttl)
+    pipe.hincrby(counters, submitted, 1).hincrby(counters, hits if cached else misses, 1)
     pipe.execute()
 
 

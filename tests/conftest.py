@@ -154,3 +154,16 @@ def wait_done(client, job_id: str, timeout: float = 120) -> dict:
         return job if job["status"] in ("done", "failed") else None
 
     return wait_for(finished, timeout, f"job {job_id}", interval=0.05)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run wherever torch sees a GPU, and skip with the reason elsewhere."""
+    cuda = [item for item in items if "cuda" in item.keywords]
+    if not cuda:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="CUDA not available: no GPU on this machine")
+        for item in cuda:
+            item.add_marker(skip)

@@ -54,7 +54,7 @@ def fleet(tmp_path_factory):
     redis_proc, url = start_redis(tmp_path_factory.mktemp("fleet-redis"))
     settings = Settings(redis_url=url, model_cards_dir=cards, models=(MODEL,), default_model=MODEL,
                         worker_devices="cpu", worker_concurrency=1, torch_threads=1, max_batch=2,
-                        max_wait_ms=50,
+                        max_wait_ms=50, task_events=True,
                         heartbeat_interval_s=1, worker_ttl_s=4, admin_token=TOKEN)
     ARTIFACTS.mkdir(exist_ok=True)
     ports = {"a": free_port(), "b": free_port()}

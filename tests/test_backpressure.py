@@ -42,7 +42,7 @@ def test_full_queue_refuses_new_work_but_answers_hits(unserved_app, redis_client
     comp = Computation("unserved", "test-1", image_digest(data), OutputOptions())
     store = unserved_app.extensions["imgsvc"].store
     redis_client.set(comp.meta_key, '{"sha256": "s", "format": "PNG", "width": 64, "height": 48}', ex=60)
-    store.finish(comp, {"predictions": [], "gradcam": {"class_index": 0, "url": GRADCAM_URL_SLOT}}, b"PNG")
+    store.finish(comp, {"predictions": [], "gradcam": {"class_index": 0, "url": GRADCAM_URL_SLOT}}, None)
     hit = submit(client, data, model="unserved")
     assert hit.status_code == 200 and hit.get_json()["cached"] is True
 

@@ -14,7 +14,7 @@ from tests import images
 from worker.gradcam import forward_with_cam
 from worker.imaging import preprocess
 from worker.models import load_model
-from worker.overlay import normalise
+from shared.overlay import normalise
 
 CARD = load_card(REPO_ROOT / "models" / "efficientnet-lite0.toml")
 

@@ -185,3 +185,11 @@ def test_a_key_default_endpoint_meets_the_ssrf_guard_at_creation(settings):
     result = app.test_cli_runner().invoke(args=["keys", "create", "sneaky", "--webhook-url",
                                                 "http://169.254.169.254/latest/meta-data"])
     assert result.exit_code != 0 and "non-public address" in result.output
+
+
+def test_an_international_callback_url_is_kept_encoded_as_browsers_send_it(client):
+    from tests.conftest import submit
+
+    answer = submit(client, images.noise_png(seed=72_000), callback_url="http://localhost:9/café?ü=1")
+    assert answer.status_code == 202
+    assert answer.get_json()["callback_url"] == "http://localhost:9/caf%C3%A9?%C3%BC=1"

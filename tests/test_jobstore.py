@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from shared.jobs import GRADCAM_URL_SLOT, Claim, JobStore
+from shared.jobs import GRADCAM_URL_SLOT, KEEP_UPLOAD, Claim, JobStore
 from shared.keys import Computation, OutputOptions
 
 
@@ -27,13 +27,22 @@ def test_identical_submissions_share_one_computation(store):
     assert store.claim([comp]) == [Claim(already_done=False, image=b"img", attempt=1)]
     assert [store.get(j)["status"] for j in (first.job_id, second.job_id)] == ["running", "running"]
     settled = store.finish(comp, {"predictions": [], "gradcam": {"class_index": 3, "url": GRADCAM_URL_SLOT}},
-                           b"PNG")
+                           KEEP_UPLOAD)
     assert settled == [first.job_id, second.job_id]
+    renders = []
+
+    def render(model, result, picture):
+        renders.append((model, json.loads(result)["gradcam"]["class_index"], picture))
+        return b"PNG"
+
     for job_id in settled:
         job = store.get(job_id)
         assert job["status"] == "done" and job["cached"] is False
         assert job["result"]["gradcam"]["url"] == f"/api/v1/jobs/{job_id}/gradcam.png"
-        assert store.overlay_png(job_id) == b"PNG"
+        assert store.overlay_png(job_id, render=render) == b"PNG"
+    # Rendered once, on the first request, from the upload itself (kept, not copied); then cached.
+    assert renders == [("m", 3, b"img")]
+    assert store.redis.get(comp.picture_key) == b"img" and not store.redis.exists(comp.image_key)
     claim = store.claim([comp])[0]
     assert (claim.already_done, claim.image) == (True, None)  # result written, bytes gone
     assert store.submit(comp, MODEL).outcome == "cached"  # a lookup without the bytes hits too
@@ -81,6 +90,19 @@ def test_failure_settles_every_job_and_caches_nothing(store):
 def test_every_key_expires(store, redis_client):
     comp = _comp("d" * 64)
     sub = store.submit(comp, MODEL, b"i", INFO)
-    store.finish(comp, {"predictions": [], "gradcam": None}, b"P")
-    for key in (f"job:{sub.job_id}", comp.result_key, comp.overlay_key, comp.meta_key):
+    store.finish(comp, {"predictions": [], "gradcam": {"class_index": 0, "url": GRADCAM_URL_SLOT}},
+                 b"a thumbnail")
+    assert store.overlay_png(sub.job_id, render=lambda *_: b"PNG") == b"PNG"
+    for key in (f"job:{sub.job_id}", comp.result_key, comp.picture_key, comp.overlay_key, comp.meta_key):
         assert 0 < redis_client.ttl(key) <= 60, key
+
+
+def test_a_failure_reported_after_the_result_changes_nothing(store, redis_client):
+    comp = _comp("f" * 64)
+    sub = store.submit(comp, MODEL, b"img", INFO)
+    store.finish(comp, {"predictions": [], "gradcam": None})
+    counted = store.computations()
+    assert store.fail(comp, {"code": "timeout", "message": "late"}) == []
+    assert store.get(sub.job_id)["status"] == "done" and redis_client.exists(comp.meta_key)
+    assert store.computations() == counted
+    assert store.submit(comp, MODEL).outcome == "cached"

@@ -1,3 +1,5 @@
+import base64
+
 import pytest
 
 from shared.settings import Settings, SettingsError
@@ -47,3 +49,15 @@ def test_settings_survive_the_trip_through_the_environment(tmp_path):
     settings = Settings(redis_url="redis://h:2/3", model_cards_dir=tmp_path, models=("a", "b"),
                         max_upload_bytes=7 * 1024 * 1024, stuck_after_s=4, max_batch=3, amp_dtype="bfloat16")
     assert Settings.from_env(settings.to_env()) == settings
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_not base64!", "whsec_c2hvcnQ=", "dGVzdC13ZWJob29rLXNlY3JldC0zMi1ieXRlcyEhISE=",
+                                    "whsec_" + "QUFB" * 30])
+def test_a_webhook_secret_that_is_not_whsec_base64_is_refused_at_start_up(secret):
+    with pytest.raises(SettingsError, match="WEBHOOK_SECRET"):
+        Settings.from_env({"WEBHOOK_SECRET": secret})
+
+
+def test_a_standard_webhooks_secret_is_accepted():
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    assert Settings.from_env({"WEBHOOK_SECRET": secret}).webhook_secret == secret

@@ -57,5 +57,5 @@ def test_only_one_sweeper_runs_a_round(app, settings, redis_client):
     first = _sweeper(app, settings, redis_client)
     second = Sweeper(settings, redis_client, app.extensions["imgsvc"].celery, name="other")
     first.sweep()
-    assert second.sweep() == {"extended": 0, "requeued": 0, "expired": 0, "gone": 0}
+    assert not any(second.sweep().values())
     assert redis_client.get(LOCK_KEY) == b"test-sweeper"

@@ -150,21 +150,29 @@ def start_webhook_worker(settings: Settings, log: Path, name: str = "webhooks") 
     return proc
 
 
-def start_web(settings: Settings, threads: int = 4) -> tuple[subprocess.Popen, str]:
-    """Start the web app under gunicorn on a free port; return it and its base URL once it answers."""
+def web_command(port: int, threads: int, processes: int, server: str = "gunicorn") -> list[str]:
+    """The command that serves the web app on loopback: gunicorn (the default) or granian."""
+    if server == "granian":
+        return [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(processes), "--blocking-threads", str(threads), "--no-ws", "web.wsgi:app"]
+    return [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(processes),
+            "--threads", str(threads), "--worker-class", "gthread", "web.wsgi:app"]
+
+
+def start_web(settings: Settings, threads: int = 4, processes: int = 1,
+              server: str = "gunicorn") -> tuple[subprocess.Popen, str]:
+    """Start the web app on a free port; return it and its base URL once it answers."""
     port = free_port()
-    proc = spawn([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-                  "--threads", str(threads), "--worker-class", "gthread", "web.wsgi:app"],
-                 env=service_env(settings))
+    proc = spawn(web_command(port, threads, processes, server), env=service_env(settings))
     url = f"http://127.0.0.1:{port}"
 
     def up():
         if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {proc.returncode}")
+            raise RuntimeError(f"{server} exited with {proc.returncode}")
         try:
             return requests.get(f"{url}/healthz", timeout=5).ok
         except requests.RequestException:  # not listening yet, or still booting its workers
             return False
 
-    wait_for(up, 60, "gunicorn", interval=0.02)
+    wait_for(up, 60, server, interval=0.02)
     return proc, url

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, DecodeFailed, NotFound
 from shared.jobs import JobContext
 from shared.keys import WORKERS_KEY, image_digest
+from shared.overlay import render_stored
 from web import auth
 from web.idempotency import Created
 from web.intake import accept, check_size, idempotent, number_option, parse_order, read_images, services
 
 bp = Blueprint("api", __name__)
+log = logging.getLogger(__name__)
+DEFAULT_RESIZE = 256  # a card no longer served: decode its kept picture as the usual cards would
 
 JOB_ID_LENGTH = 32
 MAX_WAIT_S = 30
@@ -84,10 +88,26 @@ def get_job(job_id: str):
     return json_response(job)
 
 
+def render_heatmap(model: str, result_json: bytes, picture: bytes) -> bytes | None:
+    """Draw a result's GradCAM map over the picture the worker kept (first request only; then cached)."""
+    gradcam = json.loads(result_json).get("gradcam") or {}
+    if "map" not in gradcam:
+        return None
+    svc = services()
+    card = svc.catalog.cards.get(model)
+    try:
+        return render_stored(picture, gradcam["map"], gradcam["crop_box"],
+                             min_short_side=card.resize if card else DEFAULT_RESIZE,
+                             max_pixels=svc.settings.max_image_pixels)
+    except DecodeFailed:
+        log.exception("the picture kept for a %s heatmap does not decode", model)
+        return None
+
+
 @bp.get("/api/v1/jobs/<job_id>/gradcam.png")
 def get_gradcam(job_id: str):
     # The heatmap first: only a done job has a result key, so this is the whole hot path.
-    png = services().store.overlay_png(job_id, owner=auth.owner()) if valid_id(job_id) else None
+    png = services().store.overlay_png(job_id, owner=auth.owner(), render=render_heatmap) if valid_id(job_id) else None
     if png is None:
         job = json.loads(job_or_404(job_id))
         reason = ("the job asked for no GradCAM" if job["status"] == "done"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
-import redis
 from flask import current_app, request
 from kombu.exceptions import OperationalError
 from werkzeug.datastructures import MultiDict
@@ -15,7 +15,7 @@ from shared.errors import (InvalidCallbackUrl, InvalidOption, MissingImage, Over
                            Unavailable)
 from shared.jobs import JobContext, Submission
 from shared.keys import Computation, OutputOptions, image_digest
-from shared.netguard import RefusedUrl, resolve
+from shared.netguard import RefusedUrl, normalise_url, resolve
 from shared.tasks import inference_queue, send_inference
 from web import auth
 from web.idempotency import Created, check_key, fingerprint
@@ -66,14 +66,16 @@ def parse_order(values) -> Order:
     key = auth.current_key()
     callback_url = values.get("callback_url", "").strip() or (key.webhook_url if key else None)
     if callback_url:
-        check_callback(callback_url)
+        callback_url = check_callback(callback_url)
     return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url)
 
 
-def check_callback(url: str) -> None:
-    """Refuse (422) a callback we could not or would not call, now rather than at delivery."""
+def check_callback(url: str) -> str:
+    """Refuse (422) a callback we could not or would not call, now rather than at delivery; return it
+    as it will be called (international hosts and characters encoded the way browsers do)."""
     settings = services().settings
     try:
+        url = normalise_url(url)
         resolve(url, allow_private=settings.webhook_allow_private)
     except RefusedUrl as exc:
         raise InvalidCallbackUrl(str(exc)) from None
@@ -81,6 +83,7 @@ def check_callback(url: str) -> None:
     if not signer:
         need = "SECRET_KEY" if auth.current_key() else "WEBHOOK_SECRET (or submit with an API key)"
         raise InvalidCallbackUrl(f"This server cannot sign webhooks yet: it needs {need}.")
+    return url
 
 
 def read_images() -> tuple[list[bytes], MultiDict]:
@@ -117,24 +120,18 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     sha = sha or image_digest(data)
     comp = Computation(order.card.name, order.card.version, sha, order.options)
     model_info = {"name": order.card.name, "version": order.card.version}
-    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id)  # no header check needed
-    if submission.outcome == "miss":
-        if check_capacity:
-            ensure_capacity(order.card.name)
+    count = stats.SubmissionCount(order.card.name, time.time())  # the script counts the job it writes
+    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count)
+    if submission.outcome == "miss":  # a hit or an attach needed neither the bytes nor their header check
         info = info or inspect_image(data, svc.settings.max_image_pixels)
-        submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id)
+        submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id,
+                                      count=count, queue=inference_queue(order.card.name),
+                                      max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0)
+        if submission.outcome == "overloaded":
+            raise _overloaded(order.card.name)
     if submission.outcome == "new":
         enqueue_inference(comp)
-    count_submission(order.card.name, submission.outcome == "cached")
     return submission
-
-
-def count_submission(model: str, cached: bool) -> None:
-    """Count an accepted job (a replayed request is not one) for /metrics and the admin page."""
-    try:
-        stats.record_submission(services().redis, model, cached)
-    except redis.RedisError:
-        log.warning("could not count a submission for %s", model, exc_info=True)
 
 
 def ensure_capacity(model: str) -> None:
@@ -142,7 +139,12 @@ def ensure_capacity(model: str) -> None:
     svc = services()
     limit = svc.settings.max_queue_depth
     if limit and svc.redis.llen(inference_queue(model)) >= limit:
-        raise Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
+        raise _overloaded(model)
+
+
+def _overloaded(model: str) -> Overloaded:
+    limit = services().settings.max_queue_depth
+    return Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
 
 
 def enqueue_inference(comp: Computation) -> None:

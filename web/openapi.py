@@ -110,7 +110,17 @@ def job_schemas() -> dict:
             "score": {"type": "number", "minimum": 0, "maximum": 1}}},
         "Gradcam": {"type": "object", "required": ["class_index", "url"], "properties": {
             "class_index": {"type": "integer", "minimum": 0},
-            "url": {"type": "string", "description": "GET it for the heatmap PNG."}}},
+            "label": {"type": "string", "description": "The explained class's label (the top prediction's)."},
+            "url": {"type": "string", "description": "GET it for the heatmap PNG (rendered on first request)."},
+            "map": {"type": "array", "items": {"type": "array", "items": {"type": "number", "minimum": 0,
+                                                                             "maximum": 1}},
+                    "description": "The GradCAM map itself: h rows of w values in 0..1 (the model's target "
+                                   "layer grid, e.g. 7x7), top row first. It covers crop_box; draw it "
+                                   "stretched over that box."},
+            "crop_box": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1},
+                         "minItems": 4, "maxItems": 4,
+                         "description": "left, top, right, bottom of the square the model saw, as "
+                                        "fractions of the upright image."}}},
         "Result": {"type": "object", "required": ["predictions", "gradcam", "device", "timings_ms"],
                    "properties": {
                        "predictions": {"type": "array", "items": ref("Prediction")},
@@ -118,7 +128,9 @@ def job_schemas() -> dict:
                                    "description": "null when the job asked for gradcam=false"},
                        "device": {"type": "string", "examples": ["cpu", "cuda:0 (NVIDIA H100)"]},
                        "batch_size": {"type": "integer", "minimum": 1},
-                       "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}}}},
+                       "timings_ms": {"type": "object", "additionalProperties": {"type": "number"},
+                                      "description": "queue, decode, preprocess, inference, gradcam, total; "
+                                                     "render is 0 (the heatmap is drawn on request)"}}},
         "Job": {"type": "object", "required": [
                     "id", "status", "cached", "created_at", "finished_at", "image", "model", "options",
                     "callback_url", "batch_id", "result", "error"],

@@ -1,96 +1,23 @@
-"""Dynamic micro-batching: take waiting inference messages straight from the broker queue.
+"""How big a batch to take: a start-up guess, then what throughput under real load says.
 
-Celery hands a child one message (prefetch 1). Before computing it, the child takes up to
-``max_batch - 1`` more messages of the same queue with ``basic_get`` on its own broker channel, so
-they sit in the transport's unacked set (redelivered after the visibility timeout if the child
-dies) and are acknowledged one by one only after their own result is written. A lone job never
-waits: the child waits up to ``max_wait_ms`` for more only when the queue already had more.
+The start-up probe times forward + GradCAM on dummy images per batch size. It is only a first
+guess: at start-up other children load their models on the same cores, so its figures are noisy
+(seen: 1: 19.0, 2: 22.7, 4: 20.9, 8: 42.6 img/s -> 8, where 4 is best under load). ``BatchSizer``
+then measures the child's real throughput, full batches only (a batch smaller than asked means
+the queue ran dry, and says nothing about the size), and now and then tries the neighbouring
+sizes, keeping whichever moves more images per second.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
 import torch
 
-from shared.keys import Computation
-from shared.tasks import INFER_TASK
 from worker.inference import predict
 from worker.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Pending:
-    """One computation to run, with its broker message when this child took it itself."""
-
-    comp: Computation
-    enqueued_at: float
-    message: object | None = None  # kombu Message to ack after the result is written
-
-
-class QueueDrainer:
-    """Takes further inference messages from a queue on the child's own broker connection."""
-
-    def __init__(self, connection):
-        self.connection = connection
-        self._channel = None
-
-    @property
-    def channel(self):
-        if self._channel is None:
-            self._channel = self.connection.default_channel
-        return self._channel
-
-    def take(self, queue: str, limit: int, max_wait_s: float) -> list[Pending]:
-        """Return up to ``limit`` waiting computations; wait up to ``max_wait_s`` only when busy."""
-        taken: list[Pending] = []
-        deadline = time.monotonic() + max_wait_s
-        while len(taken) < limit:
-            try:
-                message = self.channel.basic_get(queue, no_ack=False)
-            except Exception:  # broker gone (kombu wraps redis errors in several types): run what we have
-                log.warning("could not take more messages from %s; running a batch of %d", queue,
-                            len(taken) + 1, exc_info=True)
-                self._reset()
-                break
-            if message is None:
-                if not taken or time.monotonic() >= deadline:
-                    break  # idle queue: run what we have now
-                time.sleep(0.001)
-                continue
-            pending = self._parse(message)
-            if pending is not None:
-                taken.append(pending)
-        return taken
-
-    @staticmethod
-    def _parse(message) -> Pending | None:
-        if message.headers.get("task") != INFER_TASK:
-            log.warning("requeueing unexpected task %s from an inference queue", message.headers.get("task"))
-            message.reject(requeue=True)
-            return None
-        try:
-            args = message.decode()[0]
-            payload = args[0]
-            return Pending(Computation.from_message(payload), float(payload["enqueued_at"]), message)
-        except (KeyError, IndexError, TypeError, ValueError):
-            log.exception("dropping a malformed inference message")
-            message.ack()
-            return None
-
-    def _reset(self) -> None:
-        """Drop the channel so the next take reconnects."""
-        self._channel = None
-        try:
-            self.connection.close()
-        except Exception:  # closing a dead connection may fail too; a fresh one is made next time
-            log.debug("closing the broker connection failed", exc_info=True)
-
-    def close(self) -> None:
-        self.connection.release()
 
 
 def best_batch_size(model: LoadedModel, amp_dtype: str, candidates: tuple[int, ...],
@@ -111,3 +38,64 @@ def best_batch_size(model: LoadedModel, amp_dtype: str, candidates: tuple[int, .
     log.info("%s on %s: images/s by batch size %s -> max_batch %d", model.card.name, model.device,
              {b: round(r, 1) for b, r in rates.items()}, chosen)
     return chosen
+
+
+class BatchSizer:
+    """Chooses a child's batch size for one model from throughput measured under real load.
+
+    Every ``explore_every`` full batches it runs ``trial_batches`` at a neighbouring size (twice or
+    half the current one, in turn) and moves there when that measured at least ``gain`` better.
+    Rates are averages over whole trials, so one noisy batch cannot move the choice. A trial that
+    loses doubles the wait before the next (up to 8x), so a settled size costs little exploring.
+    """
+
+    def __init__(self, initial: int, candidates: tuple[int, ...], *, fixed: bool = False,
+                 explore_every: int = 30, trial_batches: int = 6, gain: float = 1.03):
+        self.candidates = tuple(sorted(set(candidates) | {initial}))
+        self.chosen, self.fixed = initial, fixed
+        self.explore_every, self.trial_batches, self.gain = explore_every, trial_batches, gain
+        self.rates: dict[int, float] = {}  # size -> images/s over its last whole measurement
+        self._trial: int | None = None  # the size on trial, or None
+        self._direction = 1
+        self._since_trial = explore_every - trial_batches  # the start-up guess is tried against early
+        self._interval = explore_every
+        self._window: list[tuple[int, float]] = []  # (images, seconds) of the size being measured
+
+    @property
+    def size(self) -> int:
+        """The size to take next."""
+        return self._trial or self.chosen
+
+    def record(self, size: int, images: int, seconds: float) -> None:
+        """Note a batch's throughput: ``images`` moved in ``seconds`` of the child's loop at ``size``."""
+        if self.fixed or size != self.size or images < size or seconds <= 0:
+            return  # not full (the queue ran dry), or from before the size changed
+        self._window.append((images, seconds))
+        if len(self._window) < self.trial_batches:
+            return
+        self.rates[size] = sum(i for i, _ in self._window) / sum(s for _, s in self._window)
+        self._window = []
+        self._since_trial += self.trial_batches
+        if self._trial is not None:
+            self._end_trial()
+        else:
+            if self._since_trial >= self._interval:
+                self._start_trial()
+
+    def _start_trial(self) -> None:
+        self._since_trial = 0
+        index = self.candidates.index(self.chosen) + self._direction
+        self._direction = -self._direction
+        if 0 <= index < len(self.candidates):
+            self._trial = self.candidates[index]
+
+    def _end_trial(self) -> None:
+        trial, self._trial = self._trial, None
+        if self.rates[trial] >= self.gain * self.rates.get(self.chosen, 0.0):
+            log.info("batch size %d -> %d (%.1f vs %.1f images/s under load)", self.chosen, trial,
+                     self.rates[trial], self.rates.get(self.chosen, 0.0))
+            self._direction = 1 if trial > self.chosen else -1  # keep going the way that paid
+            self.chosen = trial
+            self._interval = self._since_trial = self.explore_every  # and try the next step at once
+        else:
+            self._interval = min(2 * self._interval, 8 * self.explore_every)

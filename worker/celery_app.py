@@ -11,7 +11,7 @@ import os
 from billiard.process import current_process
 from celery import Celery
 from celery.signals import (celeryd_init, worker_process_init, worker_process_shutdown, worker_ready,
-                            worker_shutdown)
+                            worker_shutdown, worker_shutting_down)
 from kombu import Queue
 
 from shared.cards import ModelCatalog
@@ -51,13 +51,17 @@ def remember_node_name(sender=None, **_):
 @worker_process_init.connect
 def init_child(**_):
     """Load every served model once in this child, on its own device."""
+    if device_for_child(device_plan, getattr(current_process(), "index", 0)) != "cpu":
+        # Before torch loads OpenMP: a GPU child's CPU work is decoding in its own threads, and idle
+        # OpenMP threads would spin on its cores. (A CPU child keeps spinning: it is faster there.)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.runtime import Runtime
 
     global runtime
     index = getattr(current_process(), "index", 0)
+    planned = device_for_child(device_plan, index)
     runtime = Runtime.start(settings, catalog, index, broker_connection=app.connection_for_read(),
-                            planned_device=device_for_child(device_plan, index), node=node_name,
-                            pool_size=len(device_plan), sender=app)
+                            planned_device=planned, node=node_name, pool_size=len(device_plan), sender=app)
 
 
 @worker_process_shutdown.connect
@@ -88,7 +92,8 @@ def start_sweeper(sender=None, **_):
     from worker.sweeper import Sweeper
 
     global sweeper
-    sweeper = Sweeper(settings, main_store().redis, app, name=getattr(sender, "hostname", "worker"))
+    sweeper = Sweeper(settings, main_store().redis, app, name=getattr(sender, "hostname", "worker"),
+                      queues=tuple(inference_queue(card.name) for card in catalog))
     sweeper.start()
 
 
@@ -100,6 +105,17 @@ def start_node_services(sender=None, **_):
     global metrics_server
     main_store().redis.delete(drain_key(node_name))
     metrics_server = serve_metrics(settings, [card.name for card in catalog], node_name)
+
+
+@worker_shutting_down.connect
+def stop_taking_batches(**_):
+    """On warm shutdown, children stop taking further batches and finish the ones in hand: the rest
+    of the queue stays for other workers (or this one's next life, which clears the drain)."""
+    try:
+        main_store().redis.set(drain_key(node_name), "shutdown", ex=max(60, settings.job_time_limit_s))
+    except Exception:  # Redis down: children then finish their loop budget before the pool stops
+        logging.getLogger(__name__).warning("could not mark %s as draining for shutdown", node_name,
+                                            exc_info=True)
 
 
 @worker_shutdown.connect

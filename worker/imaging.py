@@ -1,86 +1,40 @@
-"""Decode uploaded bytes into an upright RGB picture and preprocess it for a model card."""
+"""Preprocess an upright picture for a model card; stack a batch of them into the model's input.
+
+Decoding lives in shared.pictures (the web tier decodes the same way to draw heatmaps). Pictures
+stay 8-bit until the whole batch is stacked: one uint8 copy per image, then a single fused
+float conversion and normalisation per batch, on the device that runs the model.
+"""
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
-import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from shared.cards import ModelCard
-from shared.errors import DecodeFailed
+from shared.pictures import ALLOWED_FORMATS, Decoded, decode, to_rgb
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
-_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
-
-@dataclasses.dataclass
-class Decoded:
-    """An upright RGB image, possibly decoded at reduced scale, and its source format."""
-
-    image: Image.Image
-    format: str
-
-
-def decode(data: bytes, *, min_short_side: int, max_pixels: int) -> Decoded:
-    """Decode bytes to an upright RGB image whose shorter side is at least ``min_short_side``.
-
-    Big JPEGs are decoded at reduced scale: ``draft()`` must run before ``load()``.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DecodeFailed(f"The image has {width * height} pixels; the limit is {max_pixels}.")
-            fmt = image.format
-            if fmt == "JPEG":
-                scale = min_short_side / min(width, height)
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return Decoded(to_rgb(image), fmt)
-    except DecodeFailed:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
-        raise DecodeFailed(f"The image could not be decoded: {exc}") from exc
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is flattened onto white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _HIGH_DEPTH_MODES:
-        array = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if array.max() > 255 or image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        if image.mode == "F":
-            low, high = float(array.min()), float(array.max())
-            array, top = array - low, max(high - low, 1e-6)
-        image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+__all__ = ["ALLOWED_FORMATS", "Decoded", "Prepared", "decode", "normalise_on_device", "normalised_batch",
+           "preprocess", "to_rgb"]
 
 
 @dataclasses.dataclass
 class Prepared:
-    """The model input for one image and where its crop sits in the upright image."""
+    """The model input for one image (8-bit, S x S x 3) and where its crop sits in the upright image."""
 
-    tensor: torch.Tensor  # 3 x S x S, float32, normalised
+    pixels: np.ndarray | None  # S x S x 3, uint8, the centre crop after resizing (None: made on the device)
     crop_box: tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
+    card: ModelCard
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The normalised 3 x S x S float32 input of this image alone."""
+        return normalised_batch([self.pixels], self.card, torch.device("cpu"))[0]
 
 
 def preprocess(image: Image.Image, card: ModelCard) -> Prepared:
-    """Resize the shorter side to ``card.resize``, centre-crop ``card.input_size``, normalise.
+    """Resize the shorter side to ``card.resize`` and centre-crop ``card.input_size`` (8-bit).
 
     Only the region that survives the crop is resampled (``resize(box=...)``), so a 10000x10 strip
     costs the same as a square photo instead of becoming a 256000x256 intermediate.
@@ -91,8 +45,43 @@ def preprocess(image: Image.Image, card: ModelCard) -> Prepared:
     size = (card.input_size, card.input_size)
     crop = image.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
                         reducing_gap=3.0)
-    array = np.asarray(crop, dtype=np.float32) / 255.0
-    array = (array - np.asarray(card.mean, dtype=np.float32)) / np.asarray(card.std, dtype=np.float32)
-    tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
     box = (left / width, top / height, (left + side) / width, (top + side) / height)
-    return Prepared(tensor, box)
+    return Prepared(np.asarray(crop), box, card)
+
+
+def normalised_batch(pixels: list[np.ndarray], card: ModelCard, device: torch.device) -> torch.Tensor:
+    """Stack 8-bit S x S x 3 crops into a normalised N x 3 x S x S float batch on ``device``.
+
+    The stacked N x S x S x 3 array seen as N x 3 x S x S is already channels_last, the layout the
+    model runs fastest in. On CUDA the 8-bit batch (a quarter of the float bytes) crosses from
+    pinned memory without blocking and is converted there; on the CPU numpy converts it in place
+    (a third of the cost of the same arithmetic in torch at these sizes).
+    """
+    stacked = np.stack(pixels)
+    if device.type == "cuda":
+        batch = torch.from_numpy(stacked).pin_memory().to(device, non_blocking=True)
+        return normalise_on_device(batch.permute(0, 3, 1, 2), card)
+    scale, shift = _normalisation(card, torch.device("cpu"))
+    floats = stacked.astype(np.float32)
+    floats *= scale.numpy().reshape(3)
+    floats -= shift.numpy().reshape(3)
+    return torch.from_numpy(floats).permute(0, 3, 1, 2)
+
+
+def normalise_on_device(batch: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """Normalise an 8-bit N x 3 x S x S batch where it is; the result is float32 and channels_last."""
+    scale, shift = _normalisation(card, batch.device)
+    return torch.addcmul(-shift, batch, scale, value=1).contiguous(memory_format=torch.channels_last)
+
+
+_NORMALISATIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalisation(card: ModelCard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (scale, shift) with x * scale - shift == (x / 255 - mean) / std, cached per card and device."""
+    key = (card.mean, card.std, str(device))
+    if key not in _NORMALISATIONS:
+        mean = torch.tensor(card.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(card.std, dtype=torch.float32).view(1, 3, 1, 1)
+        _NORMALISATIONS[key] = ((1.0 / (255.0 * std)).to(device), (mean / std).to(device))
+    return _NORMALISATIONS[key]

@@ -19,10 +19,10 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 @dataclasses.dataclass
 class BatchOutput:
-    """Per-image probabilities (N x C, float32, CPU) and GradCAM maps (N x h x w) when asked."""
+    """Per-image probabilities (N x C, float32, CPU) and GradCAM maps (N x h x w, 0..1) when asked."""
 
     probabilities: torch.Tensor
-    cams: torch.Tensor | None
+    cams: torch.Tensor | None  # each map scaled to 0..1 (min-max per image; an all-zero map stays zero)
     cam_classes: torch.Tensor | None
     inference_ms: float
     gradcam_ms: float
@@ -44,13 +44,26 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor
 
 def predict(model: LoadedModel, tensors: list[torch.Tensor], *, gradcam: bool,
             amp_dtype: str = "float16") -> BatchOutput:
-    """Classify a batch; with ``gradcam`` also explain each image's top-1 class in the same pass."""
-    batch = to_device(tensors, model.device)
+    """Classify a list of normalised 3 x S x S images; with ``gradcam`` also explain each top-1 class."""
+    return predict_batch(model, to_device(tensors, model.device), gradcam=gradcam, amp_dtype=amp_dtype)
+
+
+def unit_range(cams: torch.Tensor) -> torch.Tensor:
+    """Scale each map of an N x h x w batch to 0..1 (an all-zero map stays all zeros)."""
+    flat = cams.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = (flat.max(dim=1).values[:, None, None] - low)
+    return torch.where(span > 0, (cams - low) / span.clamp_min(1e-12), torch.zeros_like(cams))
+
+
+def predict_batch(model: LoadedModel, batch: torch.Tensor, *, gradcam: bool,
+                  amp_dtype: str = "float16") -> BatchOutput:
+    """Classify a batch already on the model's device; with ``gradcam`` explain each top-1 class too."""
     with _autocast(model.device, amp_dtype):
         if gradcam:
             # GradCAM shares the forward pass; its own cost is the short backward to the target layer.
             cam_pass = forward_with_cam(model.network, model.target_layer, batch)
-            return BatchOutput(cam_pass.logits.float().softmax(dim=1).cpu(), cam_pass.cams.cpu(),
+            return BatchOutput(cam_pass.logits.float().softmax(dim=1).cpu(), unit_range(cam_pass.cams).cpu(),
                                cam_pass.class_index.cpu(), cam_pass.forward_ms, cam_pass.backward_ms)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -61,6 +74,11 @@ def predict(model: LoadedModel, tensors: list[torch.Tensor], *, gradcam: bool,
 
 def top_predictions(probabilities: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict]:
     """Return the ``k`` most probable classes of one image as the contract's prediction list."""
-    scores, indices = probabilities.topk(min(k, probabilities.numel()))
-    return [{"label": labels[i], "index": int(i), "score": round(float(s), 6)}
-            for s, i in zip(scores.tolist(), indices.tolist())]
+    return top_predictions_batch(probabilities[None], labels, [k])[0]
+
+
+def top_predictions_batch(probabilities: torch.Tensor, labels: tuple[str, ...], ks: list[int]) -> list[list[dict]]:
+    """The prediction list of every row of an N x C batch (row i keeps its ``ks[i]`` best), in one topk."""
+    scores, indices = probabilities.topk(min(max(ks), probabilities.shape[1]), dim=1)
+    return [[{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s[:k], row_i[:k])]
+            for row_s, row_i, k in zip(scores.tolist(), indices.tolist(), ks)]

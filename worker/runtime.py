@@ -1,10 +1,26 @@
-"""What one pool child holds for its whole life: device, resident models, Redis, heartbeat."""
+"""What one pool child holds for its whole life, and the pipelined loop that keeps its device busy.
+
+Celery hands the child one message. While more wait in the model's queue, the child keeps going
+in a loop of batches (up to ``LOOP_BUDGET_S`` per Celery task, so time limits, drains and other
+models' queues still get their turn), three stages deep:
+
+    task thread:    take batch k+1 ─┐            compute batch k (device) ─┐
+    stage threads:                  └ claim + decode + preprocess k+1      │
+    writer thread:                                  write results + acks + statistics of k-1
+
+so the device never waits for decoding, and nothing waits for Redis writes. Per-message costs
+are paid per batch: one round trip takes the batch (worker.broker), one claims it, one writes
+its results, acknowledges its messages and records its statistics (acks only behind the results).
+"""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import os
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 import torch
@@ -20,110 +36,169 @@ from shared.settings import Settings
 from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
 from worker import devices
-from worker.batching import Pending, QueueDrainer, best_batch_size
+from worker.batching import BatchSizer, best_batch_size
+from worker.broker import BatchReceiver, Pending
 from worker.heartbeat import Heartbeat
 from worker.inference import predict
 from worker.models import LoadedModel, load_count, load_model
-from worker.pipeline import run_batch
+from worker.pipeline import PipelineOutput, Staged, compute, results, stage_all, stage_on_device
 
 log = logging.getLogger(__name__)
-CPU_BATCHES = (1, 2, 4, 8)
+CPU_BATCHES = (1, 2, 4, 8)  # measured at start-up; the sizer may move on to bigger ones under load
+CPU_SIZER_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CUDA_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+CUDA_SIZER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOOP_BUDGET_S = 10.0
+
+
+@dataclasses.dataclass
+class StagedBatch:
+    """A batch taken and claimed, its images decoded: ready for the device."""
+
+    pendings: list[Pending]
+    requested: int  # the batch size asked for (fewer taken: the queue ran dry)
+    # One forward pass each: the model, its staged images (Staged.index is the batch index) and their
+    # input batch when it was made on the device.
+    groups: list[tuple[LoadedModel, list[Staged], torch.Tensor | None]]
+    outcomes: dict[int, str]  # by batch index: settled before computing (already done, failed), or after
+    draining: bool = False
+    staged_at: float = 0.0
 
 
 class Runtime:
-    """A pool child's resident state; ``handle`` runs a message (and any batched with it)."""
+    """A pool child's resident state; ``handle`` runs a message and whatever queues behind it."""
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel], batch_sizes: dict[str, int],
-                 store: JobStore, heartbeat: Heartbeat, drainer: QueueDrainer | None, labels: dict):
-        self.settings, self.models, self.batch_sizes = settings, models, batch_sizes
-        self.store, self.heartbeat, self.drainer = store, heartbeat, drainer
+    def __init__(self, settings: Settings, models: dict[str, LoadedModel], sizers: dict[str, BatchSizer],
+                 store: JobStore, heartbeat: Heartbeat, receiver: BatchReceiver | None, labels: dict,
+                 decode_threads: int = 0):
+        self.settings, self.models, self.sizers = settings, models, sizers
+        self.store, self.heartbeat, self.receiver = store, heartbeat, receiver
         self.labels = labels  # device and worker (Celery node) labels of this child's statistics
+        self.stager = ThreadPoolExecutor(1, thread_name_prefix="stage")  # claims and decodes the next batch
+        # Extra threads decode one batch's images in parallel (Pillow releases the GIL); none: the
+        # stage thread decodes them in turn.
+        self.decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.loop_budget_s = min(LOOP_BUDGET_S, settings.job_soft_time_limit_s / 4)
 
     @classmethod
     def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int,
               broker_connection=None, *, planned_device: str = "cpu", node: str = "",
               pool_size: int = 1, sender=None) -> "Runtime":
-        """Pick the device, load and warm every served model, size batches, start the heartbeat."""
+        """Pick the device, load and warm every served model, size batches and threads, start the heartbeat."""
         device = devices.choose_device(planned_device)
-        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // pool_size)
+        cores = max(1, (os.cpu_count() or 1) // pool_size)
+        # A CPU child's model needs its share of the cores; a GPU child's torch has little CPU work.
+        threads = settings.torch_threads or (1 if device.type == "cuda" else cores)
         devices.configure(device, threads)
         models = {card.name: load_model(card, device) for card in catalog}
         for model in models.values():
             warm_up(model, settings.amp_dtype)
-        candidates = CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES
-        batch_sizes = {name: settings.max_batch or best_batch_size(model, settings.amp_dtype, candidates)
-                       for name, model in models.items()}
+        sizers = {name: _sizer(settings, model) for name, model in models.items()}
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
                                       health_check_interval=30)
         name = f"{socket.gethostname()}:{os.getpid()}"
         info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": str(device), "device_name": devices.device_name(device), "threads": threads,
                 "models": {m.card.name: m.card.version for m in models.values()},
-                "max_batch": batch_sizes, "model_loads": load_count(), "started_at": time.time()}
+                "max_batch": {n: s.size for n, s in sizers.items()}, "model_loads": load_count(),
+                "started_at": time.time()}
         heartbeat = Heartbeat(client, name, info, interval_s=settings.heartbeat_interval_s,
                               ttl_s=settings.worker_ttl_s,
-                              probe=lambda: {"gpu_memory": devices.gpu_memory(device)},
+                              probe=lambda: {"gpu_memory": devices.gpu_memory(device),
+                                             "max_batch": {n: s.size for n, s in sizers.items()}},
                               queues=tuple(inference_queue(card.name) for card in catalog))
         heartbeat.start()
-        drainer = QueueDrainer(broker_connection) if broker_connection is not None else None
-        log.info("child %s ready on %s with %s", name, info["device"], batch_sizes)
+        receiver = BatchReceiver.for_connection(broker_connection, owner=name) if broker_connection else None
+        log.info("child %s ready on %s with batch sizes %s", name, info["device"], info["max_batch"])
         store = announcing_store(client, settings, sender) if sender is not None else JobStore.from_settings(
             client, settings)  # the sender (the worker's Celery app) carries webhook events
-        return cls(settings, models, batch_sizes, store, heartbeat,
-                   drainer, {"device": str(device), "worker": node})
+        # A GPU child decodes on the CPU while the device computes: give it the child's cores. A CPU
+        # child's cores run the model: the one stage thread overlaps decoding without crowding it out.
+        decode_threads = min(4, cores) if device.type == "cuda" and cores > 1 else 0
+        return cls(settings, models, sizers, store, heartbeat, receiver,
+                   {"device": str(device), "worker": node}, decode_threads)
+
+    # -- the loop ---------------------------------------------------------------------------------
 
     def handle(self, first: Pending) -> list[str]:
-        """Run ``first`` together with whatever else waits in its queue; return each outcome."""
-        batch = [first]
-        limit = self.batch_sizes.get(first.comp.model, 1) - 1
-        # A drained node takes no extra messages; a retried computation runs alone.
-        if self.drainer is not None and limit > 0 and not self.store.redis.exists(
-                first.comp.attempts_key, drain_key(self.labels["worker"])):
-            batch += self.drainer.take(inference_queue(first.comp.model), limit,
-                                       self.settings.max_wait_ms / 1000)
-        self.heartbeat.batch_started(len(batch))
+        """Run ``first`` and, while the budget lasts, every batch that waits behind it in its queue."""
+        loop = BatchLoop(self, first)
         try:
-            return self.process(batch)
+            loop.run()
+        except SoftTimeLimitExceeded:
+            # Raised wherever the task thread was; only a hung computation gets here in practice.
+            log.error("a batch of %s passed the soft time limit", first.comp.model)
+            loop.stop_timed_out()
         finally:
-            self.heartbeat.batch_started(0)
-            for pending in batch:
-                if pending.message is not None:
-                    pending.message.ack()  # only now: its result (or failure) is written
+            loop.finish()
+        return loop.outcomes
 
-    def process(self, batch: list[Pending]) -> list[str]:
-        """Compute every pending computation and settle every job attached to each."""
-        started = time.time()
-        outcomes: dict[int, str] = {}
-        runnable: list[tuple[int, Pending, bytes]] = []
-        claims = self.store.claim([pending.comp for pending in batch], owner=self.heartbeat.name)
+    def _take_first(self, queue: str, limit: int) -> list[Pending]:
+        """Fill the first batch: wait up to MAX_WAIT_MS for more only when the queue already had some."""
+        taken = self.receiver.take(queue, limit)
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+        while taken and len(taken) < limit and time.monotonic() < deadline:
+            time.sleep(0.001)
+            taken += self.receiver.take(queue, limit - len(taken))
+        return taken
+
+    def _give_back(self, queue: str, following: Future | None) -> None:
+        """Put a staged but never computed batch back on its queue."""
+        if following is None:
+            return
+        try:
+            staged = following.result(timeout=30)
+            self.receiver.requeue(queue, [p for p in staged.pendings if p.tag is not None])
+        except Exception:  # the messages stay unacked: the visibility timeout brings them back
+            log.exception("could not put a staged batch back on %s", queue)
+
+    # -- the stages -------------------------------------------------------------------------------
+
+    def _stage(self, batch: list[Pending], requested: int) -> StagedBatch:
+        """Claim a batch (one round trip), then decode and preprocess its images."""
+        claims, draining = self.store.claim_batch([p.comp for p in batch], owner=self.heartbeat.name,
+                                                  drain_key=drain_key(self.labels["worker"]))
         retried = [p.comp.model for p, c in zip(batch, claims) if c.attempt > 1]
         if retried:
             self.store.count_redeliveries(retried)
+        outcomes: dict[int, str] = {}
+        runnable: list[tuple[int, Pending, bytes, int]] = []
         for index, (pending, claim) in enumerate(zip(batch, claims)):
             if claim.already_done:
                 outcomes[index] = "already_done"  # a redelivered message whose result was written
                 continue
             try:
-                runnable.append((index, pending, self._check(pending, claim)))
+                runnable.append((index, pending, self._check(pending, claim), claim.attempt))
             except ServiceError as exc:
                 outcomes[index] = self._fail(pending, exc)
-        for group in self._groups(runnable, claims):
-            outcomes.update(self._run_group(self.models[group[0][1].comp.model], group, started))
-        return [outcomes[i] for i in range(len(batch))]
+        groups = []
+        for group in _groups(runnable):
+            model = self.models[group[0][1].comp.model]
+            items = [(data, pending.comp.options) for _, pending, data, _ in group]
+            staged, failures, inputs = self._stage_group(model, items)
+            for position, error in failures.items():
+                outcomes[group[position][0]] = self._fail(group[position][1], error)
+            for item in staged:
+                item.index = group[item.index][0]  # from its place in the group to its place in the batch
+            groups.append((model, staged, inputs))
+        return StagedBatch(batch, requested, groups, outcomes, draining, time.time())
 
-    @staticmethod
-    def _groups(runnable, claims) -> list[list]:
-        """One group per model; a computation retried after a crash runs alone, so it cannot take
-        innocent neighbours down with it again."""
-        groups: dict[str, list] = {}
-        alone = []
-        for entry in runnable:
-            if claims[entry[0]].attempt > 1:
-                alone.append([entry])
-            else:
-                groups.setdefault(entry[1].comp.model, []).append(entry)
-        return list(groups.values()) + alone
+    def _stage_group(self, model: LoadedModel, items: list) -> tuple[list[Staged], dict, torch.Tensor | None]:
+        """Decode and preprocess one model's images: on its device where configured, else on the CPU."""
+        max_pixels = self.settings.max_image_pixels
+        if self._decodes_on_device(model):
+            try:
+                return stage_on_device(items, model, max_pixels, self.decoders)
+            except Exception:  # a device decoder that breaks must cost speed, not answers
+                log.exception("decoding a batch of %d on %s failed; decoding it on the CPU", len(items), model.device)
+        staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None)
+        return staged, failures, None
+
+    def _decodes_on_device(self, model: LoadedModel) -> bool:
+        """DEVICE_DECODE: auto decodes on the device where it is a GPU; on forces it (tests, on the CPU)."""
+        mode = self.settings.device_decode
+        return mode == "on" or (mode == "auto" and model.device.type == "cuda")
 
     def _check(self, pending: Pending, claim: Claim) -> bytes:
         comp = pending.comp
@@ -136,44 +211,77 @@ class Runtime:
             raise ImageExpired("The uploaded image expired before a worker could read it.")
         return claim.image
 
-    def _run_group(self, model: LoadedModel, group, started: float) -> dict[int, str]:
-        try:
-            outputs = run_batch(model, [(data, pending.comp.options) for _, pending, data in group],
-                                max_pixels=self.settings.max_image_pixels, amp_dtype=self.settings.amp_dtype)
-        except SoftTimeLimitExceeded:
-            log.error("batch of %d on %s passed the soft time limit", len(group), model.card.name)
-            error = JobTimeout(f"The computation took longer than {self.settings.job_soft_time_limit_s} s.")
-            return {index: self._fail(pending, error) for index, pending, _ in group}
-        except Exception as exc:  # a bug or a device error must fail the jobs, not the worker
-            log.exception("batch of %d on %s crashed", len(group), model.card.name)
-            error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
-            return {index: self._fail(pending, error) for index, pending, _ in group}
-        outcomes, done, samples = {}, [], []
-        for (index, pending, _), output in zip(group, outputs):
-            if isinstance(output, ServiceError):
-                outcomes[index] = self._fail(pending, output)
+    def _compute(self, batch: StagedBatch) -> list[tuple[LoadedModel, list[Staged], list[PipelineOutput]]]:
+        """Run every group of the batch through its model (in this thread: the device's)."""
+        done = []
+        for model, staged, inputs in batch.groups:
+            if not staged:
                 continue
-            output.result["timings_ms"]["queue"] = round(max(0.0, started - pending.enqueued_at) * 1000, 2)
-            done.append((pending.comp, output.result, output.overlay_png))
-            timings = output.result["timings_ms"]
-            samples.append((pending.enqueued_at, (timings["inference"] + timings["gradcam"]) / 1000))
-            outcomes[index] = "done"
-        self.store.finish_many(done)  # one round trip for the whole batch
+            try:
+                output = compute(model, staged, self.settings.amp_dtype, inputs)
+                done.append((model, staged, results(model, staged, output)))
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception as exc:  # a bug or a device error must fail the jobs, not the worker
+                log.exception("batch of %d on %s crashed", len(staged), model.card.name)
+                error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
+                for item in staged:
+                    batch.outcomes[item.index] = self._fail(batch.pendings[item.index], error)
+        return done
+
+    def _write(self, batch: StagedBatch, computed) -> list[str]:
+        """Write a computed batch's results, acknowledge its messages and record its statistics:
+        one round trip, in that order, so a message is acknowledged only behind its result."""
+        now = time.time()
+        done, by_model = [], {}
+        for model, staged, outputs in computed:
+            for item, output in zip(staged, outputs):
+                pending = batch.pendings[item.index]
+                output.result["timings_ms"]["queue"] = round(max(0.0, batch.staged_at - pending.enqueued_at) * 1000, 2)
+                done.append((pending.comp, output.result, output.picture))
+                timings = output.result["timings_ms"]
+                by_model.setdefault(model.card.name, []).append(
+                    (max(0.0, now - pending.enqueued_at), (timings["inference"] + timings["gradcam"]) / 1000))
+                batch.outcomes[item.index] = "done"
+
+        def acks_and_statistics(pipe) -> None:
+            if self.receiver is not None:
+                self.receiver.ack(pipe, batch.pendings)
+            for name, samples in by_model.items():
+                stats.record_batch(self.store.redis, {**self.labels, "model": name}, samples,
+                                   len(batch.pendings), now, pipe=pipe)
+
+        try:
+            self.store.finish_many(done, also=acks_and_statistics)
+        except redis.RedisError:
+            # Not acknowledged: the messages come back after the visibility timeout, and their results
+            # are computed again (a result that did get written makes that a no-op).
+            log.exception("could not write the results of a batch of %d", len(batch.pendings))
+            return ["unwritten"] * len(batch.pendings)
         self.heartbeat.count("jobs_done", len(done))
-        self._record(model.card.name, len(group), samples)
+        self.heartbeat.observe([inference for samples in by_model.values() for _, inference in samples])
+        return [batch.outcomes.get(i, "failed") for i in range(len(batch.pendings))]
+
+    def _collect(self, writes, block: bool) -> list[str]:
+        """Return the outcomes of finished writes (all of them when ``block``)."""
+        outcomes = []
+        while writes and (block or writes[0][0].done()):
+            future, batch = writes.popleft()
+            try:
+                outcomes += future.result()
+            except Exception:
+                log.exception("writing a batch of %d failed", len(batch.pendings))
         return outcomes
 
-    def _record(self, model: str, batch_size: int, samples: list[tuple[float, float]]) -> None:
-        """Add a finished batch to the fleet statistics (enqueue time, inference s per computation)."""
-        now = time.time()
-        latencies = [(max(0.0, now - enqueued_at), inference) for enqueued_at, inference in samples]
-        self.heartbeat.observe([inference for _, inference in latencies])
-        try:
-            stats.record_batch(self.store.redis, {**self.labels, "model": model}, latencies, batch_size, now)
-        except redis.RedisError:
-            log.warning("could not record statistics of a batch on %s", model, exc_info=True)
+    def _fail_all(self, batch: StagedBatch, error: ServiceError) -> None:
+        for _, staged, _ in batch.groups:
+            for item in staged:
+                batch.outcomes[item.index] = self._fail(batch.pendings[item.index], error)
+        if self.receiver is not None:
+            self.receiver.ack_now(batch.pendings)
 
     def _fail(self, pending: Pending, error: ServiceError) -> str:
+        """Fail a computation's jobs now (its message is acknowledged with the rest of its batch)."""
         log.warning("computation %s failed: %s", pending.comp.suffix, error.message)
         self.store.fail(pending.comp, error.to_dict())
         self.heartbeat.count("jobs_failed")
@@ -185,8 +293,106 @@ class Runtime:
 
     def close(self) -> None:
         self.heartbeat.stop()
-        if self.drainer is not None:
-            self.drainer.close()
+        self.stager.shutdown(wait=False, cancel_futures=True)
+        if self.decoders is not None:
+            self.decoders.shutdown(wait=False, cancel_futures=True)
+        self.writer.shutdown(wait=True)
+        if self.receiver is not None:
+            self.receiver.close()
+
+
+class BatchLoop:
+    """One Celery task's run of batches: each computed in this thread while the next is staged and
+    the last is written (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, first: Pending):
+        self.runtime, self.first = runtime, first
+        self.queue = inference_queue(first.comp.model)
+        self.sizer = runtime.sizers.get(first.comp.model)
+        # A retried computation runs alone (it may be what crashed a child), and so does a drained node.
+        self.alone = runtime.receiver is None or self.sizer is None or runtime.store.redis.exists(
+            first.comp.attempts_key, drain_key(runtime.labels["worker"]))
+        self.deadline = time.monotonic() + runtime.loop_budget_s
+        self.writes: collections.deque[tuple[Future, StagedBatch]] = collections.deque()
+        self.current: StagedBatch | None = None
+        self.following: Future | None = None
+        self.next_taken: list[Pending] = []  # the messages of ``following``, until it is staged
+        self.outcomes: list[str] = []
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except redis.RedisError:
+            # Claiming failed: what this child took but never claimed goes back on the queue (while
+            # Redis answers; else kombu's visibility timeout brings it back).
+            if self.next_taken:
+                try:
+                    self.runtime.receiver.requeue(self.queue, self.next_taken)
+                except redis.RedisError:
+                    log.warning("could not put %d taken messages back on %s", len(self.next_taken), self.queue)
+            raise
+
+    def _run(self) -> None:
+        requested = 1 if self.alone else self.sizer.size
+        batch = [self.first] if self.alone else [self.first, *self.runtime._take_first(self.queue, requested - 1)]
+        self.current = self.runtime._stage(batch, requested)
+        cycle_start = time.perf_counter()
+        while self.current is not None:
+            self.following = self._stage_next()
+            self._compute_and_write(self.current)
+            now = time.perf_counter()
+            if self.sizer is not None:
+                self.sizer.record(self.current.requested, len(self.current.pendings), now - cycle_start)
+            cycle_start = now
+            self.outcomes += self.runtime._collect(self.writes, block=False)
+            self.current = self.following.result() if self.following is not None else None
+            self.next_taken = []
+
+    def _stage_next(self) -> Future | None:
+        """Take the next batch and stage it in the stage thread, unless the loop should end here."""
+        if self.alone or self.current.draining or time.monotonic() >= self.deadline:
+            return None
+        requested = self.sizer.size
+        taken = self.next_taken = self.runtime.receiver.take(self.queue, requested)
+        return self.runtime.stager.submit(self.runtime._stage, taken, requested) if taken else None
+
+    def _compute_and_write(self, batch: StagedBatch) -> None:
+        self.runtime.heartbeat.batch_started(len(batch.pendings))
+        outputs = self.runtime._compute(batch)
+        self.writes.append((self.runtime.writer.submit(self.runtime._write, batch, outputs), batch))
+
+    def stop_timed_out(self) -> None:
+        """After the soft time limit: put the staged batch back, fail the one being computed."""
+        self.runtime._give_back(self.queue, self.following)
+        if self.current is not None and not any(self.current is staged for _, staged in self.writes):
+            limit = self.runtime.settings.job_soft_time_limit_s
+            self.runtime._fail_all(self.current, JobTimeout(f"The computation took longer than {limit} s."))
+
+    def finish(self) -> None:
+        self.outcomes += self.runtime._collect(self.writes, block=True)
+        self.runtime.heartbeat.batch_started(0)
+
+
+def _groups(runnable) -> list[list]:
+    """One group per model; a computation retried after a crash runs alone, so it cannot take
+    innocent neighbours down with it again."""
+    groups: dict[str, list] = {}
+    alone = []
+    for entry in runnable:
+        if entry[3] > 1:
+            alone.append([entry])
+        else:
+            groups.setdefault(entry[1].comp.model, []).append(entry)
+    return list(groups.values()) + alone
+
+
+def _sizer(settings: Settings, model: LoadedModel) -> BatchSizer:
+    """A fixed MAX_BATCH, or a start-up measurement that load then refines."""
+    cuda = model.device.type == "cuda"
+    if settings.max_batch:
+        return BatchSizer(settings.max_batch, (settings.max_batch,), fixed=True)
+    initial = best_batch_size(model, settings.amp_dtype, CUDA_BATCHES if cuda else CPU_BATCHES)
+    return BatchSizer(initial, CUDA_SIZER_BATCHES if cuda else CPU_SIZER_BATCHES)
 
 
 def warm_up(model: LoadedModel, amp_dtype: str) -> None:

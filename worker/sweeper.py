@@ -2,14 +2,23 @@
 
 Every computation in flight sits in the ``computations`` sorted set with a deadline. A worker that
 claims it pushes the deadline out and names itself owner; finishing removes it. Every
-``SWEEP_INTERVAL_S`` one worker (a Redis lock elects it) looks at the computations past their
-deadline: one whose owner is still alive gets more time, one whose bytes are still there is
-enqueued again (tasks are idempotent, so a duplicate costs a lookup), and one whose bytes expired
-fails with ``image_expired``. This catches messages lost between the broker's pop and its unacked
-bookkeeping, and messages held by a worker that died, without waiting for the visibility timeout.
+``SWEEP_INTERVAL_S`` one worker (a Redis lock elects it) looks at every computation in flight:
+
+- its owner's heartbeat stopped (a child that died mid-batch): enqueued again now, not after the
+  visibility timeout brings its message back (that late copy then finds the result written);
+  and messages a dead child had taken but not yet claimed (``taken_by``) go back on their queue;
+- past its deadline with a live owner: more time;
+- past its deadline, its message still waiting in the queue, or taken from it moments ago (a
+  backlog, not a loss): more time, and no second message, no attempt counted;
+- past its deadline and its message nowhere (lost between a pop and its bookkeeping): enqueued
+  again if its bytes are there, else failed with ``image_expired``.
+
+Enqueuing again is safe: tasks are idempotent, so a duplicate costs a lookup.
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import time
@@ -18,10 +27,11 @@ import redis
 from celery import Celery
 
 from shared.errors import ImageExpired
-from shared.keys import COMPUTATIONS_KEY, WORKERS_KEY, Computation
+from shared.keys import COMPUTATIONS_KEY, TAKEN_BY_KEY, WORKERS_KEY, Computation
 from shared.settings import Settings
-from shared.tasks import send_inference
+from shared.tasks import INFER_TASK, send_inference
 from shared.webhooks import announcing_store
+from worker.broker import restore_taken_by
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sweeper:lock"
@@ -30,8 +40,10 @@ LOCK_KEY = "sweeper:lock"
 class Sweeper:
     """Re-enqueue or fail computations stuck past their deadline with no live owner."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, celery: Celery, name: str):
+    def __init__(self, settings: Settings, client: redis.Redis, celery: Celery, name: str,
+                 queues: tuple[str, ...] = ()):
         self.settings, self.client, self.celery, self.name = settings, client, celery, name
+        self.catalog_queues = queues  # the inference queues whose waiting messages count as a backlog
         self.store = announcing_store(client, settings, celery)  # failed jobs still get their events
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
@@ -52,36 +64,86 @@ class Sweeper:
                 log.exception("sweep failed")
 
     def sweep(self) -> dict[str, int]:
-        """Handle every overdue computation once; return how many got each treatment."""
-        counts = {"extended": 0, "requeued": 0, "expired": 0, "gone": 0}
+        """Handle every computation in flight once; return how many got each treatment."""
+        counts = {"extended": 0, "waiting": 0, "requeued": 0, "orphaned": 0, "expired": 0, "gone": 0,
+                  "restored": 0}
         if not self.client.set(LOCK_KEY, self.name, nx=True, ex=self.settings.sweep_interval_s):
             return counts  # another worker sweeps this round
         now = time.time()
         alive = {n.decode() for n in self.client.zrangebyscore(WORKERS_KEY, now - self.settings.worker_ttl_s, "+inf")}
-        deadline = now + self.settings.stuck_after_s
-        for raw in self.client.zrangebyscore(COMPUTATIONS_KEY, "-inf", now):
-            comp = Computation.from_suffix(raw.decode())
-            in_flight, owner, has_image = self._state(comp)
+        takers = {owner.decode() for owner in self.client.hvals(TAKEN_BY_KEY)}
+        counts["restored"] = restore_taken_by(self.client, takers - alive) if takers - alive else 0
+        entries = [(Computation.from_suffix(raw.decode()), score)
+                   for raw, score in self.client.zrange(COMPUTATIONS_KEY, 0, -1, withscores=True)]
+        states = self._states([comp for comp, _ in entries])
+        queued = None  # suffixes whose message waits in a queue or the unacked set, read when needed
+        for (comp, due), (in_flight, owner, has_image) in zip(entries, states):
             if not in_flight:
                 self.client.zrem(COMPUTATIONS_KEY, comp.suffix)
-                counts["gone"] += 1
-            elif owner in alive:
-                self.client.zadd(COMPUTATIONS_KEY, {comp.suffix: deadline})
-                counts["extended"] += 1
-            elif not has_image:
-                self.store.fail(comp, ImageExpired("The uploaded image expired before a worker finished it.").to_dict())
-                counts["expired"] += 1
+                treatment = "gone"
+            elif owner is not None and owner not in alive:
+                self.client.delete(comp.owner_key)  # once: the next sweep sees it queued again
+                treatment = self._enqueue_again(comp, has_image, now, "orphaned")
+            elif due > now:
+                continue
+            elif owner is not None:
+                treatment = self._extend(comp, now, "extended")
             else:
-                send_inference(self.celery, comp)
-                self.client.zadd(COMPUTATIONS_KEY, {comp.suffix: deadline})
-                log.warning("re-enqueued computation %s: stuck with no live owner", comp.suffix)
-                counts["requeued"] += 1
+                queued = self._waiting_messages(now) if queued is None else queued
+                treatment = (self._extend(comp, now, "waiting") if comp.suffix in queued
+                             else self._enqueue_again(comp, has_image, now, "requeued"))
+            counts[treatment] += 1
         return counts
 
-    def _state(self, comp: Computation) -> tuple[bool, str | None, bool]:
+    def _extend(self, comp: Computation, now: float, treatment: str) -> str:
+        self.client.zadd(COMPUTATIONS_KEY, {comp.suffix: now + self.settings.stuck_after_s})
+        return treatment
+
+    def _enqueue_again(self, comp: Computation, has_image: bool, now: float, treatment: str) -> str:
+        """Send the computation's task again, or fail its jobs when its bytes are gone."""
+        if not has_image:
+            self.store.fail(comp, ImageExpired("The uploaded image expired before a worker finished it.").to_dict())
+            return "expired"
+        send_inference(self.celery, comp)
+        log.warning("re-enqueued computation %s: %s", comp.suffix,
+                    "its worker died" if treatment == "orphaned" else "its message was lost")
+        return self._extend(comp, now, treatment)
+
+    def _states(self, comps: list[Computation]) -> list[tuple[bool, str | None, bool]]:
+        """Whether each computation still has jobs waiting, its owner, and whether its bytes are there."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.exists(comp.inflight_key)
-        pipe.get(comp.owner_key)
-        pipe.exists(comp.image_key)
-        in_flight, owner, has_image = pipe.execute()
-        return bool(in_flight), owner.decode() if owner else None, bool(has_image)
+        for comp in comps:
+            pipe.exists(comp.attached_key).get(comp.owner_key).exists(comp.image_key)
+        replies = pipe.execute()
+        return [(bool(replies[i]), replies[i + 1].decode() if replies[i + 1] else None, bool(replies[i + 2]))
+                for i in range(0, len(replies), 3)]
+
+    def _waiting_messages(self, now: float) -> set[str]:
+        """The computations whose inference message waits in a queue, or was taken from it lately.
+
+        A message a live child takes is claimed (it gets an owner) within milliseconds; one that sat
+        unacknowledged and unclaimed for ``STUCK_AFTER_S`` was taken by a process that died, and
+        would come back only at the visibility timeout: it does not count as waiting.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for queue in self.catalog_queues:
+            pipe.lrange(queue, 0, -1)
+        pipe.zrangebyscore("unacked_index", now - self.settings.stuck_after_s, "+inf")
+        *queued, recent_tags = pipe.execute()
+        raw_messages = [m for reply in queued for m in reply]
+        if recent_tags:
+            raw_messages += [m for m in self.client.hmget("unacked", recent_tags) if m]
+        return {suffix for raw in raw_messages if (suffix := _message_suffix(raw))}
+
+def _message_suffix(raw: bytes) -> str | None:
+    """The computation an inference message names (in a queue, or kombu's unacked [message, ...])."""
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):
+            message = message[0]
+        if message.get("headers", {}).get("task") != INFER_TASK:
+            return None
+        payload = json.loads(base64.b64decode(message["body"]))[0][0]
+        return Computation.from_message(payload).suffix
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from billiard.exceptions import TimeLimitExceeded
+from celery.exceptions import Reject
 
 from shared.errors import JobTimeout
 from shared.keys import Computation
 from shared.tasks import INFER_TASK
 from worker import celery_app
-from worker.batching import Pending
+from worker.broker import Pending
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,19 @@ class InferTask(celery_app.app.Task):
 
 @celery_app.app.task(name=INFER_TASK, base=InferTask)
 def infer(message: dict) -> list[str]:
-    """Compute one image's predictions (and GradCAM), batched with any that wait behind it."""
+    """Compute one image's predictions (and GradCAM), batched with any that wait behind it.
+
+    A message whose result could not be written (Redis failed while claiming or writing) is
+    rejected back onto its queue rather than acknowledged: it is computed again, not lost.
+    """
     if celery_app.runtime is None:
         raise RuntimeError("worker child has no runtime; worker_process_init did not run")
     first = Pending(Computation.from_message(message), float(message["enqueued_at"]))
-    return celery_app.runtime.handle(first)
+    try:
+        outcomes = celery_app.runtime.handle(first)
+    except redis.RedisError as exc:
+        log.error("Redis failed while computing %s; putting its message back: %s", first.comp.suffix, exc)
+        raise Reject(exc, requeue=True) from exc
+    if outcomes and outcomes[0] == "unwritten":
+        raise Reject(f"the result of {first.comp.suffix} was not written", requeue=True)
+    return outcomes

@@ -1,4 +1,11 @@
-"""Render a GradCAM map as a colour heatmap blended over the upright image, as PNG."""
+"""Render a GradCAM map as a colour heatmap blended over the upright image, as PNG.
+
+Rendering is off the inference path: the worker stores the map (a few hundred bytes) and keeps a
+small picture to draw it on; ``gradcam.png`` is rendered by the web tier on first request and
+cached. The picture is the upload itself when it is small (no work at all: Redis renames the
+bytes it already holds) and otherwise a JPEG thumbnail the worker encodes at the overlay's size.
+Both tiers import this module, so it uses Pillow and numpy only.
+"""
 from __future__ import annotations
 
 import io
@@ -6,7 +13,11 @@ import io
 import numpy as np
 from PIL import Image
 
+from shared.pictures import decode
+
 MAX_OVERLAY_SIDE = 384  # PNG encoding dominates rendering: ~9 ms at this size on one CPU core
+ORIGINAL_PICTURE_MAX_BYTES = 256 * 1024  # uploads up to this size are kept as the overlay's picture
+THUMBNAIL_QUALITY = 92
 ALPHA = 0.5
 DIM = 0.45  # brightness of the part of the picture the model's centre crop did not see
 
@@ -49,3 +60,28 @@ def render_overlay(image: Image.Image, cam: np.ndarray,
     out = io.BytesIO()
     canvas.save(out, format="PNG", compress_level=1)
     return out.getvalue()
+
+
+def keeps_original(upload_bytes: int) -> bool:
+    """Whether an upload is small enough to be kept whole as its overlay's picture."""
+    return upload_bytes <= ORIGINAL_PICTURE_MAX_BYTES
+
+
+def overlay_thumbnail(image: Image.Image) -> bytes:
+    """Return the picture an overlay is drawn on, as a JPEG at the overlay's own size."""
+    picture = image.copy()
+    picture.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
+
+
+def render_stored(picture: bytes, cam_map: list[list[float]], crop_box: list[float], *,
+                  min_short_side: int, max_pixels: int) -> bytes:
+    """Render the overlay PNG from a kept picture and a result's map and crop box.
+
+    ``min_short_side`` is the model card's resize, so a kept upload decodes exactly as the worker
+    decoded it (same JPEG draft scale) and the overlay is the one the worker would have drawn.
+    """
+    image = decode(picture, min_short_side=min_short_side, max_pixels=max_pixels).image
+    return render_overlay(image, np.asarray(cam_map, dtype=np.float32), tuple(crop_box))

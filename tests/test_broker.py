@@ -1,0 +1,105 @@
+"""Batched take and ack of inference messages, in kombu's own Redis layout (a real redis-server)."""
+import time
+
+import pytest
+import redis
+from celery import Celery
+
+from shared.keys import Computation, OutputOptions
+from shared.settings import Settings
+from shared.tasks import celery_config, inference_queue, send_inference
+from tools.stack import start_redis, stop
+from worker.broker import BatchReceiver, restore_taken_by
+
+QUEUE = inference_queue("broker-test")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    proc, url = start_redis(tmp_path)
+    app = Celery("broker-test", set_as_current=False)
+    app.conf.update(celery_config(Settings(redis_url=url, visibility_timeout_s=1)))
+    connection = app.connection_for_read()
+    receiver = BatchReceiver.for_connection(connection)
+    yield app, receiver, redis.Redis.from_url(url)
+    receiver.close()
+    connection.release()
+    stop(proc)
+
+
+def _comp(i: int) -> Computation:
+    return Computation("broker-test", "1", f"{i:064x}", OutputOptions(top_k=1 + i % 5))
+
+
+def _send(app, count: int) -> list[Computation]:
+    comps = [_comp(i) for i in range(count)]
+    for comp in comps:
+        send_inference(app, comp)
+    return comps
+
+
+def test_a_batch_is_taken_in_order_and_acknowledged_in_one_pipeline(broker):
+    app, receiver, client = broker
+    comps = _send(app, 5)
+    taken = receiver.take(QUEUE, 3)
+    assert [p.comp for p in taken] == comps[:3]  # first sent, first taken
+    assert client.llen(QUEUE) == 2 and client.hlen("unacked") == 3 and client.zcard("unacked_index") == 3
+    pipe = client.pipeline(transaction=False)
+    receiver.ack(pipe, taken)
+    pipe.execute()
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    assert [p.comp for p in receiver.take(QUEUE, 10)] == comps[3:]
+    assert receiver.take(QUEUE, 10) == []
+
+
+def test_requeued_messages_are_the_next_taken(broker):
+    app, receiver, client = broker
+    comps = _send(app, 4)
+    first = receiver.take(QUEUE, 2)
+    receiver.requeue(QUEUE, first)
+    assert client.hlen("unacked") == 0
+    assert [p.comp for p in receiver.take(QUEUE, 4)] == comps[:2] + comps[2:]
+
+
+def test_other_tasks_go_back_and_malformed_messages_are_dropped(broker):
+    app, receiver, client = broker
+    app.send_task("someone.else", args=[1], queue=QUEUE)
+    client.lpush(QUEUE, b"not json at all")
+    comps = _send(app, 1)
+    taken = receiver.take(QUEUE, 5)
+    assert [p.comp for p in taken] == comps
+    assert client.llen(QUEUE) == 1 and b"someone.else" in client.lindex(QUEUE, 0)  # put back, untouched
+    assert client.hlen("unacked") == 1  # only the one taken; the stray is not left unacked
+
+
+def test_kombu_restores_what_a_dead_child_took_after_the_visibility_timeout(broker):
+    app, receiver, client = broker
+    comps = _send(app, 3)
+    assert len(receiver.take(QUEUE, 3)) == 3  # taken, never acknowledged: the child "died"
+    time.sleep(1.2)  # past the 1 s visibility timeout of this broker
+    with app.connection_for_read() as connection:
+        connection.default_channel.qos.restore_visible(num=100)  # what every consumer runs periodically
+    again = receiver.take(QUEUE, 3)
+    assert sorted(p.comp.sha256 for p in again) == sorted(c.sha256 for c in comps)
+
+
+def test_what_a_dead_child_took_goes_back_at_once_and_a_live_childs_stays(broker):
+    app, receiver, client = broker
+    comps = _send(app, 4)
+    with app.connection_for_read() as connection:
+        live = BatchReceiver.for_connection(connection, owner="live-host:1")
+        dead = BatchReceiver.for_connection(connection, owner="dead-host:2")
+        kept = live.take(QUEUE, 2)
+        lost = dead.take(QUEUE, 2)
+        assert client.hgetall("taken_by") == {p.tag.encode(): b"live-host:1" for p in kept} | {
+            p.tag.encode(): b"dead-host:2" for p in lost}
+        assert restore_taken_by(client, {"dead-host:2"}) == 2  # the sweeper saw its heartbeat stop
+        again = receiver.take(QUEUE, 4)
+        assert len(again) == 2 and {p.comp for p in again} == set(comps[2:])  # back, and taken next
+        assert set(client.hgetall("taken_by").values()) == {b"live-host:1", b""}
+        pipe = client.pipeline(transaction=False)
+        live.ack(pipe, kept)
+        pipe.execute()
+        assert b"live-host:1" not in client.hgetall("taken_by").values()
+        live.close()
+        dead.close()
