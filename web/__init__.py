@@ -7,6 +7,7 @@ import redis
 from celery import Celery
 from flask import Flask
 
+from shared import redisconn
 from shared.apikeys import KeyStore
 from shared.cards import ModelCatalog
 from shared.jobs import JobStore
@@ -31,8 +32,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_FORM_MEMORY_SIZE"] = None
     app.json.sort_keys = False
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                  health_check_interval=30)
+    client = redisconn.client(settings, socket_timeout=5, socket_connect_timeout=2,
+                              health_check_interval=30)
     sender = Celery("imgsvc-web", set_as_current=False)
     sender.conf.update(celery_config(settings))
     app.extensions["imgsvc"] = Services(
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         catalog=ModelCatalog.load(settings.model_cards_dir, settings.models, settings.default_model),
         redis=client,
         # Long-poll reads (?wait=) block in BLPOP: they need a socket timeout above the longest wait.
-        blocking_redis=redis.Redis.from_url(settings.redis_url, socket_timeout=40, socket_connect_timeout=2),
+        blocking_redis=redisconn.client(settings, socket_timeout=40, socket_connect_timeout=2),
         store=JobStore.from_settings(client, settings),
         celery=sender,
     )

@@ -16,6 +16,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu import Queue
 
+from shared import redisconn
 from shared.jobs import JobStore
 from shared.keys import WEBHOOK_WORKERS_KEY, webhook_worker_key
 from shared.settings import Settings
@@ -34,8 +35,7 @@ app.conf.update(
     # Each attempt bounds itself (connect and total timeouts); thread pools have no time limits.
     task_soft_time_limit=None, task_time_limit=None,
 )
-client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
-                              health_check_interval=30)
+client = redisconn.client(settings, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
 POLL_INTERVAL_S = 1.0
 
 

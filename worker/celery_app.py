@@ -75,13 +75,12 @@ _main_store = None
 
 def main_store():
     """The main process's own JobStore (children have theirs in the runtime), made on first use."""
-    import redis
-
+    from shared import redisconn
     from shared.webhooks import announcing_store
 
     global _main_store
     if _main_store is None:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        client = redisconn.client(settings, socket_timeout=10, socket_connect_timeout=5)
         _main_store = announcing_store(client, settings, app)
     return _main_store
 

@@ -9,9 +9,9 @@ import logging
 import threading
 from wsgiref.simple_server import WSGIServer
 
-import redis
 from prometheus_client import start_http_server
 
+from shared import redisconn
 from shared.metrics import registry_for
 from shared.settings import Settings
 
@@ -22,7 +22,7 @@ def serve_metrics(settings: Settings, models, node: str) -> WSGIServer | None:
     """Serve this node's metrics in a thread; return the server, or None when off or the port is taken."""
     if not settings.worker_metrics_port:
         return None
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    client = redisconn.client(settings, socket_timeout=5, socket_connect_timeout=2)
     registry = registry_for(client, ttl_s=settings.worker_ttl_s, models=models, worker=node)
     try:
         server, _ = start_http_server(settings.worker_metrics_port, registry=registry)

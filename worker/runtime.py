@@ -26,7 +26,7 @@ import redis
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from shared import stats
+from shared import redisconn, stats
 from shared.cards import ModelCatalog
 from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
@@ -95,8 +95,8 @@ class Runtime:
         for model in models.values():
             warm_up(model, settings.amp_dtype)
         sizers = {name: _sizer(settings, model) for name, model in models.items()}
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
-                                      health_check_interval=30)
+        client = redisconn.client(settings, socket_timeout=30, socket_connect_timeout=5,
+                                  health_check_interval=30)
         name = f"{socket.gethostname()}:{os.getpid()}"
         info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": str(device), "device_name": devices.device_name(device), "threads": threads,

@@ -1,0 +1,26 @@
+"""The one place that makes Redis clients, so every process reaches the same servers the same way.
+
+Two roles: ``main`` (``REDIS_URL``: queues, jobs, uploads, bookkeeping) and ``cache``
+(``CACHE_URL``, which defaults to ``REDIS_URL``). Callers name the role and their timeouts;
+how the server is found (a URL today) stays here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import redis
+
+from shared.settings import Settings
+
+Role = Literal["main", "cache"]
+
+
+def url_for(settings: Settings, role: Role = "main") -> str:
+    return settings.redis_url
+
+
+def client(settings: Settings, role: Role = "main", *, socket_timeout: float = 5,
+           socket_connect_timeout: float = 2, **options) -> redis.Redis:
+    """A redis-py client for ``role``; ``options`` go to redis-py (``health_check_interval``...)."""
+    return redis.Redis.from_url(url_for(settings, role), socket_timeout=socket_timeout,
+                                socket_connect_timeout=socket_connect_timeout, **options)
