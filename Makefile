@@ -36,15 +36,17 @@ var/webhook_secret:
 DEV_SECRETS = export SECRET_KEY=$${SECRET_KEY:-$$(cat var/secret_key)} \
 	WEBHOOK_SECRET=$${WEBHOOK_SECRET:-$$(cat var/webhook_secret)};
 
-# Redis: the REDIS_URL given, or the embedded redis-server (data under var/redis).
+# Redis: the REDIS_URL (and CACHE_URL) given, or two embedded redis-servers: the main one (data
+# under var/redis, noeviction) and the cache (allkeys-lru, CACHE_MAXMEMORY). See docs/scaling.md.
 # honcho hands each process its own $$PORT, so the web port travels as WEB_PORT.
 run: venv var/secret_key var/webhook_secret
 	@$(DEV_SECRETS) export WEB_PORT=$${PORT:-8000}; \
 	if [ -n "$$REDIS_URL" ]; then \
-		echo "Using Redis at $$REDIS_URL"; exec $(BIN)/honcho start worker webhooks web; \
+		echo "Using Redis at $$REDIS_URL (cache: $${CACHE_URL:-the same server})"; \
+		exec $(BIN)/honcho start worker webhooks web; \
 	else \
-		export REDIS_URL=redis://127.0.0.1:$${REDIS_PORT:-6379}/0; \
-		echo "Starting embedded Redis at $$REDIS_URL"; exec $(BIN)/honcho start; \
+		export REDIS_URL=redis://127.0.0.1:$${REDIS_PORT:-6379}/0 CACHE_URL=redis://127.0.0.1:$${CACHE_PORT:-6380}/0; \
+		echo "Starting embedded Redis at $$REDIS_URL, its cache at $$CACHE_URL"; exec $(BIN)/honcho start; \
 	fi
 
 # API keys against the same Redis and SECRET_KEY as `make run`: make keys ARGS="create acme"

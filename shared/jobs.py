@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from shared import stats
+from shared import redisconn, stats
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key,
                          overlay_key_for_result, picture_key_for_result)
 
@@ -25,8 +28,11 @@ local result_key, inflight, attached, job, image, meta =
 local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, image_json, image_bytes =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if image_json == '' then image_json = redis.call('GET', meta) end
+-- ARGV[19]: a result the caller read from the cache server (CACHE_URL); ARGV[20] '1': results
+-- are copied into the job records (the cache may evict them; a job must keep its answer).
+local given, inline = ARGV[19], ARGV[20] == '1'
 local function write_job(status, extra)
-  for i = 19, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 21, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -38,16 +44,24 @@ local function count(hit)  -- the accepted job, for /metrics and the admin page 
   redis.call('HINCRBY', KEYS[11], ARGV[16], 1)
   redis.call('HINCRBY', KEYS[11], hit and ARGV[17] or ARGV[18], 1)
 end
-if image_json and redis.call('EXISTS', result_key) == 1 then
-  if redis.call('EXISTS', meta) == 0 then
+local cached = false
+if image_json then
+  -- with two servers, a result just finished is still here (a short copy) while the worker
+  -- copies it to the cache: an upload in between finds it rather than computing it again
+  if given ~= '' then cached = given else cached = redis.call('GET', result_key) end
+end
+if cached then
+  if not inline and redis.call('EXISTS', meta) == 0 then
     redis.call('SET', meta, image_json, 'EX', math.max(1, redis.call('TTL', result_key)))
   end
-  write_job('done', {'cached', '1', 'finished_at', now, 'result_key', result_key})
+  local extra = {'cached', '1', 'finished_at', now, 'result_key', result_key}
+  if inline then table.insert(extra, 'result'); table.insert(extra, cached) end
+  write_job('done', extra)
   if redis.call('HGET', job, 'announce') == '1' then
     redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
   end
   count(true)
-  return {'cached', image_json, redis.call('GET', result_key)}
+  return {'cached', image_json, cached}
 end
 if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
@@ -87,10 +101,17 @@ return ids
 _FINISH = """
 local inflight, attached, image = KEYS[1], KEYS[2], KEYS[3]
 local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local inline = ARGV[11] == '1'  -- two servers: each job keeps its answer; the worker fills the cache
+local copy = {}  -- for the cache: the header facts and (mode 'original') the upload itself
+if inline and status == 'done' then
+  copy = {redis.call('GET', KEYS[7]) or false, ARGV[10] == 'original' and redis.call('GET', image) or false}
+end
 if status == 'done' then
   redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
   -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail
-  if ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
+  if inline then
+    -- the picture goes to the cache server, not here
+  elseif ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
     redis.call('RENAME', image, KEYS[5])
     redis.call('EXPIRE', KEYS[5], ttl)
   elseif ARGV[10] == 'thumbnail' then
@@ -100,7 +121,7 @@ if status == 'done' then
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
   -- already answered (e.g. a hard time limit reported for the first message of a batch loop that
   -- had finished it long before): a late failure changes nothing
-  return {{}, {}}
+  return {{}, {}, {}}
 else
   redis.call('DEL', KEYS[7])
 end
@@ -116,7 +137,9 @@ for _, id in ipairs(ids) do
     local notify = ARGV[8] .. id
     redis.call('RPUSH', notify, status)
     redis.call('EXPIRE', notify, 60)
-    if status == 'done' then
+    if status == 'done' and inline then
+      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4], 'result', ARGV[5])
+    elseif status == 'done' then
       redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4])
     else
       redis.call('HSET', job, 'status', 'failed', 'finished_at', now, 'error', ARGV[5])
@@ -126,9 +149,17 @@ end
 redis.call('DEL', inflight, attached, image, KEYS[8], KEYS[10])
 redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
-return {ids, announce}
+return {ids, announce, copy}
 """
 
+
+log = logging.getLogger(__name__)
+
+# With a separate cache server (CACHE_URL), a finished result also stays this long on the main
+# server, where the single-flight bookkeeping is: an upload that missed the cache a moment before
+# the worker copied the result there still finds it, rather than computing it again.
+MAIN_COPY_TTL_S = 600
+CACHE_BACKOFF_S = 5.0  # a cache server that failed is left alone this long (misses, no waiting)
 
 KEEP_UPLOAD = "keep-upload"  # a finished computation keeps its upload as the overlay's picture
 Picture = bytes | str | None  # a thumbnail's bytes, KEEP_UPLOAD, or None (no overlay)
@@ -192,8 +223,15 @@ class JobStore:
     """Reads and writes job records, results and the single-flight bookkeeping in Redis."""
 
     def __init__(self, client: redis.Redis, *, job_ttl_s: int, result_ttl_s: int,
-                 inflight_ttl_s: int, image_ttl_s: int, stuck_after_s: int = 900):
+                 inflight_ttl_s: int, image_ttl_s: int, stuck_after_s: int = 900,
+                 cache: redis.Redis | None = None):
         self.redis = client
+        # Results, heatmaps, their pictures and header facts live on ``cache`` (CACHE_URL). When it
+        # is another server it may evict them (allkeys-lru): each job then keeps its own answer,
+        # and a result the cache lost is computed again, never an error.
+        self.cache = client if cache is None else cache
+        self.split = cache is not None and cache is not client
+        self._cache_down_until = 0.0
         # Called with the ids of settled jobs that have a webhook endpoint or a batch; the owner of
         # this store installs it (shared.webhooks.Announcer) where it can send Celery tasks. The
         # scripts also list those jobs in ANNOUNCE_KEY, in the same step that settles them, so the
@@ -210,9 +248,13 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings) -> "JobStore":
+        cache = None
+        if redisconn.split(settings):  # fail fast: a cache that is away costs recomputation, not latency
+            cache = redisconn.client(settings, "cache", socket_timeout=2, socket_connect_timeout=1,
+                                     retry=Retry(NoBackoff(), 1), health_check_interval=30)
         return cls(client, job_ttl_s=settings.job_ttl_s, result_ttl_s=settings.result_ttl_s,
                    inflight_ttl_s=settings.inflight_ttl_s, image_ttl_s=settings.image_ttl_s,
-                   stuck_after_s=settings.stuck_after_s)
+                   stuck_after_s=settings.stuck_after_s, cache=cache)
 
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
@@ -232,13 +274,20 @@ class JobStore:
                   "options": json.dumps(comp.options.to_dict()), **context.fields()}
         extra = [item for pair in context.fields().items() for item in pair]
         count_keys, count_args = count.script_parts() if count else (["-", "-"], [0, "", "", "", "", ""])
+        given, image_json = b"", json.dumps(image_info) if image_info else ""
+        if self.split:
+            given, meta = self._from_cache(comp)
+            if given and not image_json:
+                image_json = meta or ""
+            if not image_json:
+                given = b""  # a lookup without the header facts: let the script find them, or miss
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
                   comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
-                  fields["options"], json.dumps(image_info) if image_info else "", image_bytes,
+                  fields["options"], image_json, image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
-                  *count_args, *extra],
+                  *count_args, given, "1" if self.split else "0", *extra],
         )
         outcome = outcome.decode()
         if outcome == "overloaded":
@@ -246,11 +295,27 @@ class JobStore:
         fields["image"] = image_json.decode()
         if outcome == "cached":
             fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
+            if self.split:
+                fields["result"] = rest[0].decode()
             if fields.get("announce"):
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
         fields.update(status="queued", cached="0")
         return Submission(outcome, job_id, fields)
+
+    def _from_cache(self, comp: Computation) -> tuple[bytes, str | None]:
+        """The cached result and header facts of ``comp`` on the cache server; a cache that is
+        down or has evicted them is a miss, never an error."""
+        if time.monotonic() < self._cache_down_until:
+            return b"", None
+        try:
+            result, meta = self.cache.pipeline(transaction=False).get(comp.result_key).get(comp.meta_key).execute()
+        except redis.RedisError as exc:
+            self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
+            log.warning("cache server unreachable, answering from the main server for %.0f s: %s",
+                        CACHE_BACKOFF_S, exc)
+            return b"", None
+        return result or b"", meta.decode() if meta else None
 
     def claim(self, comps: list[Computation], owner: str = "") -> list[Claim]:
         """Mark each computation's jobs running, count the attempt and record ``owner``; report
@@ -296,12 +361,33 @@ class JobStore:
         if also is not None:
             also(pipe)
         replies = pipe.execute()[:len(done)]
-        self._announce([i.decode() for _, announce in replies for i in announce])
-        return [[i.decode() for i in ids] for ids, _ in replies]
+        self._announce([i.decode() for _, announce, _ in replies for i in announce])
+        if self.split:
+            self._fill_cache(done, [copy for _, _, copy in replies])
+        return [[i.decode() for i in ids] for ids, _, _ in replies]
+
+    def _fill_cache(self, done: list[tuple[Computation, dict, Picture]], copies: list) -> None:
+        """Copy finished results, their pictures and header facts to the cache server. The jobs
+        already hold their answers, so a cache that is down costs only later recomputation."""
+        pipe = self.cache.pipeline(transaction=False)
+        for (comp, result, picture), copy in zip(done, copies):
+            if not copy:
+                continue  # already answered before: nothing was settled
+            meta, upload = copy
+            pipe.set(comp.result_key, json.dumps(result, separators=(",", ":")), ex=self.result_ttl_s)
+            if meta:
+                pipe.set(comp.meta_key, meta, ex=self.result_ttl_s)
+            picture_bytes = upload if picture is KEEP_UPLOAD else picture
+            if picture_bytes:
+                pipe.set(comp.picture_key, picture_bytes, ex=self.result_ttl_s)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not copy %d results to the cache server: %s", len(done), exc)
 
     def fail(self, comp: Computation, error: dict) -> list[str]:
         """Mark every attached job failed with ``error``; cache nothing; return their ids."""
-        ids, announce = self._settle(comp, "failed", json.dumps(error))
+        ids, announce, _ = self._settle(comp, "failed", json.dumps(error))
         self._announce([i.decode() for i in announce])
         return [i.decode() for i in ids]
 
@@ -315,8 +401,9 @@ class JobStore:
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
                   comp.picture_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
                   comp.owner_key, ANNOUNCE_KEY],
-            args=[job_key(""), utc_now(), status, self.result_ttl_s, payload,
-                  picture if mode == "thumbnail" else b"", comp.model, notify_key(""), comp.suffix, mode],
+            args=[job_key(""), utc_now(), status, MAIN_COPY_TTL_S if self.split else self.result_ttl_s,
+                  payload, picture if mode == "thumbnail" and not self.split else b"", comp.model,
+                  notify_key(""), comp.suffix, mode, "1" if self.split else "0"],
             client=client,
         )
 
@@ -351,11 +438,11 @@ class JobStore:
             pipe.hgetall(job_key(job_id))
         jobs = [{k.decode(): v.decode() for k, v in f.items()} or None for f in pipe.execute()]
         jobs = [f if f and (owner is None or f.get("owner", "") == owner) else None for f in jobs]
-        for fields in jobs:
-            if fields and "result_key" in fields:
-                pipe.get(fields["result_key"])
-        results = iter(pipe.execute())
-        return [None if f is None else (f, job_json(f, next(results) if "result_key" in f else None))
+        stored = [f for f in jobs if f and "result_key" in f and "result" not in f]
+        for fields in stored:  # with one server; with two, each job holds its own answer
+            pipe.get(fields["result_key"])
+        results = dict(zip(map(id, stored), pipe.execute()))
+        return [None if f is None else (f, job_json(f, f["result"] if "result" in f else results.get(id(f))))
                 for f in jobs]
 
     def get(self, job_id: str) -> dict | None:
@@ -369,22 +456,33 @@ class JobStore:
         The first request renders it with ``render(model, result_json, picture)`` and caches it
         for as long as the result lives; later ones read the cached PNG.
         """
-        result_key, job_owner = self.redis.hmget(job_key(job_id), "result_key", "owner")
+        result_key, job_owner, inline = self.redis.hmget(job_key(job_id), "result_key", "owner", "result")
         if result_key is None or (owner is not None and (job_owner or b"").decode() != owner):
             return None
         result_key = result_key.decode()
-        overlay_key = overlay_key_for_result(result_key)
-        png = self.redis.get(overlay_key)
-        if png is not None or render is None:
-            return png
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(result_key).get(picture_key_for_result(result_key)).pttl(result_key)
-        result, picture, ttl_ms = pipe.execute()
+        overlay_key, picture_key = overlay_key_for_result(result_key), picture_key_for_result(result_key)
+        try:
+            png = self.cache.get(overlay_key)
+            if png is not None or render is None:
+                return png
+            pipe = self.cache.pipeline(transaction=False)
+            pipe.get(result_key).get(picture_key).pttl(picture_key)
+            result, picture, ttl_ms = pipe.execute()
+        except redis.RedisError as exc:
+            if not self.split:
+                raise
+            log.warning("cache server unreachable, no heatmap: %s", exc)
+            return None
+        result = inline if inline is not None else result
         if result is None or picture is None or ttl_ms <= 0:
             return None
         png = render(Computation.from_suffix(result_key.removeprefix("result:")).model, result, picture)
         if png is not None:
-            self.redis.set(overlay_key, png, px=ttl_ms, nx=True)
+            try:
+                self.cache.set(overlay_key, png, px=ttl_ms, nx=True)
+            except redis.RedisError:
+                if not self.split:
+                    raise
         return png
 
 

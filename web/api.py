@@ -5,6 +5,7 @@ import json
 import logging
 import time
 
+import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from shared.errors import BadRequest, DecodeFailed, NotFound
@@ -110,8 +111,12 @@ def get_gradcam(job_id: str):
     png = services().store.overlay_png(job_id, owner=auth.owner(), render=render_heatmap) if valid_id(job_id) else None
     if png is None:
         job = json.loads(job_or_404(job_id))
-        reason = ("the job asked for no GradCAM" if job["status"] == "done"
-                  else f"the job is {job['status']}")
+        if job["status"] != "done":
+            reason = f"the job is {job['status']}"
+        elif (job.get("result") or {}).get("gradcam"):  # its picture left the cache (CACHE_URL evicts)
+            reason = "the picture it is drawn on has left the cache; result.gradcam.map still holds the heatmap"
+        else:
+            reason = "the job asked for no GradCAM"
         raise NotFound(f"No heatmap for job {job_id}: {reason}.")
     response = current_app.response_class(png, mimetype="image/png")
     response.headers["Cache-Control"] = "private, max-age=86400, immutable"
@@ -135,4 +140,9 @@ def readyz():
     svc = services()
     alive = svc.redis.zcount(WORKERS_KEY, time.time() - svc.settings.worker_ttl_s, "+inf")
     body = {"redis": True, "workers": alive, "status": "ok" if alive else "no_workers"}
+    if svc.store.split:  # a cache server that is down costs recomputation, not readiness
+        try:
+            body["cache"] = bool(svc.store.cache.ping())
+        except redis.RedisError:
+            body["cache"] = False
     return jsonify(body), 200 if alive else 503

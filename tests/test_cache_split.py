@@ -1,0 +1,151 @@
+"""Two Redis roles: REDIS_URL keeps jobs and queues (noeviction), CACHE_URL keeps results and
+heatmaps and may evict them (allkeys-lru). An evicted result is computed again, never an error,
+and identical uploads still share one computation across the two servers."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import pytest
+import redis
+import requests
+
+from shared.jobs import KEEP_UPLOAD, JobStore
+from shared.keys import Computation, OutputOptions
+from shared.settings import Settings
+from tests.conftest import ARTIFACTS
+from tests.images import noise_png
+from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_for
+
+CACHE_MAXMEMORY = ("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru")
+INFO, MODEL = {"sha256": "x", "format": "PNG", "width": 1, "height": 1}, {"name": "m", "version": "1"}
+RESULT = {"predictions": [{"label": "cat"}], "gradcam": {"class_index": 3}}
+
+
+def _store(main: redis.Redis, cache: redis.Redis) -> JobStore:
+    return JobStore(main, job_ttl_s=60, result_ttl_s=60, inflight_ttl_s=60, image_ttl_s=60, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    main_proc, main_url = start_redis(tmp_path_factory.mktemp("main"))
+    cache_proc, cache_url = start_redis(tmp_path_factory.mktemp("cache"), extra=CACHE_MAXMEMORY)
+    yield main_url, cache_url
+    stop(main_proc)
+    stop(cache_proc)
+
+
+@pytest.fixture
+def clients(servers):
+    main, cache = (redis.Redis.from_url(url) for url in servers)
+    main.flushall()
+    cache.flushall()
+    return main, cache
+
+
+def test_each_job_keeps_its_answer_and_the_cache_gets_the_rest(clients):
+    main, cache = clients
+    store = _store(main, cache)
+    comp = Computation("m", "1", "a" * 64, OutputOptions())
+    first = store.submit(comp, MODEL, b"upload", INFO)
+    second = store.submit(comp, MODEL, b"upload", INFO)
+    assert (first.outcome, second.outcome) == ("new", "attached")
+    store.claim([comp])
+    store.finish(comp, RESULT, KEEP_UPLOAD)
+    assert cache.get(comp.result_key) and cache.get(comp.picture_key) == b"upload"
+    assert json.loads(cache.get(comp.meta_key)) == INFO
+    assert not main.exists(comp.picture_key)  # pictures live on the cache server only
+    assert 0 < main.ttl(comp.result_key) <= 600  # a short copy for uploads racing the cache write
+    cache.flushall()  # the cache evicts everything: the jobs still hold their answers
+    for job_id in (first.job_id, second.job_id):
+        job = store.get(job_id)
+        assert job["status"] == "done" and job["result"]["predictions"] == RESULT["predictions"]
+
+
+def test_an_upload_racing_the_cache_write_finds_the_result_on_the_main_server(clients):
+    """The web reads the cache (miss), the worker settles on the main server, then the web's
+    submit runs: it must find the result there, not start a second computation."""
+    main, cache = clients
+    store = _store(main, cache)
+    comp = Computation("m", "1", "b" * 64, OutputOptions())
+    store.submit(comp, MODEL, b"upload", INFO)
+    store.claim([comp])
+    store.finish(comp, RESULT, None)
+    cache.delete(comp.result_key, comp.meta_key)  # as if the copy to the cache had not happened yet
+    again = store.submit(comp, MODEL, b"upload", INFO)
+    assert again.outcome == "cached" and json.loads(again.json())["result"] == RESULT
+    main.delete(comp.result_key)  # the short copy expired too: computed again, not an error
+    assert store.submit(comp, MODEL, b"upload", INFO).outcome == "new"
+
+
+def test_a_cache_server_that_is_down_costs_recomputation_not_errors(clients):
+    main, _ = clients
+    down = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5, retry=None)
+    store = _store(main, down)
+    comp = Computation("m", "1", "c" * 64, OutputOptions())
+    job = store.submit(comp, MODEL, b"upload", INFO)
+    assert job.outcome == "new"
+    store.claim([comp])
+    store.finish(comp, RESULT, KEEP_UPLOAD)
+    assert store.get(job.job_id)["result"] == RESULT
+    assert store.overlay_png(job.job_id, render=lambda *_: b"PNG") is None  # no picture: 404, not 500
+
+
+@pytest.fixture(scope="module")
+def split_service(servers, cards_dir):
+    main_url, cache_url = servers
+    settings = Settings(redis_url=main_url, cache_url=cache_url, model_cards_dir=cards_dir,
+                        heartbeat_interval_s=1, worker_ttl_s=5, worker_concurrency=1, torch_threads=1,
+                        max_batch=4, rate_limit="100000/minute")
+    ARTIFACTS.mkdir(exist_ok=True)
+    worker = start_worker(settings, ARTIFACTS / "worker-cache-split.log", name="cachesplit")
+    web, url = start_web(settings, threads=8)
+    yield url, redis.Redis.from_url(main_url), redis.Redis.from_url(cache_url)
+    stop(web)
+    stop(worker)
+
+
+def _submit(url: str, image: bytes) -> dict:
+    response = requests.post(f"{url}/api/v1/jobs", files={"image": ("noise.png", image, "image/png")}, timeout=30)
+    assert response.status_code in (200, 202), response.text
+    return response.json()
+
+
+def _settled(url: str, job_id: str) -> dict:
+    def done():
+        job = requests.get(f"{url}/api/v1/jobs/{job_id}?wait=5", timeout=30).json()
+        return job if job["status"] in ("done", "failed") else None
+
+    return wait_for(done, 180, f"job {job_id}")
+
+
+def test_an_evicting_cache_never_turns_into_an_error(split_service):
+    url, main, cache = split_service
+    images = [noise_png(seed, size=(256, 200)) for seed in range(1000, 1024)]  # ~150 KB each, kept as pictures
+    first = [_settled(url, _submit(url, image)["id"]) for image in images]
+    assert all(job["status"] == "done" and job["result"]["predictions"] for job in first)
+    assert int(cache.info("stats")["evicted_keys"]) > 0  # 24 pictures of ~150 KB do not fit in 3 MB
+    assert main.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    for job in first:  # every job still answers; a heatmap whose picture was evicted is a clear 404
+        assert requests.get(f"{url}/api/v1/jobs/{job['id']}", timeout=10).json()["result"] == job["result"]
+        png = requests.get(f"{url}/api/v1/jobs/{job['id']}/gradcam.png", timeout=30)
+        assert png.status_code == 200 or (png.status_code == 404 and "left the cache" in png.json()["error"]["message"])
+    main.delete(*main.keys("result:*"))  # the main server's short copies expire after 10 minutes
+    again = [_settled(url, _submit(url, image)["id"]) for image in images]
+    recomputed = [job for job in again if not job["cached"]]
+    assert recomputed, "every result survived a 3 MB cache: the eviction was not exercised"
+    for before, after in zip(first, again):
+        assert after["status"] == "done"
+        assert after["result"]["predictions"][0]["label"] == before["result"]["predictions"][0]["label"]
+
+
+def test_identical_uploads_share_one_computation_across_the_two_servers(split_service):
+    url, main, _ = split_service
+    image = noise_png(2000, size=(96, 96))
+    before = sum(int(v) for v in main.hgetall("stats:computations").values())
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        jobs = list(pool.map(lambda _: _submit(url, image), range(6)))
+    settled = [_settled(url, job["id"]) for job in jobs]
+    assert all(job["status"] == "done" for job in settled)
+    assert len({json.dumps(job["result"]["predictions"]) for job in settled}) == 1
+    assert sum(int(v) for v in main.hgetall("stats:computations").values()) - before == 1
