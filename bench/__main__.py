@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from bench import ceiling, device_decode, micro
+from bench import ceiling, device_decode, micro, roles
 from bench.gpu import GpuBusy
 from bench.service import Service, distinct_jpegs
 from shared.cards import load_card
@@ -91,6 +91,9 @@ def main() -> None:
         with GpuBusy() as busy:
             results["ceiling"] = ceiling.run(Path(tmp) / "ceiling", web_processes=WEB_PROCESSES)
         results["ceiling"]["gpu"] = busy.summary()
+        print(f"redis per image by role, and DURABLE_ACCEPT ({roles.IMAGES} images each) ...", flush=True)
+        (Path(tmp) / "roles").mkdir()
+        results["roles"] = roles.run(Path(tmp) / "roles")
     limit = results["limit"]["limit_images_per_s"]
     results["e2e"]["ratio_to_limit"] = results["e2e"]["images_per_s"] / limit
     results["idle"]["overhead_ms_p50"] = results["idle"]["p50"] - results["gradcam"]["single_image_ms"]
@@ -147,6 +150,8 @@ def print_table(r: dict) -> None:
     print("\n".join(rows))
     print()
     ceiling.print_ceiling(r["ceiling"])
+    print()
+    roles.print_roles(r["roles"])
     print(f"\nidle stages (median ms): {json.dumps({k: round(v, 1) for k, v in idle['stages_ms_median'].items()})}")
     print(f"machine: {r['machine']}; total {r['seconds']:.0f} s; written to {RESULTS.relative_to(REPO_ROOT)}")
 

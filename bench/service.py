@@ -76,15 +76,25 @@ class Service:
 
     def __init__(self, workdir: Path, cards_dir: Path, models: tuple[str, ...] = ("efficientnet-lite0",),
                  web_processes: int = 1, web_threads: int = 8, torch_threads: int = 0,
-                 web_server: str = "gunicorn"):
+                 web_server: str = "gunicorn", fsync: str | None = None, split_cache: bool = False):
+        """``fsync``: run the main Redis with AOF and this appendfsync (``always`` also turns
+        DURABLE_ACCEPT on); ``split_cache``: a second, evicting Redis for the cache role."""
         self.workdir = workdir
-        self.redis_proc, url = stack.start_redis(workdir)
+        self.redis_proc, url = stack.start_redis(workdir, aof=fsync is not None,
+                                                 extra=("--appendfsync", fsync) if fsync else ())
+        self.cache_proc, cache_url = None, ""
+        if split_cache:
+            (workdir / "cache").mkdir(exist_ok=True)
+            self.cache_proc, cache_url = stack.start_redis(workdir / "cache", extra=(
+                "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"))
         # One client address sends everything: lift the per-address limit (its check still runs).
         # Callbacks go to a receiver on loopback, so the address check is off for the benchmark.
         self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=models,
                                  heartbeat_interval_s=1, rate_limit="1000000/minute", torch_threads=torch_threads,
-                                 webhook_secret=new_secret(), webhook_allow_private=True)
+                                 webhook_secret=new_secret(), webhook_allow_private=True,
+                                 cache_url=cache_url, durable_accept=fsync == "always")
         self.redis = redis.Redis.from_url(url)
+        self.cache = redis.Redis.from_url(cache_url) if cache_url else self.redis
         start = time.perf_counter()
         self.worker = stack.start_worker(self.settings, workdir / "worker.log", name="bench")
         self.worker_ready_s = time.perf_counter() - start
@@ -173,8 +183,11 @@ class Service:
 
     def pids(self) -> dict[str, int]:
         """The root process of each kind, for CPU accounting (each counts its whole process tree)."""
-        return {"web": self.web.pid, "worker": self.worker.pid, "redis-server": self.redis_proc.pid,
+        pids = {"web": self.web.pid, "worker": self.worker.pid, "redis-server": self.redis_proc.pid,
                 "webhook worker": self.webhooks.pid}
+        if self.cache_proc is not None:
+            pids["redis cache"] = self.cache_proc.pid
+        return pids
 
     def worker_info(self) -> dict:
         """What the worker children report in their heartbeats: device, threads, batch sizes."""
@@ -186,5 +199,6 @@ class Service:
         return self.redis.zcard(WORKERS_KEY)
 
     def close(self) -> None:
-        for proc in (self.web, self.webhooks, self.worker, self.redis_proc):
-            stack.stop(proc)
+        for proc in (self.web, self.webhooks, self.worker, self.redis_proc, self.cache_proc):
+            if proc is not None:
+                stack.stop(proc)

@@ -152,6 +152,7 @@ class Settings:
     admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin; empty disables both (404)
     worker_metrics_port: int = 9808  # each worker's main process serves /metrics here; 0: off
     task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
+    durable_accept: bool = False  # 202 only once the job is fsynced (appendfsync always) or on a replica (WAIT)
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -213,4 +214,5 @@ class Settings:
             admin_token=env.get("ADMIN_TOKEN", "").strip(),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", d.worker_metrics_port),
             task_events=_bool(env, "TASK_EVENTS", d.task_events),
+            durable_accept=_bool(env, "DURABLE_ACCEPT", d.durable_accept),
         )

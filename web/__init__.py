@@ -46,9 +46,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         celery=sender,
     )
 
-    from web import api, auth, batches, cli, deliveries, errors, openapi, site
+    from web import api, auth, batches, cli, deliveries, durability, errors, openapi, site
 
     errors.register(app)
+    durability.install(app, settings, client)
     app.register_blueprint(api.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(deliveries.bp)

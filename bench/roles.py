@@ -1,0 +1,98 @@
+"""Redis per image, by role, and what DURABLE_ACCEPT costs: the figures behind docs/scaling.md's
+capacity plan. The null model stands in for the GPU, so Redis and the web tier are what is measured.
+
+``python -m bench.roles`` runs it alone; ``make bench`` runs it as part of the full harness.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+from bench import null_model
+from bench.procstat import CpuMeter
+from bench.service import Service, distinct_jpegs, submit_all
+
+IMAGES = int(os.environ.get("BENCH_ROLES_IMAGES", "200"))
+CLIENTS = int(os.environ.get("BENCH_CLIENTS", "8"))
+
+
+def _net(client) -> int:
+    stats = client.info("stats")
+    return int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
+
+
+def _used(client) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def measure(service: Service, images: list[bytes]) -> dict:
+    """New submits then cache hits of the same images: Redis CPU, bytes moved and memory per image."""
+    out = {}
+    for phase in ("new", "cache_hit"):
+        servers = {"main": service.redis, **({"cache": service.cache} if service.cache is not service.redis else {})}
+        net = {role: _net(c) for role, c in servers.items()}
+        used = {role: _used(c) for role, c in servers.items()}
+        meter = CpuMeter(service.pids())
+        start = time.perf_counter()
+        answers = submit_all(service, images, CLIENTS)
+        if any(status not in (200, 202) for status, _, _ in answers):
+            raise RuntimeError(f"refused: {[a[:2] for a in answers if a[0] not in (200, 202)][:2]}")
+        end = service.wait_all([body["id"] for _, body, _ in answers]) if phase == "new" else time.perf_counter()
+        cpu = meter.per_image_ms(len(images))
+        latencies = [ms for _, _, ms in answers]
+        out[phase] = {
+            "images_per_s": len(images) / (end - start),
+            "submit_p50_ms": float(np.percentile(latencies, 50)), "submit_p99_ms": float(np.percentile(latencies, 99)),
+            "cpu_ms_per_image": cpu,
+            "redis_kib_moved_per_image": {r: (_net(c) - net[r]) / len(images) / 1024 for r, c in servers.items()},
+            "redis_kib_stored_per_image": {r: (_used(c) - used[r]) / len(images) / 1024 for r, c in servers.items()},
+        }
+    return out
+
+
+def run(workdir: Path) -> dict:
+    cards = workdir / "cards"
+    cards.mkdir()
+    null_model.write_card(cards)
+    results = {}
+    for name, options in (("one redis, everysec", {"fsync": "everysec"}),
+                          ("one redis, DURABLE_ACCEPT (always)", {"fsync": "always"}),
+                          ("main + cache redis", {"fsync": "everysec", "split_cache": True})):
+        home = workdir / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        home.mkdir()
+        service = Service(home, cards, models=(null_model.NAME,), torch_threads=1, **options)
+        try:
+            seed = 100 + len(results)
+            results[name] = measure(service, distinct_jpegs(Image.fromarray(skdata.chelsea()), IMAGES, seed=seed))
+        finally:
+            service.close()
+    return results
+
+
+def print_roles(results: dict) -> None:
+    print("| setup | new img/s | submit p50 / p99 ms | redis CPU ms/img (main, cache) | KiB moved/img "
+          "(main, cache) | KiB stored/img (main, cache) | cache-hit redis CPU ms/img |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        new, hit = r["new"], r["cache_hit"]
+        pair = lambda d: ", ".join(f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.1f}" for v in d)  # noqa: E731
+        cpu = [new["cpu_ms_per_image"]["redis-server"]] + ([new["cpu_ms_per_image"]["redis cache"]]
+                                                          if "redis cache" in new["cpu_ms_per_image"] else [])
+        hit_cpu = hit["cpu_ms_per_image"]["redis-server"] + hit["cpu_ms_per_image"].get("redis cache", 0.0)
+        print(f"| {name} | {new['images_per_s']:.0f} | {new['submit_p50_ms']:.1f} / {new['submit_p99_ms']:.1f} | "
+              f"{pair(cpu)} | {pair(new['redis_kib_moved_per_image'].values())} | "
+              f"{pair(new['redis_kib_stored_per_image'].values())} | {hit_cpu:.2f} |")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = run(Path(tmp))
+    print_roles(outcome)
+    print(json.dumps(outcome))
