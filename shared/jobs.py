@@ -19,8 +19,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared import redisconn, stats
-from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, STATS_KEY, Computation, job_key, notify_key,
-                         overlay_key_for_result, picture_key_for_result)
+from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STATS_KEY,
+                         Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
 _SUBMIT = """
 local result_key, inflight, attached, job, image, meta =
@@ -30,9 +30,10 @@ local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, i
 if image_json == '' then image_json = redis.call('GET', meta) end
 -- ARGV[19]: a result the caller read from the cache server (CACHE_URL); ARGV[20] '1': results
 -- are copied into the job records (the cache may evict them; a job must keep its answer).
-local given, inline = ARGV[19], ARGV[20] == '1'
+-- ARGV[21]: the most bytes of uploads that may wait for workers (0: no limit).
+local given, inline, max_bytes = ARGV[19], ARGV[20] == '1', tonumber(ARGV[21])
 local function write_job(status, extra)
-  for i = 21, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 22, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -76,6 +77,9 @@ end
 if tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
   return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
 end
+if max_bytes > 0 and tonumber(redis.call('GET', KEYS[12]) or '0') + #image_bytes > max_bytes then
+  return {'overloaded_bytes', ''}  -- the uploads waiting already take MAX_QUEUED_MB
+end
 write_job('queued', {'cached', '0'})
 redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
 redis.call('RPUSH', attached, job_id)
@@ -83,6 +87,8 @@ redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage canno
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
+redis.call('INCRBY', KEYS[12], #image_bytes)
+redis.call('HSET', KEYS[13], ARGV[11], #image_bytes)
 count(false)
 return {'new', image_json}
 """
@@ -147,6 +153,11 @@ for _, id in ipairs(ids) do
   end
 end
 redis.call('DEL', inflight, attached, image, KEYS[8], KEYS[10])
+local size = redis.call('HGET', KEYS[13], ARGV[9])  -- its upload no longer waits
+if size then
+  redis.call('HDEL', KEYS[13], ARGV[9])
+  redis.call('DECRBY', KEYS[12], size)
+end
 redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
 return {ids, announce, copy}
@@ -259,13 +270,14 @@ class JobStore:
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
                job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
-               count: stats.SubmissionCount | None = None) -> Submission:
+               max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
         nor their header check, and anything else answers ``miss`` without writing. With them, a
         miss starts the computation, unless ``queue`` already holds ``max_queue_depth`` tasks
-        (then ``overloaded``, nothing written). A job it writes is counted with ``count``. One
+        (then ``overloaded``, nothing written) or the uploads waiting for workers would pass
+        ``max_queued_bytes`` (``overloaded_bytes``). A job it writes is counted with ``count``. One
         round trip either way; the returned fields are what the script wrote, so the caller
         answers without reading the job back.
         """
@@ -283,14 +295,15 @@ class JobStore:
                 given = b""  # a lookup without the header facts: let the script find them, or miss
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
-                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys],
+                  comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys,
+                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], image_json, image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
-                  *count_args, given, "1" if self.split else "0", *extra],
+                  *count_args, given, "1" if self.split else "0", max_queued_bytes, *extra],
         )
         outcome = outcome.decode()
-        if outcome == "overloaded":
+        if outcome in ("overloaded", "overloaded_bytes"):
             return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
@@ -400,7 +413,7 @@ class JobStore:
         return self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
                   comp.picture_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
-                  comp.owner_key, ANNOUNCE_KEY],
+                  comp.owner_key, ANNOUNCE_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY],
             args=[job_key(""), utc_now(), status, MAIN_COPY_TTL_S if self.split else self.result_ttl_s,
                   payload, picture if mode == "thumbnail" and not self.split else b"", comp.model,
                   notify_key(""), comp.suffix, mode, "1" if self.split else "0"],
@@ -413,6 +426,10 @@ class JobStore:
         for model in models:
             pipe.hincrby(STATS_KEY, f"redelivered:{model}", 1)
         pipe.execute()
+
+    def queued_bytes(self) -> int:
+        """Bytes of uploads waiting for a worker (what MAX_QUEUED_MB bounds)."""
+        return int(self.redis.get(QUEUED_BYTES_KEY) or 0)
 
     def computations(self) -> dict[str, int]:
         """Return how many computations ended, by ``<status>:<model>`` (cache hits not counted)."""

@@ -9,6 +9,8 @@ WEBHOOK_WORKERS_KEY = "webhook_workers"  # sorted set: webhook worker node -> la
 COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
 ANNOUNCE_KEY = "announce:pending"  # sorted set: settled job awaiting its events -> settle time
 TAKEN_BY_KEY = "taken_by"  # hash: broker delivery tag a worker child took into a batch -> that child
+QUEUED_BYTES_KEY = "queued:bytes"  # bytes of uploads waiting for a worker (MAX_QUEUED_MB bounds it)
+QUEUED_SIZES_KEY = "queued:sizes"  # hash: suffix of each computation waiting -> its upload's bytes
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 

@@ -132,6 +132,7 @@ class Settings:
     stuck_after_s: int = 900  # a computation with no live owner this long is re-enqueued by the sweeper
     sweep_interval_s: int = 30
     max_queue_depth: int = 1000  # waiting tasks per model queue before new work gets 503; 0: no limit
+    max_queued_mb: int | None = None  # MiB of uploads waiting for workers; None: half the Redis maxmemory, or 2048; 0: no limit
     worker_proc_alive_timeout_s: int = 120
     heartbeat_interval_s: int = 5
     worker_ttl_s: int = 20
@@ -161,6 +162,7 @@ class Settings:
         env["WEBHOOK_RETRY_SCHEDULE"] = ",".join(str(s) for s in self.webhook_retry_schedule)
         env["MAX_UPLOAD_MB"] = str(self.max_upload_bytes // (1024 * 1024))
         del env["MAX_UPLOAD_BYTES"]
+        env["MAX_QUEUED_MB"] = "" if self.max_queued_mb is None else str(self.max_queued_mb)
         return env
 
     @classmethod
@@ -189,6 +191,7 @@ class Settings:
             max_batch=_int(env, "MAX_BATCH", d.max_batch),
             max_wait_ms=_int(env, "MAX_WAIT_MS", d.max_wait_ms),
             max_queue_depth=_int(env, "MAX_QUEUE_DEPTH", d.max_queue_depth),
+            max_queued_mb=_int(env, "MAX_QUEUED_MB", 0) if env.get("MAX_QUEUED_MB", "").strip() else None,
             max_attempts=_int(env, "MAX_ATTEMPTS", d.max_attempts, minimum=1),
             stuck_after_s=_int(env, "STUCK_AFTER_S", d.stuck_after_s, minimum=1),
             sweep_interval_s=_int(env, "SWEEP_INTERVAL_S", d.sweep_interval_s, minimum=1),

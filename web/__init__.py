@@ -77,3 +77,19 @@ class Services:
         self.events, self.batches = self.announcer.events, self.announcer.batches
         self.keys = KeyStore(redis)
         self.idempotency = IdempotencyStore(redis, settings.idempotency_ttl_s)
+        self.max_queued_bytes = max_queued_bytes(settings, redis)
+
+
+DEFAULT_QUEUED_MB = 2048
+
+
+def max_queued_bytes(settings: Settings, client: redis.Redis) -> int:
+    """MAX_QUEUED_MB in bytes; unset: half the main Redis's maxmemory (the rest is for jobs, results
+    and the broker), or 2 GiB where Redis has no maxmemory or will not say; 0: no limit."""
+    if settings.max_queued_mb is not None:
+        return settings.max_queued_mb * 1024 * 1024
+    try:
+        maxmemory = int(client.config_get("maxmemory").get("maxmemory", 0))
+    except redis.RedisError:  # CONFIG refused (managed Redis) or Redis not up yet
+        maxmemory = 0
+    return maxmemory // 2 if maxmemory else DEFAULT_QUEUED_MB * 1024 * 1024

@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import RateLimited, ServiceError, Unavailable
+from shared.errors import Overloaded, RateLimited, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -51,6 +51,10 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(redis.RedisError)
     def redis_down(exc: redis.RedisError):
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM") or (
+                isinstance(exc, redis.ResponseError) and "-OOM " in str(exc)):  # maxmemory reached (noeviction)
+            log.warning("Redis is full: %s", exc)
+            return service_error(Overloaded("The job store is full (Redis maxmemory); retry shortly."))
         log.warning("Redis unavailable: %s", exc)
         return service_error(Unavailable("The job store is unavailable; retry shortly."))
 

@@ -126,20 +126,32 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
         info = info or inspect_image(data, svc.settings.max_image_pixels)
         submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id,
                                       count=count, queue=inference_queue(order.card.name),
-                                      max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0)
+                                      max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
+                                      max_queued_bytes=svc.max_queued_bytes if check_capacity else 0)
         if submission.outcome == "overloaded":
             raise _overloaded(order.card.name)
+        if submission.outcome == "overloaded_bytes":
+            raise _too_many_bytes()
     if submission.outcome == "new":
         enqueue_inference(comp)
     return submission
 
 
-def ensure_capacity(model: str) -> None:
-    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH; hits still pass."""
+def ensure_capacity(model: str, incoming_bytes: int = 0) -> None:
+    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH, or while the uploads
+    waiting for workers and ``incoming_bytes`` would pass MAX_QUEUED_MB; hits still pass."""
     svc = services()
     limit = svc.settings.max_queue_depth
     if limit and svc.redis.llen(inference_queue(model)) >= limit:
         raise _overloaded(model)
+    if svc.max_queued_bytes and svc.store.queued_bytes() + incoming_bytes > svc.max_queued_bytes:
+        raise _too_many_bytes()
+
+
+def _too_many_bytes() -> Overloaded:
+    limit_mb = services().max_queued_bytes / (1024 * 1024)
+    return Overloaded(f"The uploads waiting for workers take {limit_mb:.0f} MiB, the most this service "
+                      "holds (MAX_QUEUED_MB); retry shortly.")
 
 
 def _overloaded(model: str) -> Overloaded:
