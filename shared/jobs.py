@@ -88,13 +88,17 @@ _FINISH = """
 local inflight, attached, image = KEYS[1], KEYS[2], KEYS[3]
 local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if status == 'done' then
-  redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
-  -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail
-  if ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
-    redis.call('RENAME', image, KEYS[5])
-    redis.call('EXPIRE', KEYS[5], ttl)
-  elseif ARGV[10] == 'thumbnail' then
-    redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
+  -- The first answer stands (NX): a second computation of the same work finishing later (a worker
+  -- cut off from Redis while the sweeper had it done elsewhere, whose writes arrive when its link
+  -- comes back) must not change the result, or its picture, of jobs already reported done.
+  if redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl, 'NX') then
+    -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail
+    if ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
+      redis.call('RENAME', image, KEYS[5])
+      redis.call('EXPIRE', KEYS[5], ttl)
+    elseif ARGV[10] == 'thumbnail' then
+      redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
+    end
   end
   redis.call('EXPIRE', KEYS[7], ttl)
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
