@@ -113,15 +113,20 @@ if inline and status == 'done' then
   copy = {redis.call('GET', KEYS[7]) or false, ARGV[10] == 'original' and redis.call('GET', image) or false}
 end
 if status == 'done' then
-  redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
-  -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail
-  if inline then
-    -- the picture goes to the cache server, not here
-  elseif ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
-    redis.call('RENAME', image, KEYS[5])
-    redis.call('EXPIRE', KEYS[5], ttl)
-  elseif ARGV[10] == 'thumbnail' then
-    redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
+  -- The first answer stands (NX): a second computation of the same work finishing later (a worker
+  -- cut off from Redis while the sweeper had it done elsewhere, whose writes arrive when its link
+  -- comes back) must not change the result, or its picture, of jobs already reported done.
+  if redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl, 'NX') then
+    -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail;
+    -- with a cache server of its own (inline), the worker copies it there instead
+    if not inline and ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
+      redis.call('RENAME', image, KEYS[5])
+      redis.call('EXPIRE', KEYS[5], ttl)
+    elseif not inline and ARGV[10] == 'thumbnail' then
+      redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
+    end
+  else
+    copy = {}  -- answered before: the cache keeps the first answer as well
   end
   redis.call('EXPIRE', KEYS[7], ttl)
 elseif redis.call('EXISTS', KEYS[4]) == 1 then

@@ -106,3 +106,14 @@ def test_a_failure_reported_after_the_result_changes_nothing(store, redis_client
     assert store.get(sub.job_id)["status"] == "done" and redis_client.exists(comp.meta_key)
     assert store.computations() == counted
     assert store.submit(comp, MODEL).outcome == "cached"
+
+
+def test_a_second_finish_of_the_same_computation_keeps_the_first_answer(store, redis_client):
+    # A worker cut off from Redis finishes work the sweeper had done elsewhere; its writes arrive later.
+    comp = _comp("9" * 64)
+    sub = store.submit(comp, MODEL, b"img", INFO)
+    first = {"predictions": [{"index": 1}], "gradcam": None, "batch_size": 1}
+    assert store.finish(comp, first, b"thumb-1") == [sub.job_id]
+    assert store.finish(comp, {"predictions": [{"index": 1}], "gradcam": None, "batch_size": 4}, b"thumb-2") == []
+    assert store.get(sub.job_id)["result"] == first
+    assert redis_client.get(comp.picture_key) == b"thumb-1"

