@@ -15,7 +15,9 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from shared.settings import Settings
@@ -48,7 +50,10 @@ def _master_options(url: str) -> dict:
 
 
 def _sentinel_options(found: SentinelTarget) -> dict:
-    options = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    """How to talk to a sentinel: briefly, and once. redis-py's default retries each one ten times
+    with backoff (seconds per request with none up); the next sentinel in the list is the retry."""
+    options = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+               "retry": Retry(NoBackoff(), 0)}
     if found.password:
         options["password"] = found.password
     return options

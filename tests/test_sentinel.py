@@ -7,6 +7,7 @@ REDIS_URL names a port nobody listens on, so every client that reaches Redis fou
 sentinels.
 """
 import dataclasses
+import io
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from shared.settings import Settings, SettingsError
 from shared.tasks import celery_config
 from tests import images
 from tests.conftest import ARTIFACTS
+from tests.receiver import Receiver
 from tools import stack
 
 MASTER = "imgsvc"
@@ -128,6 +130,18 @@ def _replica_in_sync(url: str) -> bool:
     return info.get("master_link_status") == "up"
 
 
+def _replication_delay_s(master_url: str, replica_url: str, samples: int = 20) -> float:
+    """The longest a write took to show on the replica, of ``samples`` (bounded by a 1 s wait each)."""
+    master, replica, worst = redis.Redis.from_url(master_url), redis.Redis.from_url(replica_url), 0.0
+    for i in range(samples):
+        written = time.perf_counter()
+        master.set("lag-probe", i)
+        stack.wait_for(lambda: replica.get("lag-probe") == str(i).encode(), 1, "the replica", interval=0.0001)
+        worst = max(worst, time.perf_counter() - written)
+    master.delete("lag-probe")
+    return worst
+
+
 def _sentinels_agree(ports: list[int]) -> bool:
     """Every sentinel knows the replica and the two other sentinels (found through the master's hellos)."""
     for port in ports:
@@ -140,7 +154,8 @@ def _sentinels_agree(ports: list[int]) -> bool:
 
 @pytest.fixture(scope="module")
 def failover_stack(tmp_path_factory, settings):
-    """Master, replica, three sentinels, then a worker and gunicorn that know only the sentinels."""
+    """Master, replica, three sentinels, then a worker, the webhook worker and gunicorn that know only
+    the sentinels, and a receiver for the callbacks."""
     root = tmp_path_factory.mktemp("sentinel")
     (root / "master").mkdir(), (root / "replica").mkdir()
     procs = {}
@@ -154,7 +169,7 @@ def failover_stack(tmp_path_factory, settings):
 def _failover_stack(root, settings, procs):
     try:
         master_port = stack.free_port()
-        procs["master"], _ = stack.start_redis(root / "master", port=master_port)
+        procs["master"], master_url = stack.start_redis(root / "master", port=master_port)
         procs["replica"], replica_url = stack.start_redis(root / "replica", replica_of=master_port)
         stack.wait_for(lambda: _replica_in_sync(replica_url), 15, "the replica to sync")
         ports = []
@@ -173,15 +188,18 @@ def _failover_stack(root, settings, procs):
         stuck_after_s=5, sweep_interval_s=1)
     ARTIFACTS.mkdir(exist_ok=True)
     procs["worker"] = stack.start_worker(own, ARTIFACTS / "sentinel-worker.log", name="sentinel")
+    procs["webhooks"] = stack.start_webhook_worker(own, ARTIFACTS / "sentinel-webhooks.log", name="sentinel-hooks")
     procs["web"], base_url = stack.start_web(own)
-    yield own, base_url, procs, master_port, ports
+    with Receiver() as receiver:
+        yield own, base_url, procs, (master_url, replica_url), ports, receiver
 
 
-def _submit(base_url: str, seed: int) -> tuple[int | str, dict | None]:
+def _submit(base_url: str, seed: int, callback_url: str) -> tuple[int | str, dict | None]:
     """POST one fresh image; return its status and JSON body (or the name of the connection error)."""
     image = images.noise_png(seed=seed, size=(48, 32))
     try:
-        answer = requests.post(f"{base_url}/api/v1/jobs", files={"image": ("u.png", image, "image/png")}, timeout=15)
+        answer = requests.post(f"{base_url}/api/v1/jobs", files={"image": ("u.png", image, "image/png")},
+                               data={"callback_url": callback_url}, timeout=15)
     except requests.RequestException as exc:
         return type(exc).__name__, None
     return answer.status_code, answer.json()
@@ -189,9 +207,11 @@ def _submit(base_url: str, seed: int) -> tuple[int | str, dict | None]:
 
 @pytest.mark.integration
 def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(failover_stack):
-    settings, base_url, procs, master_port, sentinel_ports = failover_stack
+    settings, base_url, procs, (master_url, replica_url), sentinel_ports, receiver = failover_stack
+    master_port = redis.Redis.from_url(master_url).connection_pool.connection_kwargs["port"]
+    lag_s = _replication_delay_s(master_url, replica_url)
     answers = []  # (sent at, answered at, status, body), times from the start of the stream
-    start, killed_at, failover_at, seed = time.monotonic(), None, None, 70_000
+    start, killed_at, failover_at, seed, slowest = time.monotonic(), None, None, 70_000, 0.0
     while time.monotonic() - start < STREAM_MAX_S:  # bounded in time and, by the pace, in count
         now = time.monotonic() - start
         if killed_at is None and now >= KILL_AT_S:
@@ -205,11 +225,14 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
         if failover_at is not None and now > failover_at + STREAM_AFTER_FAILOVER_S:
             break
         sent = time.monotonic() - start
-        status, body = _submit(base_url, seed)
+        status, body = _submit(base_url, seed, receiver.url + "/done")
         answers.append((sent, time.monotonic() - start, status, body))
+        slowest = max(slowest, answers[-1][1] - sent)
         seed += 1
         time.sleep(0.05)
     assert killed_at is not None and failover_at is not None, "the sentinels never promoted the replica"
+    assert slowest < 5, f"a request took {slowest:.1f} s during the switch"
+    assert lag_s < LOSS_WINDOW_S, f"the replica trailed by {lag_s:.3f} s: the loss window assumes less"
 
     unexpected = [(round(sent, 2), status, body) for sent, _, status, body in answers
                   if status not in (200, 202, 503)]
@@ -228,9 +251,13 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
         allowed = ("done", 404) if in_window else ("done",)
         assert outcomes[job_id] in allowed, \
             f"job {job_id} answered 202 at {answered - killed_at:+.3f} s from the kill ended {outcomes[job_id]}"
+    # The webhook worker followed the master too: every job done is called back (at least once).
+    done = {job_id for job_id, outcome in outcomes.items() if outcome == "done"}
+    stack.wait_for(lambda: done <= {call.json()["data"]["id"] for call in receiver.on("/done")}, 30,
+                   "a callback for every job done")
     lost = [job_id for job_id, outcome in outcomes.items() if outcome == 404]
-    print(f"failover {failover_at - killed_at:.1f} s after the kill; {len(refused)} answered 503; "
-          f"{len(accepted)} accepted, {len(lost)} lost in the {LOSS_WINDOW_S} s window")
+    print(f"replica lag {lag_s * 1000:.2f} ms; failover {failover_at - killed_at:.1f} s after the kill; "
+          f"{len(refused)} answered 503; {len(accepted)} accepted, {len(lost)} lost in the {LOSS_WINDOW_S} s window")
 
 
 def _final_states(base_url: str, job_ids: list[str], timeout_s: float = 45) -> dict[str, str | int]:
@@ -245,3 +272,21 @@ def _final_states(base_url: str, job_ids: list[str], timeout_s: float = 45) -> d
                 pending.remove(job_id)
         time.sleep(0.5)
     return outcomes
+
+
+def test_no_master_to_be_found_is_a_prompt_503_not_a_500():
+    """With no sentinel answering (MasterNotFoundError), every Redis-backed answer is 503 JSON, at once."""
+    from web import create_app
+
+    own = Settings(redis_sentinels=(("127.0.0.1", stack.free_port()), ("127.0.0.1", stack.free_port())),
+                   redis_sentinel_master=MASTER)
+    client = create_app(own).test_client()
+    started = time.monotonic()
+    answers = [client.post("/api/v1/jobs", data={"image": (io.BytesIO(images.noise_png(seed=70_999)), "u.png")},
+                           content_type="multipart/form-data"),
+               client.get("/api/v1/jobs/0123456789abcdef0123456789abcdef"), client.get("/readyz")]
+    # Each sentinel is asked once: redis-py's default retries made these 25 s, 3 Redis-less requests.
+    assert time.monotonic() - started < 5
+    for answer in answers:
+        assert answer.status_code == 503, answer.get_data(as_text=True)
+        assert answer.get_json()["error"]["code"] == "unavailable" and "Retry-After" in answer.headers
