@@ -12,6 +12,7 @@ import time
 
 import pytest
 import redis
+import redis.sentinel
 import requests
 
 from shared import redisconn, sentinel
@@ -255,6 +256,18 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
     done = {job_id for job_id, outcome in outcomes.items() if outcome == "done"}
     stack.wait_for(lambda: done <= {call.json()["data"]["id"] for call in receiver.on("/done")}, 30,
                    "a callback for every job done")
+    # The workers take their batches with a script on the broker's connection: the master's, found anew.
+    from kombu import Connection
+
+    from shared.tasks import inference_queue
+    from worker.broker import BatchReceiver
+
+    config = celery_config(settings)
+    with Connection(config["broker_url"], transport_options=config["broker_transport_options"]) as connection:
+        receiver = BatchReceiver.for_connection(connection, owner="test")
+        pool = receiver.client.connection_pool
+        assert isinstance(pool, redis.sentinel.SentinelConnectionPool) and pool.is_master
+        assert receiver.take(inference_queue("tiny-resnet18"), 4) == [] and pool.get_master_address()[1] != master_port
     lost = [job_id for job_id, outcome in outcomes.items() if outcome == 404]
     print(f"replica lag {lag_s * 1000:.2f} ms; failover {failover_at - killed_at:.1f} s after the kill; "
           f"{len(refused)} answered 503; {len(accepted)} accepted, {len(lost)} lost in the {LOSS_WINDOW_S} s window")
