@@ -41,7 +41,8 @@ def test_sentinel_settings_are_parsed_and_survive_the_trip_through_the_environme
 
 
 @pytest.mark.parametrize("env, fragment", [
-    ({"REDIS_SENTINELS": "sentinel-a", "REDIS_SENTINEL_MASTER": MASTER}, "REDIS_SENTINELS must be comma-separated host:port"),
+    ({"REDIS_SENTINELS": "sentinel-a", "REDIS_SENTINEL_MASTER": MASTER},
+     "REDIS_SENTINELS must be comma-separated host:port"),
     ({"REDIS_SENTINELS": "a:1,b:port", "REDIS_SENTINEL_MASTER": MASTER}, "got 'b:port'"),
     ({"REDIS_SENTINELS": "a:0", "REDIS_SENTINEL_MASTER": MASTER}, "got 'a:0'"),
     ({"REDIS_SENTINELS": "redis://a:26379", "REDIS_SENTINEL_MASTER": MASTER}, "host:port pairs"),
@@ -211,27 +212,10 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
     settings, base_url, procs, (master_url, replica_url), sentinel_ports, receiver = failover_stack
     master_port = redis.Redis.from_url(master_url).connection_pool.connection_kwargs["port"]
     lag_s = _replication_delay_s(master_url, replica_url)
-    answers = []  # (sent at, answered at, status, body), times from the start of the stream
-    start, killed_at, failover_at, seed, slowest = time.monotonic(), None, None, 70_000, 0.0
-    while time.monotonic() - start < STREAM_MAX_S:  # bounded in time and, by the pace, in count
-        now = time.monotonic() - start
-        if killed_at is None and now >= KILL_AT_S:
-            procs["master"].kill()  # SIGKILL: no goodbye to clients, replicas or sentinels
-            procs["master"].wait(5)
-            killed_at = time.monotonic() - start
-        if killed_at is not None and failover_at is None:
-            addr = _master_addr(sentinel_ports[0])
-            if addr and int(addr[1]) != master_port:
-                failover_at = time.monotonic() - start
-        if failover_at is not None and now > failover_at + STREAM_AFTER_FAILOVER_S:
-            break
-        sent = time.monotonic() - start
-        status, body = _submit(base_url, seed, receiver.url + "/done")
-        answers.append((sent, time.monotonic() - start, status, body))
-        slowest = max(slowest, answers[-1][1] - sent)
-        seed += 1
-        time.sleep(0.05)
+    answers, killed_at, failover_at = _stream_through_a_kill(base_url, procs["master"], master_port,
+                                                             sentinel_ports[0], receiver.url + "/done")
     assert killed_at is not None and failover_at is not None, "the sentinels never promoted the replica"
+    slowest = max(answered - sent for sent, answered, _, _ in answers)
     assert slowest < 5, f"a request took {slowest:.1f} s during the switch"
     assert lag_s < LOSS_WINDOW_S, f"the replica trailed by {lag_s:.3f} s: the loss window assumes less"
 
@@ -247,6 +231,9 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
 
     accepted = {body["id"]: answered for _, answered, status, body in answers if status == 202}
     outcomes = _final_states(base_url, list(accepted))
+    lost = [job_id for job_id, outcome in outcomes.items() if outcome == 404]
+    print(f"replica lag {lag_s * 1000:.2f} ms; failover {failover_at - killed_at:.1f} s after the kill; "
+          f"{len(refused)} answered 503; {len(accepted)} accepted, {len(lost)} lost in the {LOSS_WINDOW_S} s window")
     for job_id, answered in accepted.items():
         in_window = killed_at - LOSS_WINDOW_S <= answered <= killed_at
         allowed = ("done", 404) if in_window else ("done",)
@@ -256,7 +243,36 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
     done = {job_id for job_id, outcome in outcomes.items() if outcome == "done"}
     stack.wait_for(lambda: done <= {call.json()["data"]["id"] for call in receiver.on("/done")}, 30,
                    "a callback for every job done")
-    # The workers take their batches with a script on the broker's connection: the master's, found anew.
+    _assert_batches_are_taken_on_the_new_master(settings, master_port)
+
+
+def _stream_through_a_kill(base_url: str, master, master_port: int, sentinel_port: int, callback_url: str):
+    """Upload at a steady pace, SIGKILL the master at KILL_AT_S, go on until STREAM_AFTER_FAILOVER_S
+    after a sentinel names a new master; return the answers (sent at, answered at, status, body) and
+    when the kill and the promotion were seen, in seconds from the start."""
+    answers, start, killed_at, failover_at, seed = [], time.monotonic(), None, None, 70_000
+    while time.monotonic() - start < STREAM_MAX_S:  # bounded in time and, by the pace, in count
+        now = time.monotonic() - start
+        if killed_at is None and now >= KILL_AT_S:
+            master.kill()  # SIGKILL: no goodbye to clients, replicas or sentinels
+            master.wait(5)
+            killed_at = time.monotonic() - start
+        if killed_at is not None and failover_at is None:
+            addr = _master_addr(sentinel_port)
+            if addr and int(addr[1]) != master_port:
+                failover_at = time.monotonic() - start
+        if failover_at is not None and now > failover_at + STREAM_AFTER_FAILOVER_S:
+            break
+        sent = time.monotonic() - start
+        status, body = _submit(base_url, seed, callback_url)
+        answers.append((sent, time.monotonic() - start, status, body))
+        seed += 1
+        time.sleep(0.05)
+    return answers, killed_at, failover_at
+
+
+def _assert_batches_are_taken_on_the_new_master(settings: Settings, old_master_port: int) -> None:
+    """The workers take their batches with a script on the broker connection: the master's, found anew."""
     from kombu import Connection
 
     from shared.tasks import inference_queue
@@ -264,13 +280,11 @@ def test_a_master_killed_mid_stream_fails_over_without_losing_acknowledged_jobs(
 
     config = celery_config(settings)
     with Connection(config["broker_url"], transport_options=config["broker_transport_options"]) as connection:
-        receiver = BatchReceiver.for_connection(connection, owner="test")
-        pool = receiver.client.connection_pool
+        taker = BatchReceiver.for_connection(connection, owner="test")
+        pool = taker.client.connection_pool
         assert isinstance(pool, redis.sentinel.SentinelConnectionPool) and pool.is_master
-        assert receiver.take(inference_queue("tiny-resnet18"), 4) == [] and pool.get_master_address()[1] != master_port
-    lost = [job_id for job_id, outcome in outcomes.items() if outcome == 404]
-    print(f"replica lag {lag_s * 1000:.2f} ms; failover {failover_at - killed_at:.1f} s after the kill; "
-          f"{len(refused)} answered 503; {len(accepted)} accepted, {len(lost)} lost in the {LOSS_WINDOW_S} s window")
+        assert taker.take(inference_queue("tiny-resnet18"), 4) == []
+        assert pool.get_master_address()[1] != old_master_port
 
 
 def _final_states(base_url: str, job_ids: list[str], timeout_s: float = 45) -> dict[str, str | int]:
