@@ -2,7 +2,8 @@
 
 Two roles: ``main`` (``REDIS_URL``: queues, jobs, uploads, bookkeeping) and ``cache``
 (``CACHE_URL``, which defaults to ``REDIS_URL``). Callers name the role and their timeouts;
-how the server is found (a URL today) stays here.
+how the server is found (its URL, or the master that Redis Sentinel names: shared/sentinel.py)
+stays here.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Literal
 
 import redis
 
+from shared import sentinel
 from shared.settings import Settings
 
 Role = Literal["main", "cache"]
@@ -22,12 +24,19 @@ def url_for(settings: Settings, role: Role = "main") -> str:
 
 
 def split(settings: Settings) -> bool:
-    """Whether the cache role is a server of its own (CACHE_URL names another server)."""
+    """Whether the cache role is a server of its own (CACHE_URL, or CACHE_SENTINELS, names another)."""
+    if settings.cache_sentinels and (settings.cache_sentinels, settings.cache_sentinel_master) != (
+            settings.redis_sentinels, settings.redis_sentinel_master):
+        return True
     return url_for(settings, "cache") != url_for(settings, "main")
 
 
 def client(settings: Settings, role: Role = "main", *, socket_timeout: float = 5,
            socket_connect_timeout: float = 2, **options) -> redis.Redis:
     """A redis-py client for ``role``; ``options`` go to redis-py (``health_check_interval``...)."""
-    return redis.Redis.from_url(url_for(settings, role), socket_timeout=socket_timeout,
+    url = url_for(settings, role)
+    if found := sentinel.target(settings, role, url):
+        return sentinel.master_client(found, url, socket_timeout=socket_timeout,
+                                      socket_connect_timeout=socket_connect_timeout, **options)
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
                                 socket_connect_timeout=socket_connect_timeout, **options)

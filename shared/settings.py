@@ -99,6 +99,29 @@ def _devices(raw: str) -> str:
     return ",".join(str(int(part)) for part in parts)
 
 
+def _sentinels(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``host:port,host:port``: the sentinels of a Redis master, in the order to ask them."""
+    addresses = []
+    for part in (p.strip() for p in env.get(name, "").split(",")):
+        if not part:
+            continue
+        host, colon, port = part.rpartition(":")
+        host = host.strip("[]")  # [::1]:26379
+        if not colon or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(f"{name} must be comma-separated host:port pairs (sentinels), got {part!r}")
+        addresses.append((host, int(port)))
+    return tuple(addresses)
+
+
+def _sentinel_master(env: Mapping[str, str], name: str, sentinels: tuple, sentinels_name: str) -> str:
+    master = env.get(name, "").strip()
+    if sentinels and not master:
+        raise SettingsError(f"{sentinels_name} needs {name}: the name the sentinels monitor the master under")
+    if master and not sentinels:
+        raise SettingsError(f"{name} is set but {sentinels_name} is empty: name the sentinels as host:port,...")
+    return master
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
@@ -109,6 +132,13 @@ class Settings:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_url: str = ""  # results, heatmaps, their pictures; may evict (allkeys-lru); empty: REDIS_URL
+    # Redis Sentinel (shared/sentinel.py): with sentinels, a role's server is the master they name now,
+    # and its URL gives only the database and the master's credentials. Empty: the URL as it is.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = ""
+    cache_sentinels: tuple[tuple[str, int], ...] = ()  # empty: the cache role shares the main role's server
+    cache_sentinel_master: str = ""
+    redis_sentinel_password: str = ""  # the sentinels' own (requirepass in sentinel.conf)
     model_cards_dir: Path = REPO_ROOT / "models"
     models: tuple[str, ...] = ()  # served card names; empty means every card in model_cards_dir
     default_model: str = "efficientnet-lite0"
@@ -163,6 +193,8 @@ class Settings:
         env["MAX_UPLOAD_MB"] = str(self.max_upload_bytes // (1024 * 1024))
         del env["MAX_UPLOAD_BYTES"]
         env["MAX_QUEUED_MB"] = "" if self.max_queued_mb is None else str(self.max_queued_mb)
+        for name in ("redis_sentinels", "cache_sentinels"):
+            env[name.upper()] = ",".join(f"{host}:{port}" for host, port in getattr(self, name))
         return env
 
     @classmethod
@@ -170,9 +202,15 @@ class Settings:
         """Build settings from environment variables (``os.environ`` by default)."""
         env = os.environ if env is None else env
         d = cls()
+        redis_sentinels, cache_sentinels = _sentinels(env, "REDIS_SENTINELS"), _sentinels(env, "CACHE_SENTINELS")
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or d.redis_url,
             cache_url=env.get("CACHE_URL", "").strip(),
+            redis_sentinels=redis_sentinels,
+            redis_sentinel_master=_sentinel_master(env, "REDIS_SENTINEL_MASTER", redis_sentinels, "REDIS_SENTINELS"),
+            cache_sentinels=cache_sentinels,
+            cache_sentinel_master=_sentinel_master(env, "CACHE_SENTINEL_MASTER", cache_sentinels, "CACHE_SENTINELS"),
+            redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", "").strip(),
             model_cards_dir=Path(env.get("MODEL_CARDS_DIR", "").strip() or d.model_cards_dir),
             models=_names(env, "MODELS"),
             default_model=env.get("DEFAULT_MODEL", "").strip() or d.default_model,

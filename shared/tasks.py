@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from shared import sentinel
 from shared.keys import Computation
 from shared.settings import Settings
 
@@ -31,9 +32,10 @@ def send_webhook(celery, event_id: str) -> None:
 
 def celery_config(settings: Settings) -> dict:
     """Return the Celery configuration shared by the sender (web) and the consumer (worker)."""
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    broker_url, sentinel_options = sentinel.broker(settings)  # REDIS_URL, or kombu's sentinel:// transport
+    transport = {"visibility_timeout": settings.visibility_timeout_s, **sentinel_options}
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
         "broker_transport_options": transport,
         # Celery reads the visibility timeout in three places (celery/celery#7651); set all of them.
         "result_backend_transport_options": transport,

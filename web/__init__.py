@@ -7,7 +7,7 @@ import redis
 from celery import Celery
 from flask import Flask
 
-from shared import redisconn
+from shared import redisconn, sentinel
 from shared.apikeys import KeyStore
 from shared.cards import ModelCatalog
 from shared.jobs import JobStore
@@ -53,8 +53,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(deliveries.bp)
-    auth.install_limiter(app, settings.redis_url, [api.bp, batches.bp, deliveries.bp],
-                         exempt=[api.healthz, api.readyz, api.list_models])
+    storage_uri, storage_options = sentinel.limiter_storage(settings)
+    auth.install_limiter(app, storage_uri, [api.bp, batches.bp, deliveries.bp],
+                         exempt=[api.healthz, api.readyz, api.list_models], storage_options=storage_options)
     app.cli.add_command(cli.keys)
     app.register_blueprint(site.bp)
     from web import admin, metrics

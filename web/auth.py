@@ -68,14 +68,17 @@ def _rate_limit() -> str:
     return (key.rate_limit if key and key.rate_limit else None) or _services().settings.rate_limit
 
 
-def install_limiter(app: Flask, redis_url: str, blueprints, exempt=()) -> Limiter:
+def install_limiter(app: Flask, storage_uri: str, blueprints, exempt=(), storage_options=None) -> Limiter:
     """Rate-limit every route of ``blueprints`` but ``exempt`` per key (or per address), counted in Redis.
+
+    ``storage_uri`` is a limits storage URI (``redis://`` or ``redis+sentinel://``), ``storage_options``
+    its storage's keyword arguments (shared.sentinel.limiter_storage makes both).
 
     Flask-Limiter's own headers cost two more Redis reads on every response; a refusal writes its
     headers instead (``refusal_headers``), so an allowed request pays one round trip for its limit.
     """
-    limiter = Limiter(key_func=_rate_key, storage_uri=redis_url, headers_enabled=False,
-                      swallow_errors=True, strategy="fixed-window", key_prefix="ratelimit")
+    limiter = Limiter(key_func=_rate_key, storage_uri=storage_uri, storage_options=storage_options or {},
+                      headers_enabled=False, swallow_errors=True, strategy="fixed-window", key_prefix="ratelimit")
     limiter.init_app(app)
     app.extensions["imgsvc-limiter"] = limiter
     for bp in blueprints:
