@@ -290,6 +290,11 @@ def classify_cat(stack: Stack, api_key: str, callback_url: str) -> dict:
         raise Failed(f"gradcam.png: HTTP {png.status_code}, {heatmap.format} {heatmap.size}, wanted a PNG of "
                      "chelsea's 451:300 aspect")
     log(f"heatmap: PNG {heatmap.size[0]}x{heatmap.size[1]}, {len(png.content)} bytes")
+    cached = stack.compose("exec", "-T", "redis-cache", "redis-cli", "--scan", "--pattern", "result:*").split()
+    policy = stack.compose("exec", "-T", "redis-cache", "redis-cli", "config", "get", "maxmemory-policy").split()
+    if not cached or policy[-1:] != ["allkeys-lru"]:
+        raise Failed(f"the cache role's server holds {len(cached)} results, policy {policy[-1:]}")
+    log(f"cache server (allkeys-lru) holds {len(cached)} result(s)")
     return job
 
 
