@@ -275,3 +275,36 @@ def test_a_batch_whose_announcer_died_after_counting_its_last_job_still_complete
     Announcer(JobStore.from_settings(redis_client, settings), sender, settings).jobs_settled([job.job_id])
     [event] = EventStore(redis_client, settings.job_ttl_s).for_subject(f"batch:{batch_id}")
     assert event.type == "batch.completed" and json.loads(event.body)["data"]["status"] == "done"
+
+
+def test_an_attempt_whose_lease_ran_out_cannot_let_a_third_attempt_overlap_the_second(redis_client, settings,
+                                                                                     receiver):
+    from shared.keys import webhook_lock_key
+    from webhooks.delivery import Deliverer
+
+    receiver.answer((500, {}, 1.0), (500, {}, settings.webhook_timeout_s * 0.8))
+    event_id, _ = new_event(redis_client, settings, receiver.url + "/lease")
+    deliverer, store, outcomes = Deliverer(settings, redis_client), EventStore(redis_client, settings.job_ttl_s), {}
+
+    def attempt(name: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: outcomes.__setitem__(name, deliverer.attempt(event_id)))
+        thread.start()
+        return thread
+
+    def lease_runs_out_and_the_poller_claims_it() -> None:
+        redis_client.zadd(WEBHOOK_DUE_KEY, {event_id: 0})
+        assert event_id in store.claim_due()
+
+    first = attempt("first")
+    receiver.wait("/lease", 1, timeout=10)
+    redis_client.pexpire(webhook_lock_key(event_id), 1)  # as if the first had overrun its lease
+    time.sleep(0.05)
+    lease_runs_out_and_the_poller_claims_it()
+    second = attempt("second")
+    receiver.wait("/lease", 2, timeout=10)
+    first.join(10)  # the first ends while the second holds the event
+    lease_runs_out_and_the_poller_claims_it()
+    outcomes["third"] = deliverer.attempt(event_id)
+    second.join(10)
+    assert outcomes["third"] == "busy", outcomes
+    assert len(receiver.on("/lease")) == 2
