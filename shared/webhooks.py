@@ -6,6 +6,12 @@ pending it sits in the ``webhook:due`` sorted set with the time its next attempt
 not a Celery countdown, carries the retry schedule, so a retry a day away costs no worker memory and
 survives restarts (Celery's Redis transport would redeliver long-ETA messages every
 visibility_timeout). The webhook worker's poller sends each due event to the ``webhooks`` queue.
+
+An event is made whole in one transaction or not at all. Sending marks it ``dispatched``; an attempt
+begins only by taking that mark and the event's lock together (one script), so a message that
+arrives twice, late, or after its attempt already ran finds nothing to take: no attempt runs ahead
+of its schedule, and none while another holds the event. The lock and the due time both outlast the
+attempt's whole time budget (name lookup included), which the attempt cannot overrun.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import redis
 
 from shared.batches import BatchStore
 from shared.jobs import JobStore, utc_now
-from shared.keys import ANNOUNCE_KEY, WEBHOOK_DUE_KEY, webhook_attempts_key, webhook_event_key, webhook_events_key
+from shared.keys import (ANNOUNCE_KEY, WEBHOOK_DUE_KEY, batch_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
+                         webhook_lock_key)
 from shared.tasks import send_webhook
 
 log = logging.getLogger(__name__)
@@ -26,11 +33,59 @@ FINAL_STATES = ("delivered", "failed", "endpoint_gone")
 DISPATCH_LEASE_S = 60  # an event sent to the queue is due again after this, in case the message is lost
 MAX_ATTEMPT_LOG = 200
 
-# Claim due events: push each one's due time ahead by the lease, so another poller skips it.
+# Claim due events: mark each one dispatched and push its due time ahead by the lease, so another
+# poller skips it; an event that expired with its job leaves the schedule.
 _CLAIM_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return due
+local claimed = {}
+for _, id in ipairs(due) do
+  local event = ARGV[4] .. id
+  if redis.call('HEXISTS', event, 'state') == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    redis.call('HSET', event, 'dispatched', '1')
+    claimed[#claimed + 1] = id
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return claimed
+"""
+
+# Begin an attempt: only a pending, dispatched event whose lock is free; take the mark and the lock,
+# and keep the poller off it until the lock would have expired.
+_BEGIN_ATTEMPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then redis.call('ZREM', KEYS[2], ARGV[1]) return 'expired' end
+if state ~= 'pending' then return state end
+if redis.call('HGET', KEYS[1], 'dispatched') ~= '1' then return 'not_due' end
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return 'busy' end
+redis.call('HDEL', KEYS[1], 'dispatched')
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 'begun'
+"""
+
+# End an attempt: log it (when one was made), then, if the lock is still ours, settle or schedule the
+# event and let go. A holder whose lock expired only logs: the event is another attempt's now.
+_END_ATTEMPT = """
+if ARGV[1] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+end
+if redis.call('GET', KEYS[4]) ~= ARGV[4] then return 0 end
+redis.call('DEL', KEYS[4])
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[3], ARGV[7]) return 1 end
+redis.call('HDEL', KEYS[1], 'dispatched')
+if ARGV[6] == '' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[5])
+  redis.call('HDEL', KEYS[1], 'next_attempt_at')
+  redis.call('ZREM', KEYS[3], ARGV[7])
+else
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'next_attempt_at', ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+end
+return 1
 """
 
 
@@ -73,27 +128,38 @@ class EventStore:
     def __init__(self, client: redis.Redis, ttl_s: int):
         self.redis, self.ttl_s = client, ttl_s
         self._claim_due = client.register_script(_CLAIM_DUE)
+        self._begin = client.register_script(_BEGIN_ATTEMPT)
+        self._end = client.register_script(_END_ATTEMPT)
 
     def create(self, event_type: str, subject: str, url: str, owner: str, data_json: str) -> str | None:
-        """Store the subject's pending event whose body wraps ``data_json``; return its id, or None
-        when it already exists.
+        """Store the subject's pending event whose body wraps ``data_json``, dispatched for its first
+        attempt; return its id, or None when it already exists.
 
         A subject (a job or a batch) settles once, so its event id is derived from it: announcing
-        twice (a catch-up racing the original announcer) cannot make a second event.
+        twice (a catch-up racing the original announcer) cannot make a second event. The event is
+        written in one transaction: a crash or a refused write leaves no trace, and the announcer's
+        catch-up makes it later. (A hash without ``state`` is what an older, non-atomic version left
+        when it died half-way; it is made whole now.)
         """
         event_id, now = "msg_" + subject.split(":", 1)[1], utc_now()
-        if not self.redis.hsetnx(webhook_event_key(event_id), "id", event_id):
-            return None
+        key = webhook_event_key(event_id)
         body = f'{{"type": {json.dumps(event_type)}, "timestamp": "{now}", "data": {data_json}}}'
-        pipe = self.redis.pipeline()
-        pipe.hset(webhook_event_key(event_id), mapping={
-            "type": event_type, "subject": subject, "url": url, "owner": owner,
-            "body": body, "state": "pending", "attempts": 0, "created_at": now})
-        pipe.expire(webhook_event_key(event_id), self.ttl_s)
-        pipe.rpush(webhook_events_key(subject), event_id)
-        pipe.expire(webhook_events_key(subject), self.ttl_s)
-        pipe.zadd(WEBHOOK_DUE_KEY, {event_id: time.time() + DISPATCH_LEASE_S})
-        pipe.execute()
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.hexists(key, "state"):
+                    return None
+                pipe.multi()
+                pipe.hset(key, mapping={
+                    "id": event_id, "type": event_type, "subject": subject, "url": url, "owner": owner,
+                    "body": body, "state": "pending", "attempts": 0, "created_at": now, "dispatched": "1"})
+                pipe.expire(key, self.ttl_s)
+                pipe.rpush(webhook_events_key(subject), event_id)
+                pipe.expire(webhook_events_key(subject), self.ttl_s)
+                pipe.zadd(WEBHOOK_DUE_KEY, {event_id: time.time() + DISPATCH_LEASE_S})
+                pipe.execute()
+            except redis.WatchError:
+                return None  # another announcer made it in between
         return event_id
 
     def get(self, event_id: str) -> Event | None:
@@ -108,41 +174,42 @@ class EventStore:
     def attempts(self, subject: str) -> list[dict]:
         return [json.loads(a) for a in self.redis.lrange(webhook_attempts_key(subject), 0, -1)]
 
-    def record_attempt(self, event: Event, entry: dict) -> None:
-        """Append one attempt to the subject's log and count it on the event."""
-        pipe = self.redis.pipeline()
-        pipe.rpush(webhook_attempts_key(event.subject), json.dumps(entry))
-        pipe.ltrim(webhook_attempts_key(event.subject), -MAX_ATTEMPT_LOG, -1)
-        pipe.expire(webhook_attempts_key(event.subject), self.ttl_s)
-        pipe.hincrby(webhook_event_key(event.id), "attempts", 1)
-        pipe.execute()
+    def begin_attempt(self, event_id: str, token: str, lease_s: float) -> str:
+        """Take a dispatched event for one attempt, locked by ``token`` for ``lease_s``; return
+        ``begun``, or why not: ``not_due`` (no dispatch waits: a duplicate or late message), ``busy``
+        (another attempt holds it), ``expired`` or the final state it is in."""
+        now = time.time()
+        return self._begin(keys=[webhook_event_key(event_id), WEBHOOK_DUE_KEY, webhook_lock_key(event_id)],
+                           args=[event_id, token, int(lease_s * 1000), now + lease_s]).decode()
 
-    def schedule(self, event_id: str, due: float) -> None:
-        """Keep the event pending with its next attempt at ``due``."""
-        pipe = self.redis.pipeline()
-        pipe.hset(webhook_event_key(event_id), mapping={"state": "pending", "next_attempt_at": due})
-        pipe.zadd(WEBHOOK_DUE_KEY, {event_id: due})
-        pipe.execute()
-
-    def finalize(self, event_id: str, state: str) -> None:
-        """End the event in ``state``; no more attempts unless redelivered."""
-        pipe = self.redis.pipeline()
-        pipe.hset(webhook_event_key(event_id), "state", state)
-        pipe.hdel(webhook_event_key(event_id), "next_attempt_at")
-        pipe.zrem(WEBHOOK_DUE_KEY, event_id)
-        pipe.execute()
+    def end_attempt(self, event: Event, token: str, entry: dict | None, state: str,
+                    due: float | None = None) -> bool:
+        """Log the attempt ``entry`` (None: none was made), then, if ``token`` still holds the
+        event, end it in ``state`` or, with ``due``, keep it pending until then; return whether it
+        held."""
+        keys = [webhook_event_key(event.id), webhook_attempts_key(event.subject), WEBHOOK_DUE_KEY,
+                webhook_lock_key(event.id)]
+        args = [json.dumps(entry) if entry else "", MAX_ATTEMPT_LOG, self.ttl_s, token, state,
+                "" if due is None else due, event.id]
+        return bool(self._end(keys=keys, args=args))
 
     def reopen(self, event: Event) -> None:
-        """Make a settled event pending again (manual redelivery): its retry schedule restarts."""
-        self.redis.hset(webhook_event_key(event.id), mapping={"state": "pending", "round_start": event.attempts})
-        self.redis.expire(webhook_event_key(event.id), self.ttl_s)
-        self.schedule(event.id, time.time() + DISPATCH_LEASE_S)
+        """Make a settled event pending again and dispatched (manual redelivery): its retry schedule
+        restarts."""
+        due = time.time() + DISPATCH_LEASE_S
+        pipe = self.redis.pipeline()
+        pipe.hset(webhook_event_key(event.id), mapping={
+            "state": "pending", "round_start": event.attempts, "dispatched": "1", "next_attempt_at": due})
+        pipe.expire(webhook_event_key(event.id), self.ttl_s)
+        pipe.zadd(WEBHOOK_DUE_KEY, {event.id: due})
+        pipe.execute()
 
     def claim_due(self, limit: int = 100) -> list[str]:
         """Take up to ``limit`` due events for dispatch (each is due again after the lease)."""
         now = time.time()
         return [i.decode() for i in self._claim_due(keys=[WEBHOOK_DUE_KEY],
-                                                    args=[now, now + DISPATCH_LEASE_S, limit])]
+                                                    args=[now, now + DISPATCH_LEASE_S, limit,
+                                                          webhook_event_key("")])]
 
 
 class Announcer:
@@ -183,8 +250,12 @@ class Announcer:
             if job["callback_url"]:
                 kind = "job.completed" if job["status"] == "done" else "job.failed"
                 self.dispatch(self.events.create(kind, f"job:{job_id}", job["callback_url"], owner, job_text))
-            if job["batch_id"] and self.batches.job_settled(job["batch_id"], job_id):
-                self._batch_completed(job["batch_id"])
+            batch_id = job["batch_id"]
+            # A job counted before is an announcer that died after counting (the catch-up retries it):
+            # a finished batch then still needs its event. Creating it twice makes one event.
+            if batch_id and (self.batches.job_settled(batch_id, job_id)
+                             or self.jobs.redis.hexists(batch_key(batch_id), "finished_at")):
+                self._batch_completed(batch_id)
 
     def _batch_completed(self, batch_id: str) -> None:
         fields = self.batches.fields(batch_id)

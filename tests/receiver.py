@@ -14,6 +14,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    finished: float | None = None  # when the answer was written (None: still answering, or the sender hung up)
 
     def json(self) -> dict:
         return json.loads(self.body)
@@ -31,9 +32,9 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
                 with receiver.lock:
-                    receiver.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                                      body, time.time()))
+                    receiver.received.append(received)
                     status, headers, *delay = receiver.script.pop(0) if receiver.script else (200, {})
                 if delay:
                     time.sleep(delay[0])
@@ -44,6 +45,8 @@ class Receiver:
                     self.send_header("Content-Length", "2")
                     self.end_headers()
                     self.wfile.write(b"ok")
+                    self.wfile.flush()
+                    received.finished = time.time()
                 except BrokenPipeError:
                     pass  # the sender gave up waiting (the timeout tests want exactly that)
 

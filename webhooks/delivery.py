@@ -4,23 +4,30 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
 from shared.jobs import utc_now
-from shared.keys import webhook_gone_key, webhook_lock_key
-from shared.netguard import RefusedUrl, resolve
+from shared.keys import webhook_event_key, webhook_gone_key
+from shared.netguard import RefusedUrl, Target, resolve
 from shared.settings import Settings
 from shared.signing import derive_secret, sign
-from shared.webhooks import FINAL_STATES, Event, EventStore
-from webhooks.http import Answer, post
+from shared.webhooks import Event, EventStore
+from webhooks.http import Answer, ms_since, post
 
 log = logging.getLogger(__name__)
 JITTER = 0.1  # each retry delay is spread by up to +-10% so failed receivers are not hit in lockstep
 MAX_RETRY_AFTER_S = 24 * 3600
 USER_AGENT = "imgsvc-webhooks/1"
+LEASE_MARGIN_S = 30
+
+
+class LookupTimeout(Exception):
+    """The callback's host name did not resolve within the attempt's time budget."""
 
 
 class Deliverer:
@@ -31,6 +38,10 @@ class Deliverer:
         self.events = EventStore(client, settings.job_ttl_s)
         self.outcomes: collections.Counter[str] = collections.Counter()  # for this worker's heartbeat
         self._lock = threading.Lock()
+        # An attempt holds its event this long: its whole time budget and then some for the Redis writes
+        # after it; the attempt cannot overrun its budget, so its lock cannot expire while it sends.
+        self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
+        self._lookups = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook-lookup")
 
     def attempt(self, event_id: str) -> str:
         """Try the event once unless another attempt holds it; return what became of it."""
@@ -45,44 +56,44 @@ class Deliverer:
             return dict(self.outcomes)
 
     def _attempt_once(self, event_id: str) -> str:
-        lock = webhook_lock_key(event_id)
-        if not self.redis.set(lock, "1", nx=True, ex=int(self.settings.webhook_timeout_s) + 30):
-            return "busy"
+        token = secrets.token_hex(8)
+        begun = self.events.begin_attempt(event_id, token, self.lease_s)
+        if begun != "begun":
+            return begun  # nothing dispatched (a duplicate or late message), held by another attempt, or settled
+        fields = self.redis.hgetall(webhook_event_key(event_id))
         try:
-            event = self.events.get(event_id)
-            if event is None:
-                self.events.finalize(event_id, "failed")  # expired with its job: drop it from the schedule
-                return "expired"
-            if event.state in FINAL_STATES:
-                return event.state
-            return self._attempt(event)
-        finally:
-            self.redis.delete(lock)
+            event = Event.from_hash(fields)
+        except (KeyError, ValueError):  # a record no version of ours writes: it can never be sent
+            log.exception("webhook event %s is unreadable; giving it up: %r", event_id, sorted(fields))
+            subject = fields.get(b"subject", b"").decode() or "event:" + event_id
+            unreadable = Event(event_id, "", subject, "", "", b"", "pending", 0, 0, "", None)
+            self.events.end_attempt(unreadable, token, None, "failed")
+            return "failed"
+        return self._attempt(event, token)
 
-    def _attempt(self, event: Event) -> str:
+    def _attempt(self, event: Event, token: str) -> str:
         if self.redis.exists(webhook_gone_key(event.url)):
-            self.events.finalize(event.id, "endpoint_gone")
+            self.events.end_attempt(event, token, None, "endpoint_gone")
             return "endpoint_gone"
         answer = self._send(event)
         number = event.attempts + 1
-        self.events.record_attempt(event, {
-            "event_id": event.id, "attempt": number, "at": utc_now(),
-            "url": event.url, "status_code": answer.status, "duration_ms": answer.duration_ms,
-            "error": answer.error, "ok": answer.ok})
+        entry = {"event_id": event.id, "attempt": number, "at": utc_now(), "url": event.url,
+                 "status_code": answer.status, "duration_ms": answer.duration_ms, "error": answer.error,
+                 "ok": answer.ok}
         if answer.ok:
-            self.events.finalize(event.id, "delivered")
-            return "delivered"
-        if answer.status == 410:
+            outcome, due = "delivered", None
+        elif answer.status == 410:
             self.redis.set(webhook_gone_key(event.url), "1", ex=self.settings.job_ttl_s)
-            self.events.finalize(event.id, "endpoint_gone")
-            return "endpoint_gone"
-        delay = self.next_delay(number - event.round_start, answer)
-        if delay is None:
+            outcome, due = "endpoint_gone", None
+        elif (delay := self.next_delay(number - event.round_start, answer)) is None:
             log.warning("webhook %s to %s failed for good after %d attempts", event.id, event.url, number)
-            self.events.finalize(event.id, "failed")
-            return "failed"
-        self.events.schedule(event.id, time.time() + delay)
-        return "retrying"
+            outcome, due = "failed", None
+        else:
+            outcome, due = "retrying", time.time() + delay
+        if not self.events.end_attempt(event, token, entry, outcome, due):
+            log.warning("webhook %s: attempt %d outlived its lease; logged, the schedule left to the next",
+                        event.id, number)
+        return outcome
 
     def next_delay(self, attempts_this_round: int, answer: Answer) -> float | None:
         """Seconds until the next attempt, or None when the schedule is used up."""
@@ -95,19 +106,38 @@ class Deliverer:
         return delay
 
     def _send(self, event: Event) -> Answer:
+        """Make the attempt within WEBHOOK_TIMEOUT_S, name lookup included; never raise: whatever
+        goes wrong is the attempt's error, logged, and retried on the schedule."""
+        started = time.monotonic()
+        deadline = started + self.settings.webhook_timeout_s
         try:
-            target = resolve(event.url, allow_private=self.settings.webhook_allow_private)
+            target = self._resolve(event.url, deadline)
+            secret = self._secret(event.owner)
+            if secret is None:
+                return Answer(None, ms_since(started), "no signing secret is configured (SECRET_KEY / WEBHOOK_SECRET)")
+            timestamp = int(time.time())
+            headers = {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": event.id,
+                       "webhook-timestamp": str(timestamp),
+                       "webhook-signature": sign(secret, event.id, timestamp, event.body)}
+            return post(target, event.body, headers, connect_timeout=self.settings.webhook_connect_timeout_s,
+                        started=started, deadline=deadline)
         except RefusedUrl as exc:  # checked at submit; DNS may have changed since
-            return Answer(None, 0.0, f"refused: {exc}")
-        secret = self._secret(event.owner)
-        if secret is None:
-            return Answer(None, 0.0, "no signing secret is configured (SECRET_KEY / WEBHOOK_SECRET)")
-        timestamp = int(time.time())
-        headers = {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": event.id,
-                   "webhook-timestamp": str(timestamp),
-                   "webhook-signature": sign(secret, event.id, timestamp, event.body)}
-        return post(target, event.body, headers, connect_timeout=self.settings.webhook_connect_timeout_s,
-                    total_timeout=self.settings.webhook_timeout_s)
+            return Answer(None, ms_since(started), f"refused: {exc}")
+        except LookupTimeout as exc:
+            return Answer(None, ms_since(started), f"timed out: {exc}")
+        except Exception as exc:  # a URL or body the HTTP library cannot send, or a bug of ours
+            log.exception("webhook %s: the attempt to %s raised", event.id, event.url)
+            return Answer(None, ms_since(started), f"could not send the request: {type(exc).__name__}: {exc}"[:300])
+
+    def _resolve(self, url: str, deadline: float) -> Target:
+        """Check and resolve ``url`` by the deadline; the lookup runs on its own thread, since
+        getaddrinfo cannot be interrupted (a lookup still running later finishes there, unused)."""
+        lookup = self._lookups.submit(resolve, url, self.settings.webhook_allow_private)
+        try:
+            return lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            lookup.cancel()
+            raise LookupTimeout(f"the host name did not resolve within {self.settings.webhook_timeout_s:g} s") from None
 
     def _secret(self, owner: str) -> str | None:
         if owner:

@@ -27,28 +27,53 @@ class Answer:
         return self.status is not None and 200 <= self.status < 300
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to the address that passed the guard; the Host header still names the host."""
+def _connect(target: Target, connect_timeout: float, deadline: float, watchdog: "_Watchdog") -> socket.socket:
+    """Open a connection to the checked address (TLS verified against the host name, SNI), the
+    handshake included in the deadline: the watchdog hangs up on a server that trickles it."""
+    sock = socket.create_connection((target.address, target.port), min(connect_timeout, _left(deadline)))
+    try:
+        watchdog.guard(sock)
+        if target.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host,
+                                                            do_handshake_on_connect=False)
+            sock.settimeout(_left(deadline))
+            sock.do_handshake()
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
-    def __init__(self, target: Target, connect_timeout: float):
-        super().__init__(target.host, target.port, timeout=connect_timeout)
-        self.address = target.address
 
-    def connect(self):
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+class _Watchdog:
+    """Hangs up the connection at the deadline: a receiver that trickles bytes never trips a
+    per-read timeout. It holds its own handle on the socket, so it works through TLS too."""
 
+    def __init__(self, deadline: float):
+        self.deadline, self.handle, self.timer = deadline, None, None
+        self.lock = threading.Lock()  # a handle closed by stop() is never shut down: its number may be reused
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    """TLS to the checked address, with the certificate verified against the host name (SNI)."""
+    def guard(self, sock: socket.socket) -> None:
+        self.handle = sock.dup()
+        self.timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._hang_up)
+        self.timer.daemon = True
+        self.timer.start()
 
-    def __init__(self, target: Target, connect_timeout: float):
-        super().__init__(target.host, target.port, timeout=connect_timeout,
-                         context=ssl.create_default_context())
-        self.address = target.address
+    def _hang_up(self) -> None:
+        with self.lock:
+            if self.handle is None:
+                return
+            try:
+                self.handle.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the receiver hung up first
 
-    def connect(self):
-        raw = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        with self.lock:
+            if self.handle is not None:
+                self.handle.close()
+                self.handle = None
 
 
 def retry_after(value: str | None) -> float | None:
@@ -59,41 +84,34 @@ def retry_after(value: str | None) -> float | None:
         return None
 
 
-def post(target: Target, body: bytes, headers: dict[str, str], *, connect_timeout: float,
-         total_timeout: float) -> Answer:
-    """POST ``body`` to ``target``; never raise for network trouble, report it in the Answer."""
-    started = time.monotonic()
-    cls = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
-    conn = cls(target, min(connect_timeout, total_timeout))
-    watchdog = None
+def post(target: Target, body: bytes, headers: dict[str, str], *, connect_timeout: float, started: float,
+         deadline: float) -> Answer:
+    """POST ``body`` to ``target``, done by ``deadline`` (``time.monotonic``; the attempt began at
+    ``started``); never raise for network trouble, report it in the Answer."""
+    watchdog = _Watchdog(deadline)
+    cls = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+    conn = cls(target.host, target.port, timeout=connect_timeout)
     try:
-        conn.connect()
-        left = max(0.01, total_timeout - (time.monotonic() - started))
-        conn.sock.settimeout(left)
-        # A receiver that trickles bytes never trips a per-read timeout: cut it off at the total.
-        watchdog = threading.Timer(left, _hang_up, args=(conn.sock,))
-        watchdog.daemon = True
-        watchdog.start()
+        # Connected to the checked address here: http.client must not resolve the name again.
+        conn.sock = _connect(target, connect_timeout, deadline, watchdog)
+        conn.sock.settimeout(_left(deadline))
         conn.request("POST", target.path, body=body, headers=headers)
         response = conn.getresponse()
-        _drain(response, started + total_timeout)
-        return Answer(response.status, _ms(started), None if 200 <= response.status < 300
+        _drain(response, deadline)
+        return Answer(response.status, ms_since(started), None if 200 <= response.status < 300
                       else f"HTTP {response.status}", retry_after(response.getheader("Retry-After")))
     except (OSError, http.client.HTTPException, TimeoutError) as exc:
-        if time.monotonic() - started >= total_timeout:
-            return Answer(None, _ms(started), f"timed out: no complete answer within {total_timeout:g} s")
-        return Answer(None, _ms(started), f"{type(exc).__name__}: {exc}"[:300])
+        if time.monotonic() >= deadline:
+            return Answer(None, ms_since(started),
+                          f"timed out: no complete answer within {deadline - started:g} s")
+        return Answer(None, ms_since(started), f"{type(exc).__name__}: {exc}"[:300])
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
+        watchdog.stop()
         conn.close()
 
 
-def _hang_up(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed: the attempt ended on its own
+def _left(deadline: float) -> float:
+    return max(0.01, deadline - time.monotonic())
 
 
 def _drain(response: http.client.HTTPResponse, deadline: float) -> None:
@@ -106,5 +124,6 @@ def _drain(response: http.client.HTTPResponse, deadline: float) -> None:
         remaining -= len(chunk)
 
 
-def _ms(started: float) -> float:
+def ms_since(started: float) -> float:
+    """Milliseconds since ``started`` (``time.monotonic``), as the attempt log shows them."""
     return round((time.monotonic() - started) * 1000, 2)
