@@ -41,7 +41,7 @@ from worker.broker import BatchReceiver, Pending
 from worker.heartbeat import Heartbeat
 from worker.inference import predict
 from worker.models import LoadedModel, load_count, load_model
-from worker.pipeline import PipelineOutput, Staged, compute, results, stage_all, stage_on_device
+from worker.pipeline import PipelineOutput, PixelBudget, Staged, compute, results, stage_all, stage_on_device
 
 log = logging.getLogger(__name__)
 CPU_BATCHES = (1, 2, 4, 8)  # measured at start-up; the sizer may move on to bigger ones under load
@@ -79,6 +79,9 @@ class Runtime:
         # stage thread decodes them in turn.
         self.decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else None
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        # Every decode of this child (stage thread, decoders, thumbnails) holds its picture's pixels
+        # here until only its crop is left, whatever the batch size (MAX_BATCH_PIXELS).
+        self.pixels = PixelBudget(settings.max_batch_pixels)
         self.loop_budget_s = min(LOOP_BUDGET_S, settings.job_soft_time_limit_s / 4)
 
     @classmethod
@@ -189,10 +192,11 @@ class Runtime:
         max_pixels = self.settings.max_image_pixels
         if self._decodes_on_device(model):
             try:
-                return stage_on_device(items, model, max_pixels, self.decoders)
+                return stage_on_device(items, model, max_pixels, self.decoders, self.pixels)
             except Exception:  # a device decoder that breaks must cost speed, not answers
                 log.exception("decoding a batch of %d on %s failed; decoding it on the CPU", len(items), model.device)
-        staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None)
+        staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None,
+                                     self.pixels)
         return staged, failures, None
 
     def _decodes_on_device(self, model: LoadedModel) -> bool:
