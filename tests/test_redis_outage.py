@@ -142,3 +142,25 @@ def test_results_refused_after_the_claim_leave_their_messages_unacknowledged(slo
     counted = store.computations()
     assert counted.get(f"done:{SLOW}") == 4 and f"failed:{SLOW}" not in counted  # one answer each
     assert int(counted.get(f"redelivered:{SLOW}", 0)) >= 4  # all four came back and were computed again
+
+
+def test_a_batch_whose_claim_is_refused_goes_back_to_its_queue(slow_stack):
+    """Redis refuses a batch's claim (the ACL again, set while a slow job holds the only child and
+    four more wait): the messages the child took for that batch go back on the queue at once,
+    rather than waiting out the visibility timeout (600 s here), and every job ends done."""
+    from web import create_app
+
+    settings, admin, log = slow_stack
+    app = create_app(settings)
+    client, store = app.test_client(), app.extensions["imgsvc"].store
+    blocker = submit(client, images.encode(Image.new("RGB", (64, 48), (254,) * 3), "PNG")).get_json()["id"]
+    stack.wait_for(lambda: store.get(blocker)["status"] == "running", 20, "the slow job to start", interval=0.02)
+    waiting = [submit(client, images.noise_png(seed=31_000 + i)).get_json()["id"] for i in range(4)]
+    admin.execute_command("ACL", "SETUSER", "default", "resetkeys", "~[^r]*")  # claims read result:*
+    try:
+        stack.wait_for(lambda: "Redis failed while computing" in log.read_text(), 30, "a refused claim")
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "allkeys")
+    job_ids = [blocker, *waiting]
+    stack.wait_for(lambda: all(store.get(j)["status"] == "done" for j in job_ids), 60, "every job to be done")
+    assert store.computations().get(f"done:{SLOW}") == len(job_ids)
