@@ -410,11 +410,18 @@ class BatchLoop:
         self.writes.append((self.runtime.writer.submit(self.runtime._write, batch, outputs), batch))
 
     def stop_timed_out(self) -> None:
-        """After the soft time limit: put the staged batch back, fail the one being computed."""
+        """After the soft time limit: put the staged batch back, fail the one being computed (or, when
+        the limit passed while the first batch was still being staged, its first message, which Celery
+        acknowledges next, and put back what was taken with it)."""
         self.runtime._give_back(self.queue, self.following)
-        if self.current is not None and not any(self.current is staged for _, staged in self.writes):
-            limit = self.runtime.settings.job_soft_time_limit_s
-            self.runtime._fail_all(self.current, JobTimeout(f"The computation took longer than {limit} s."))
+        limit = self.runtime.settings.job_soft_time_limit_s
+        error = JobTimeout(f"The computation took longer than {limit} s.")
+        if self.current is None:
+            self.runtime._fail(self.first, error)
+            if self.next_taken:
+                self.runtime.receiver.requeue(self.queue, self.next_taken)
+        elif not any(self.current is staged for _, staged in self.writes):
+            self.runtime._fail_all(self.current, error)
 
     def finish(self) -> None:
         self.outcomes += self.runtime._collect(self.writes, block=True)
