@@ -144,6 +144,9 @@ class Settings:
     default_model: str = "efficientnet-lite0"
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    # Decoded pixels a worker child holds at once, across the images of its batches: 4 bytes each
+    # while decoded, so a child's decode memory stays under ~0.9 GB by default (docs/operations.md).
+    max_batch_pixels: int = 200_000_000
     result_ttl_s: int = 7 * 24 * 3600
     job_ttl_s: int = 7 * 24 * 3600
     image_ttl_s: int = 3600
@@ -216,6 +219,7 @@ class Settings:
             default_model=env.get("DEFAULT_MODEL", "").strip() or d.default_model,
             max_upload_bytes=_int(env, "MAX_UPLOAD_MB", 20, minimum=1) * 1024 * 1024,
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", d.max_image_pixels, minimum=1),
+            max_batch_pixels=_int(env, "MAX_BATCH_PIXELS", d.max_batch_pixels, minimum=1),
             result_ttl_s=_int(env, "RESULT_TTL_S", d.result_ttl_s, minimum=1),
             job_ttl_s=_int(env, "JOB_TTL_S", d.job_ttl_s, minimum=1),
             image_ttl_s=_int(env, "IMAGE_TTL_S", d.image_ttl_s, minimum=1),

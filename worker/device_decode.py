@@ -31,6 +31,7 @@ from worker.imaging import normalise_on_device
 
 _ORIENTATION = 0x0112
 _DEVICE_JPEG_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB as Pillow would; CMYK/YCCK go to Pillow
+BAND_PIXELS = 1 << 20  # source pixels converted to float at once while resizing (12 MiB)
 
 
 @dataclasses.dataclass
@@ -50,10 +51,20 @@ class _Header:
     format: str
     mode: str
     orientation: int
+    pixels: int
 
 
-def decode_batch(datas: list[bytes], card: ModelCard, device: torch.device, *, max_pixels: int) -> DeviceBatch:
-    """Decode, orient, resize, crop and normalise ``datas`` for ``card`` on ``device``."""
+def decode_batch(datas: list[bytes], card: ModelCard, device: torch.device, *, max_pixels: int,
+                 budget=None) -> DeviceBatch:
+    """Decode, orient, resize, crop and normalise ``datas`` for ``card`` on ``device``.
+
+    Full-size pictures live only until they are cropped: JPEGs are decoded in batched calls of
+    no more pixels together than ``budget`` (a worker.pipeline.PixelBudget) allows, every other
+    picture one at a time, and each is reduced to its crop before the next call.
+    """
+    from worker.pipeline import UNBOUNDED
+
+    budget = budget or UNBOUNDED
     failures: dict[int, DecodeFailed] = {}
     headers: dict[int, _Header] = {}
     for index, data in enumerate(datas):
@@ -61,20 +72,41 @@ def decode_batch(datas: list[bytes], card: ModelCard, device: torch.device, *, m
             headers[index] = _read_header(data, max_pixels)
         except DecodeFailed as exc:
             failures[index] = exc
+    crops, boxes, sizes = {}, {}, {}
+
+    def keep(index: int, image: torch.Tensor) -> None:
+        crops[index], boxes[index] = _resize_and_crop(image, card)
+        sizes[index] = (image.shape[2], image.shape[1])
+
     jpegs = [i for i, h in headers.items() if h.format == "JPEG" and h.mode in _DEVICE_JPEG_MODES]
-    images = _decode_jpegs(datas, jpegs, headers, device)
-    fallbacks = [i for i in headers if i not in images]
+    for chunk in _chunks(jpegs, headers, budget.limit):
+        with budget.hold(sum(headers[i].pixels for i in chunk)):
+            for index, image in _decode_jpegs(datas, chunk, headers, device).items():
+                keep(index, image)
+    fallbacks = [i for i in headers if i not in crops]
     for index in fallbacks:
         try:
-            images[index] = _decode_on_cpu(datas[index], card, max_pixels).to(device, non_blocking=True)
+            with budget.hold(headers[index].pixels):
+                keep(index, _decode_on_cpu(datas[index], card, max_pixels).to(device, non_blocking=True))
         except DecodeFailed as exc:
             failures[index] = exc
-    rows = sorted(images)
-    crops, boxes = zip(*(_resize_and_crop(images[i], card) for i in rows)) if rows else ((), ())
+    rows = sorted(crops)
     return DeviceBatch(
-        tensor=_normalise(list(crops), card) if rows else None, rows=rows, crop_boxes=list(boxes),
-        sizes=[(images[i].shape[2], images[i].shape[1]) for i in rows], failures=failures,
+        tensor=_normalise([crops[i] for i in rows], card) if rows else None, rows=rows,
+        crop_boxes=[boxes[i] for i in rows], sizes=[sizes[i] for i in rows], failures=failures,
         fallbacks=len(fallbacks))
+
+
+def _chunks(indices: list[int], headers: dict[int, "_Header"], limit: int) -> list[list[int]]:
+    """Split ``indices`` in order into runs of at most ``limit`` pixels (a bigger picture runs alone)."""
+    chunks, pixels = [], limit + 1
+    for index in indices:
+        if pixels + headers[index].pixels > limit:
+            chunks.append([])
+            pixels = 0
+        chunks[-1].append(index)
+        pixels += headers[index].pixels
+    return chunks
 
 
 def _read_header(data: bytes, max_pixels: int) -> _Header:
@@ -90,7 +122,7 @@ def _read_header(data: bytes, max_pixels: int) -> _Header:
         raise DecodeFailed(f"The image could not be decoded: {exc}") from exc
     if width * height > max_pixels:
         raise DecodeFailed(f"The image has {width * height} pixels; the limit is {max_pixels}.")
-    return _Header(image.format, image.mode, orientation if orientation in range(1, 9) else 1)
+    return _Header(image.format, image.mode, orientation if orientation in range(1, 9) else 1, width * height)
 
 
 def _decode_jpegs(datas: list[bytes], indices: list[int], headers: dict[int, _Header],
@@ -146,16 +178,25 @@ def _resize_and_crop(image: torch.Tensor, card: ModelCard) -> tuple[torch.Tensor
     side = card.input_size * min(width, height) / card.resize  # the crop, in source pixels
     left, top = (width - side) / 2, (height - side) / 2
     box = (left / width, top / height, (left + side) / width, (top + side) / height)
-    pixels = image.float()
     factor = max(1, int(side / card.input_size / 3.0))  # Pillow's reducing_gap=3: box-average first
-    if factor > 1:
-        pixels = F.avg_pool2d(pixels[None], factor, ceil_mode=True, count_include_pad=False)[0]
-        left, top, side = left / factor, top / factor, side / factor
-    across = _pillow_weights(pixels.shape[2], card.input_size, left, left + side, pixels.device)
-    down = _pillow_weights(pixels.shape[1], card.input_size, top, top + side, pixels.device)
-    rows = (pixels @ across.T).round_().clamp_(0, 255)  # Pillow keeps an 8-bit image between passes
+    left, top, side = left / factor, top / factor, side / factor
+    across = _pillow_weights(-(-width // factor), card.input_size, left, left + side, image.device)
+    # A band of rows at a time (a whole number of pooling windows): the full-size picture is never
+    # held in float, which would take four times its 8-bit bytes.
+    step = factor * max(1, BAND_PIXELS // (factor * width))
+    rows = torch.cat([_rows_across(image[:, start:start + step], factor, across)
+                      for start in range(0, height, step)], dim=1)
+    down = _pillow_weights(rows.shape[1], card.input_size, top, top + side, image.device)
     crop = (down @ rows).round_().clamp_(0, 255)
     return crop.to(torch.uint8).permute(1, 2, 0), box
+
+
+def _rows_across(band: torch.Tensor, factor: int, across: torch.Tensor) -> torch.Tensor:
+    """Box-average a band of rows by ``factor``, then resample each row across (8-bit, as Pillow)."""
+    pixels = band.float()
+    if factor > 1:
+        pixels = F.avg_pool2d(pixels[None], factor, ceil_mode=True, count_include_pad=False)[0]
+    return (pixels @ across.T).round_().clamp_(0, 255)  # Pillow keeps an 8-bit image between passes
 
 
 def _pillow_weights(in_size: int, out_size: int, start: float, end: float, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,9 @@ predictions, the GradCAM map itself (h x w, 0..1) and the crop box, never an ove
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
 from concurrent.futures import Executor
 
@@ -19,6 +21,7 @@ from shared.errors import JobFailed
 from shared.jobs import GRADCAM_URL_SLOT, KEEP_UPLOAD, Picture
 from shared.keys import OutputOptions
 from shared.overlay import keeps_original, overlay_thumbnail
+from shared.pictures import header_pixels
 from worker.devices import describe
 from worker.imaging import Prepared, decode, normalised_batch, preprocess
 from worker.inference import BatchOutput, predict_batch, top_predictions_batch
@@ -47,29 +50,69 @@ class Staged:
     preprocess_ms: float
 
 
+class PixelBudget:
+    """How many decoded pixels a child may hold at once (MAX_BATCH_PIXELS), shared by every thread
+    that decodes for it: a decode waits until its picture fits beside those already held.
+
+    A picture bigger than the whole budget waits until it is alone, then goes ahead, so the
+    budget bounds memory without refusing anything MAX_IMAGE_PIXELS lets through.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most pixels ever held at once
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        """Hold ``pixels`` of the budget for the block (waiting until they fit)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.held == 0 or self.held + pixels <= self.limit)
+            self.held += pixels
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
+
+
+UNBOUNDED = PixelBudget(2 ** 62)
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-def stage(index: int, data: bytes, options: OutputOptions, model: LoadedModel, max_pixels: int) -> Staged:
-    """Decode and preprocess one upload; choose the picture its heatmap will be drawn on."""
-    start = time.perf_counter()
-    decoded = decode(data, min_short_side=model.card.resize, max_pixels=max_pixels)
-    decode_ms = _ms(start)
-    step = time.perf_counter()
-    prepared = preprocess(decoded.image, model.card)
-    picture = None
-    if options.gradcam:
-        picture = KEEP_UPLOAD if keeps_original(len(data)) else overlay_thumbnail(decoded.image)
+def stage(index: int, data: bytes, options: OutputOptions, model: LoadedModel, max_pixels: int,
+          budget: PixelBudget = UNBOUNDED) -> Staged:
+    """Decode and preprocess one upload; choose the picture its heatmap will be drawn on.
+
+    The decoded picture holds its share of ``budget`` until only its small products are left.
+    """
+    with budget.hold(header_pixels(data)):
+        start = time.perf_counter()
+        decoded = decode(data, min_short_side=model.card.resize, max_pixels=max_pixels)
+        decode_ms = _ms(start)
+        step = time.perf_counter()
+        prepared = preprocess(decoded.image, model.card)
+        picture = None
+        if options.gradcam:
+            picture = KEEP_UPLOAD if keeps_original(len(data)) else overlay_thumbnail(decoded.image)
+        del decoded
     return Staged(index, options, prepared, picture, decode_ms, _ms(step))
 
 
 def stage_all(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_pixels: int,
-              pool: Executor | None = None) -> tuple[list[Staged], dict[int, JobFailed]]:
-    """Stage every item (in ``pool``'s threads when given); return the staged and the failures by index."""
+              pool: Executor | None = None,
+              budget: PixelBudget = UNBOUNDED) -> tuple[list[Staged], dict[int, JobFailed]]:
+    """Stage every item (in ``pool``'s threads when given, no more decoded pixels at once than
+    ``budget`` allows); return the staged and the failures by index."""
     def attempt(index: int) -> Staged | JobFailed:
         try:
-            return stage(index, items[index][0], items[index][1], model, max_pixels)
+            return stage(index, items[index][0], items[index][1], model, max_pixels, budget)
         except JobFailed as exc:
             return exc
 
@@ -79,7 +122,8 @@ def stage_all(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_
 
 
 def stage_on_device(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_pixels: int,
-                    pool: Executor | None = None) -> tuple[list[Staged], dict[int, JobFailed], torch.Tensor | None]:
+                    pool: Executor | None = None, budget: PixelBudget = UNBOUNDED,
+                    ) -> tuple[list[Staged], dict[int, JobFailed], torch.Tensor | None]:
     """Decode and preprocess a batch on the model's device (worker.device_decode: nvJPEG for JPEGs,
     the CPU path for anything it refuses); return the staged images in the rows of the returned
     input tensor, and the failures by index. Thumbnails for big uploads' heatmaps are made on the
@@ -88,8 +132,10 @@ def stage_on_device(items: list[tuple[bytes, OutputOptions]], model: LoadedModel
 
     start = time.perf_counter()
     wanted = [i for i, (data, options) in enumerate(items) if options.gradcam and not keeps_original(len(data))]
-    thumbnails = {i: (pool.submit if pool else _now)(_thumbnail, items[i][0], model, max_pixels) for i in wanted}
-    batch = decode_batch([data for data, _ in items], model.card, model.device, max_pixels=max_pixels)
+    thumbnails = {i: (pool.submit if pool else _now)(_thumbnail, items[i][0], model, max_pixels, budget)
+                  for i in wanted}
+    batch = decode_batch([data for data, _ in items], model.card, model.device, max_pixels=max_pixels,
+                         budget=budget)
     decode_ms = round(_ms(start) / max(1, len(items)), 2)  # the batch's decode, shared out per image
     staged = []
     for row, index in enumerate(batch.rows):
@@ -110,9 +156,10 @@ class _now:
         return self.value
 
 
-def _thumbnail(data: bytes, model: LoadedModel, max_pixels: int) -> Picture:
+def _thumbnail(data: bytes, model: LoadedModel, max_pixels: int, budget: PixelBudget) -> Picture:
     try:
-        return overlay_thumbnail(decode(data, min_short_side=model.card.resize, max_pixels=max_pixels).image)
+        with budget.hold(header_pixels(data)):
+            return overlay_thumbnail(decode(data, min_short_side=model.card.resize, max_pixels=max_pixels).image)
     except JobFailed:
         return None  # decoded on the device but not by Pillow: the job has its map, not a heatmap PNG
 

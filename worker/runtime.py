@@ -31,7 +31,7 @@ from shared.cards import ModelCatalog
 from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
-from shared.keys import drain_key
+from shared.keys import TAKEN_BY_KEY, drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
@@ -41,7 +41,7 @@ from worker.broker import BatchReceiver, Pending
 from worker.heartbeat import Heartbeat
 from worker.inference import predict
 from worker.models import LoadedModel, load_count, load_model
-from worker.pipeline import PipelineOutput, Staged, compute, results, stage_all, stage_on_device
+from worker.pipeline import PipelineOutput, PixelBudget, Staged, compute, results, stage_all, stage_on_device
 
 log = logging.getLogger(__name__)
 CPU_BATCHES = (1, 2, 4, 8)  # measured at start-up; the sizer may move on to bigger ones under load
@@ -49,6 +49,18 @@ CPU_SIZER_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CUDA_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CUDA_SIZER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LOOP_BUDGET_S = 10.0
+
+# KEYS: kombu's unacked hash and index, the taken-by hash, then one result key per tag in ARGV.
+# Acknowledges (as kombu does) only the messages whose result exists.
+_ACK_IF_WRITTEN = """
+for i = 1, #ARGV do
+  if redis.call('EXISTS', KEYS[3 + i]) == 1 then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+  end
+end
+"""
 
 
 @dataclasses.dataclass
@@ -79,6 +91,10 @@ class Runtime:
         # stage thread decodes them in turn.
         self.decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else None
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        # Every decode of this child (stage thread, decoders, thumbnails) holds its picture's pixels
+        # here until only its crop is left, whatever the batch size (MAX_BATCH_PIXELS).
+        self.pixels = PixelBudget(settings.max_batch_pixels)
+        self._ack_if_written = store.redis.register_script(_ACK_IF_WRITTEN)
         self.loop_budget_s = min(LOOP_BUDGET_S, settings.job_soft_time_limit_s / 4)
 
     @classmethod
@@ -189,10 +205,11 @@ class Runtime:
         max_pixels = self.settings.max_image_pixels
         if self._decodes_on_device(model):
             try:
-                return stage_on_device(items, model, max_pixels, self.decoders)
+                return stage_on_device(items, model, max_pixels, self.decoders, self.pixels)
             except Exception:  # a device decoder that breaks must cost speed, not answers
                 log.exception("decoding a batch of %d on %s failed; decoding it on the CPU", len(items), model.device)
-        staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None)
+        staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None,
+                                     self.pixels)
         return staged, failures, None
 
     def _decodes_on_device(self, model: LoadedModel) -> bool:
@@ -231,12 +248,15 @@ class Runtime:
 
     def _write(self, batch: StagedBatch, computed) -> list[str]:
         """Write a computed batch's results, acknowledge its messages and record its statistics:
-        one round trip, in that order, so a message is acknowledged only behind its result."""
+        one round trip, in that order. A message computed here is acknowledged only where its
+        result is in Redis, checked in the same round trip: a pipeline runs every command even
+        when one before it fails (a refused write: OOM, ACL, a failover's read-only replica)."""
         now = time.time()
-        done, by_model = [], {}
+        done, by_model, written = [], {}, []
         for model, staged, outputs in computed:
             for item, output in zip(staged, outputs):
                 pending = batch.pendings[item.index]
+                written.append(pending)
                 output.result["timings_ms"]["queue"] = round(max(0.0, batch.staged_at - pending.enqueued_at) * 1000, 2)
                 done.append((pending.comp, output.result, output.picture))
                 timings = output.result["timings_ms"]
@@ -246,7 +266,9 @@ class Runtime:
 
         def acks_and_statistics(pipe) -> None:
             if self.receiver is not None:
-                self.receiver.ack(pipe, batch.pendings)
+                # Settled before this round trip (failed, or already done): acknowledged as they are.
+                self.receiver.ack(pipe, [p for p in batch.pendings if not any(p is w for w in written)])
+                self._ack_written(pipe, written)
             for name, samples in by_model.items():
                 stats.record_batch(self.store.redis, {**self.labels, "model": name}, samples,
                                    len(batch.pendings), now, pipe=pipe)
@@ -254,13 +276,37 @@ class Runtime:
         try:
             self.store.finish_many(done, also=acks_and_statistics)
         except redis.RedisError:
-            # Not acknowledged: the messages come back after the visibility timeout, and their results
-            # are computed again (a result that did get written makes that a no-op).
+            # What was not written is not acknowledged: it goes back on the queue now (or, with Redis
+            # away, after the visibility timeout) and is computed again; a result that did get
+            # written makes that a no-op.
             log.exception("could not write the results of a batch of %d", len(batch.pendings))
+            self._return_unwritten(written)
             return ["unwritten"] * len(batch.pendings)
         self.heartbeat.count("jobs_done", len(done))
         self.heartbeat.observe([inference for samples in by_model.values() for _, inference in samples])
         return [batch.outcomes.get(i, "failed") for i in range(len(batch.pendings))]
+
+    def _ack_written(self, pipe, pendings: list[Pending]) -> None:
+        """Queue on ``pipe`` the acknowledgement of each message whose result exists by then."""
+        pairs = [(p.tag, p.comp.result_key) for p in pendings if p.tag is not None]
+        if pairs:
+            self._ack_if_written(keys=[self.receiver.unacked, self.receiver.index, TAKEN_BY_KEY,
+                                       *(key for _, key in pairs)],
+                                 args=[tag for tag, _ in pairs], client=pipe)
+
+    def _return_unwritten(self, pendings: list[Pending]) -> None:
+        """After a failed write: put the messages computed here back on their queue, at once.
+
+        Any whose result did get written (and so was acknowledged) comes back as a no-op: its
+        claim finds the result. Reading which ones first could fail as the write did.
+        """
+        taken = [p for p in pendings if p.tag is not None]
+        if not taken or self.receiver is None:
+            return
+        try:
+            self.receiver.requeue(inference_queue(taken[0].comp.model), taken)
+        except redis.RedisError:  # they stay unacknowledged: the visibility timeout brings them back
+            log.warning("could not put %d unwritten messages back", len(taken), exc_info=True)
 
     def _collect(self, writes, block: bool) -> list[str]:
         """Return the outcomes of finished writes (all of them when ``block``)."""
@@ -335,7 +381,9 @@ class BatchLoop:
     def _run(self) -> None:
         requested = 1 if self.alone else self.sizer.size
         batch = [self.first] if self.alone else [self.first, *self.runtime._take_first(self.queue, requested - 1)]
+        self.next_taken = batch[1:]  # Celery puts the first back itself if the claim fails
         self.current = self.runtime._stage(batch, requested)
+        self.next_taken = []
         cycle_start = time.perf_counter()
         while self.current is not None:
             self.following = self._stage_next()
@@ -362,11 +410,18 @@ class BatchLoop:
         self.writes.append((self.runtime.writer.submit(self.runtime._write, batch, outputs), batch))
 
     def stop_timed_out(self) -> None:
-        """After the soft time limit: put the staged batch back, fail the one being computed."""
+        """After the soft time limit: put the staged batch back, fail the one being computed (or, when
+        the limit passed while the first batch was still being staged, its first message, which Celery
+        acknowledges next, and put back what was taken with it)."""
         self.runtime._give_back(self.queue, self.following)
-        if self.current is not None and not any(self.current is staged for _, staged in self.writes):
-            limit = self.runtime.settings.job_soft_time_limit_s
-            self.runtime._fail_all(self.current, JobTimeout(f"The computation took longer than {limit} s."))
+        limit = self.runtime.settings.job_soft_time_limit_s
+        error = JobTimeout(f"The computation took longer than {limit} s.")
+        if self.current is None:
+            self.runtime._fail(self.first, error)
+            if self.next_taken:
+                self.runtime.receiver.requeue(self.queue, self.next_taken)
+        elif not any(self.current is staged for _, staged in self.writes):
+            self.runtime._fail_all(self.current, error)
 
     def finish(self) -> None:
         self.outcomes += self.runtime._collect(self.writes, block=True)
