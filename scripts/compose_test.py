@@ -320,6 +320,17 @@ def check_two_workers(stack: Stack) -> None:
     log(f"scaled: admin API lists {[n['name'] for n in nodes]}; /readyz counts {ready['workers']} children")
 
 
+def check_metrics(stack: Stack) -> None:
+    """The web's /metrics answers the METRICS_TOKEN only."""
+    url = f"{stack.web}/metrics"
+    if requests.get(url, timeout=10).status_code != 401:
+        raise Failed("/metrics answered without a token")
+    answer = requests.get(url, timeout=10, headers={"Authorization": f"Bearer {stack.env['METRICS_TOKEN']}"})
+    if answer.status_code != 200 or "imgsvc_jobs_submitted_total" not in answer.text:
+        raise Failed(f"/metrics with METRICS_TOKEN: {answer.status_code} {answer.text[:200]}")
+    log("/metrics: 401 without a token, the series with METRICS_TOKEN")
+
+
 def check_nothing_restarted(stack: Stack) -> None:
     for container in stack.containers():
         state, name = container["State"], container["Name"].lstrip("/")
@@ -330,8 +341,8 @@ def check_nothing_restarted(stack: Stack) -> None:
 
 def prove(compose: list[str], python_base: str, redis_image: str) -> None:
     ports = {"web": free_port(), "flower": free_port()}
-    env = {**os.environ, "SECRET_KEY": secrets.token_urlsafe(32), "ADMIN_TOKEN": secrets.token_urlsafe(16),
-           "WEBHOOK_SECRET": "", "IMGSVC_IMAGE": IMAGE, "REDIS_IMAGE": redis_image}
+    env = {**os.environ, "SECRET_KEY": secrets.token_urlsafe(32), "ADMIN_TOKEN": secrets.token_urlsafe(32),
+           "METRICS_TOKEN": secrets.token_urlsafe(32), "WEBHOOK_SECRET": "", "IMGSVC_IMAGE": IMAGE, "REDIS_IMAGE": redis_image}
     stack = Stack(compose, render_stack(compose, env, ports), env, ports["web"])
     receiver = None
     try:
@@ -343,6 +354,7 @@ def prove(compose: list[str], python_base: str, redis_image: str) -> None:
         receiver = Receiver(stack.gateway())
         job = classify_cat(stack, api_key, receiver.url)
         check_callback(receiver, secret, job)
+        check_metrics(stack)
         check_two_workers(stack)
         requests.get(f"http://127.0.0.1:{ports['flower']}/", timeout=10).raise_for_status()
         check_nothing_restarted(stack)

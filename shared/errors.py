@@ -4,11 +4,13 @@
     ├── BadRequest (400 bad_request)
     │   ├── MissingImage (400 missing_image)
     │   ├── EmptyImage (400 empty_image)
-    │   └── CorruptImage (400 corrupt_image)
+    │   ├── CorruptImage (400 corrupt_image)
+    │   └── TokenInUrl (400 token_in_url)
     ├── Unauthorized (401 unauthorized)
     │   ├── AuthRequired (401 auth_required)
     │   ├── InvalidApiKey (401 invalid_api_key)
-    │   └── AdminUnauthorized (401 admin_unauthorized)
+    │   ├── AdminUnauthorized (401 admin_unauthorized)
+    │   └── MetricsUnauthorized (401 metrics_unauthorized)
     ├── NotFound (404 not_found)
     ├── Conflict (409 conflict)
     │   ├── IdempotencyInProgress (409 idempotency_in_progress)
@@ -68,6 +70,12 @@ class CorruptImage(BadRequest):
     code = "corrupt_image"
 
 
+class TokenInUrl(BadRequest):
+    """An admin or metrics token sent as ``?token=``: URLs land in logs and browser history."""
+
+    code = "token_in_url"
+
+
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 
@@ -84,6 +92,12 @@ class AdminUnauthorized(Unauthorized):
     """The admin API needs ``Authorization: Bearer <ADMIN_TOKEN>``, and this was not it."""
 
     code = "admin_unauthorized"
+
+
+class MetricsUnauthorized(Unauthorized):
+    """``GET /metrics`` needs ``Authorization: Bearer <METRICS_TOKEN or ADMIN_TOKEN>``."""
+
+    code = "metrics_unauthorized"
 
 
 class NotFound(ServiceError):
@@ -136,6 +150,10 @@ class IdempotencyKeyReused(InvalidOption):
 
 class RateLimited(ServiceError):
     status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # None: the handler's default
 
 
 class Unavailable(ServiceError):

@@ -41,6 +41,11 @@ def drain_key(node: str) -> str:
     return f"drain:{node}"
 
 
+def tokenfail_key(address: str) -> str:
+    """Failed admin or metrics token attempts from one client address in the current minute."""
+    return f"tokenfail:{address}"
+
+
 def cached_prefixes(model: str, version: str) -> tuple[str, ...]:
     """Return the key prefixes of everything cached for one model version (results, heatmaps, meta)."""
     return tuple(f"{kind}:{model}:{version}:" for kind in ("result", "overlay", "picture", "meta"))

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import os
 from pathlib import Path
 from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MIN_TOKEN_CHARS = 32  # ADMIN_TOKEN, METRICS_TOKEN: too long to guess at 10 tries a minute
 
 
 class SettingsError(ValueError):
@@ -87,6 +89,25 @@ def _webhook_secret(raw: str) -> str:
         raise SettingsError("WEBHOOK_SECRET must be whsec_ followed by the base64 of 24 to 64 random bytes, "
                             "as Standard Webhooks secrets are (make run makes one in var/webhook_secret)")
     return raw
+
+
+def _token(env: Mapping[str, str], name: str) -> str:
+    """A bearer token of an admin surface: empty (the surface is off) or at least MIN_TOKEN_CHARS long."""
+    token = env.get(name, "").strip()
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise SettingsError(f"{name} must be at least {MIN_TOKEN_CHARS} characters (it has {len(token)}); "
+                            "make one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\" "
+                            "(or leave it empty to turn the surface off)")
+    return token
+
+
+def _bind_address(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise SettingsError(f"{name} must be an IP address of this host such as 127.0.0.1 or 0.0.0.0, "
+                            f"got {raw!r}") from None
 
 
 def _devices(raw: str) -> str:
@@ -183,8 +204,10 @@ class Settings:
     webhook_timeout_s: float = 15.0
     webhook_concurrency: int = 16  # deliveries in flight per webhook worker
     # Admins: admin API and page, worker metrics endpoint.
-    admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin; empty disables both (404)
+    admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin (and /metrics); empty disables both (404)
+    metrics_token: str = ""  # Bearer token for the web tier's /metrics; without it or ADMIN_TOKEN: 404
     worker_metrics_port: int = 9808  # each worker's main process serves /metrics here; 0: off
+    worker_metrics_bind: str = "127.0.0.1"  # address of that port: 0.0.0.0 where Prometheus is elsewhere
     task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
     durable_accept: bool = False  # 202 only once the job is fsynced (appendfsync always) or on a replica (WAIT)
 
@@ -256,8 +279,10 @@ class Settings:
             webhook_connect_timeout_s=_float(env, "WEBHOOK_CONNECT_TIMEOUT_S", d.webhook_connect_timeout_s),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),
             webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", d.webhook_concurrency, minimum=1),
-            admin_token=env.get("ADMIN_TOKEN", "").strip(),
+            admin_token=_token(env, "ADMIN_TOKEN"),
+            metrics_token=_token(env, "METRICS_TOKEN"),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", d.worker_metrics_port),
+            worker_metrics_bind=_bind_address(env, "WORKER_METRICS_BIND", d.worker_metrics_bind),
             task_events=_bool(env, "TASK_EVENTS", d.task_events),
             durable_accept=_bool(env, "DURABLE_ACCEPT", d.durable_accept),
         )

@@ -21,6 +21,7 @@ SOFT_TIME_LIMIT_S = 8
 TINY_LABELS = [f"tiny-class-{i}" for i in range(10)]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 WEBHOOK_SECRET = "whsec_" + "dGVzdC13ZWJob29rLXNlY3JldC0zMi1ieXRlcyEhISE="  # base64 of 32 test bytes
+METRICS_TOKEN = "test-metrics-token-1f6b0c9e2d7a4835"  # the session app's /metrics (32+ characters)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +99,7 @@ def settings(redis_url, cards_dir) -> Settings:
                     max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, job_soft_time_limit_s=SOFT_TIME_LIMIT_S,
                     job_time_limit_s=SOFT_TIME_LIMIT_S + 10, secret_key="test-secret-key",
                     webhook_secret=WEBHOOK_SECRET, webhook_allow_private=True, webhook_retry_schedule=(1, 1, 1),
-                    webhook_timeout_s=3, rate_limit="100000/minute")
+                    webhook_timeout_s=3, rate_limit="100000/minute", metrics_token=METRICS_TOKEN)
 
 
 @pytest.fixture(scope="session")

@@ -210,6 +210,14 @@ def test_worker_keeps_its_gpu_reservation():
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices), devices
 
 
+def test_worker_metrics_are_open_to_the_network_and_web_metrics_need_a_token_the_user_sets():
+    services = compose_services()
+    worker = Settings.from_env({k: str(v) for k, v in services["worker"]["environment"].items()
+                                if k.startswith("WORKER_METRICS")})
+    assert worker.worker_metrics_bind == "0.0.0.0" and "ports" not in services["worker"]  # compose network only
+    assert services["web"]["environment"]["METRICS_TOKEN"].startswith("${METRICS_TOKEN:?")  # no default
+
+
 def test_cpu_override_is_yaml_and_runs_the_worker_on_the_cpu():
     override = yaml.safe_load(CPU_OVERRIDE.read_text())["services"]
     assert override["worker"]["environment"]["WORKER_DEVICES"] == "cpu"

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared import stats
 from shared.metrics import exposition, registry_for
 from tests import images
-from tests.conftest import wait_done
+from tests.conftest import METRICS_TOKEN, wait_done
 
 SCRATCH_DB = 11  # unit tests write here, away from the session worker's data in db 0
 
@@ -87,7 +87,8 @@ def test_percentile_is_nearest_rank(values, q, expected):
 @pytest.mark.integration
 def test_web_metrics_parse_and_move_as_jobs_run(base_url, client):
     def scrape():
-        response = requests.get(f"{base_url}/metrics", timeout=10)
+        response = requests.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+                                timeout=10)
         assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
         return samples(response.text)
 

@@ -12,6 +12,7 @@ def test_defaults_suit_a_laptop():
     assert settings.result_ttl_s == 7 * 24 * 3600
     assert settings.worker_devices == "auto"
     assert settings.admin_token == "" and settings.worker_metrics_port == 9808
+    assert settings.metrics_token == "" and settings.worker_metrics_bind == "127.0.0.1"
 
 
 def test_environment_overrides():
@@ -28,6 +29,8 @@ def test_environment_overrides():
     ({"MAX_UPLOAD_MB": "lots"}, "MAX_UPLOAD_MB must be a whole number"),
     ({"MAX_UPLOAD_MB": "0"}, "at least 1"),
     ({"AMP_DTYPE": "int8"}, "AMP_DTYPE must be one of"),
+    ({"WORKER_METRICS_BIND": "everywhere"}, "WORKER_METRICS_BIND must be an IP address"),
+    ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN must be at least 32 characters"),
 ])
 def test_bad_values_are_named(env, fragment):
     with pytest.raises(SettingsError, match=fragment):

@@ -209,14 +209,15 @@ def test_the_admin_api_lists_the_webhook_worker_with_its_deliveries(stack, recei
 
     submit(stack, images.noise_png(seed=1013), model=MODEL, callback_url=receiver.url + "/seen")
     receiver.wait("/seen", 1)
-    admin = create_app(dataclasses.replace(settings, admin_token="t")).test_client()
+    token = "webhooks-test-admin-token-0123456789abcdef"  # ADMIN_TOKEN needs 32+ characters
+    admin = create_app(dataclasses.replace(settings, admin_token=token)).test_client()
 
     def listed():
-        answer = admin.get("/api/v1/admin/workers", headers={"Authorization": "Bearer t"}).get_json()
+        answer = admin.get("/api/v1/admin/workers", headers={"Authorization": f"Bearer {token}"}).get_json()
         nodes = [n for n in answer["webhook_workers"] if n.get("delivered", 0) >= 1]
         return nodes if nodes else None
 
     [node] = wait_for(listed, 15, "the webhook worker's heartbeat")
     assert node["name"].startswith("webhooks@") and node["concurrency"] == settings.webhook_concurrency
     assert node["name"] not in {n["name"] for n in admin.get(
-        "/api/v1/admin/workers", headers={"Authorization": "Bearer t"}).get_json()["workers"]}
+        "/api/v1/admin/workers", headers={"Authorization": f"Bearer {token}"}).get_json()["workers"]}

@@ -1,12 +1,12 @@
 """The admin API (``/api/v1/admin/``) and the live admin page (``/admin``).
 
 Both exist only when ADMIN_TOKEN is set (404 otherwise); every API call needs
-``Authorization: Bearer <ADMIN_TOKEN>``. Reads come from Redis (heartbeats, queues, statistics);
-actions on a worker go through Celery's remote control, addressed to its node name.
+``Authorization: Bearer <ADMIN_TOKEN>`` (never ``?token=``; failures are rate limited: web/tokens.py).
+Reads come from Redis (heartbeats, queues, statistics); actions on a worker go through Celery's remote
+control, addressed to its node name.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 
@@ -17,6 +17,7 @@ from shared import fleet, stats
 from shared.errors import AdminUnauthorized, InvalidOption, NotFound, Unavailable
 from shared.keys import cached_prefixes, drain_key
 from shared.tasks import inference_queue
+from web.tokens import refuse_token_in_url, require_bearer
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
@@ -33,17 +34,15 @@ def services():
 
 @bp.before_request
 def require_admin_token():
-    """Hide everything without ADMIN_TOKEN; ask the API's callers for it."""
+    """Hide everything without ADMIN_TOKEN; ask the API's callers for it (web/tokens.py)."""
     token = services().settings.admin_token
     if not token:
         raise NotFound("No such resource.")
+    refuse_token_in_url()  # the page too: it asks for the token and keeps it in sessionStorage
     if not request.path.startswith(API + "/"):
-        return  # the page itself holds no data; it asks for the token and sends it with each call
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise AdminUnauthorized("The admin API needs the header 'Authorization: Bearer <ADMIN_TOKEN>'.")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise AdminUnauthorized("The admin token is not valid.")
+        return  # the page itself holds no data; it sends the token with each call
+    missing = AdminUnauthorized("The admin API needs the header 'Authorization: Bearer <ADMIN_TOKEN>'.")
+    require_bearer((token,), missing=missing, wrong=AdminUnauthorized("The admin token is not valid."))
 
 
 @bp.after_request

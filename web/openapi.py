@@ -64,10 +64,12 @@ BATCH_ID = {"type": "string", "pattern": "^b[0-9a-f]{30}$", "description": "b an
 # status -> (component name, description listing the stable ``error.code`` values, extra headers)
 ERROR_RESPONSES = {
     "400": ("BadRequest", "Malformed request. Codes: `bad_request`, `missing_image`, `empty_image`, "
-                          "`corrupt_image`.", {}),
+                          "`corrupt_image`, `token_in_url` (an admin or metrics token sent as `?token=` or "
+                          "`?access_token=`: send `Authorization: Bearer` instead).", {}),
     "401": ("Unauthorized", "Authentication failed. Codes: `unauthorized`, `auth_required` (AUTH_REQUIRED "
                             "is set and no API key was sent), `invalid_api_key`, `admin_unauthorized` "
-                            "(admin API without `Authorization: Bearer <ADMIN_TOKEN>`).", {}),
+                            "(admin API without `Authorization: Bearer <ADMIN_TOKEN>`), `metrics_unauthorized` "
+                            "(/metrics without `Authorization: Bearer <METRICS_TOKEN or ADMIN_TOKEN>`).", {}),
     "404": ("NotFound", "No such resource (it may have expired). Code: `not_found`.", {}),
     "409": ("Conflict", "Conflict with the resource's state. Codes: `conflict`, `idempotency_in_progress` "
                         "(a request with this Idempotency-Key is still being processed), `not_settled` "
@@ -79,8 +81,10 @@ ERROR_RESPONSES = {
     "422": ("UnprocessableEntity", "An option is invalid. Codes: `invalid_option`, `unknown_model`, "
                                    "`invalid_callback_url`, `idempotency_key_reused` (the key was used "
                                    "before with a different request).", {}),
-    "429": ("TooManyRequests", "Rate limit (RATE_LIMIT, or the API key's own) exceeded. Code: "
-                               "`rate_limited`.", {"Retry-After": RETRY_AFTER, **RATE_LIMIT_HEADERS}),
+    "429": ("TooManyRequests", "Rate limit (RATE_LIMIT, or the API key's own) exceeded; on the admin API "
+                               "and /metrics: more than 10 failed token attempts from this address this "
+                               "minute (even the right token waits for Retry-After). Code: `rate_limited`.",
+            {"Retry-After": RETRY_AFTER, **RATE_LIMIT_HEADERS}),
     "503": ("ServiceUnavailable", "Try again later. Codes: `overloaded` (the model's queue is past "
                                   "MAX_QUEUE_DEPTH), `unavailable` (Redis or the job queue is down).",
             {"Retry-After": RETRY_AFTER}),
@@ -229,6 +233,8 @@ def components(settings: Settings) -> dict:
                        "description": "`Authorization: Bearer <API key>`. Optional unless AUTH_REQUIRED."},
             "adminToken": {"type": "http", "scheme": "bearer",
                            "description": "`Authorization: Bearer <ADMIN_TOKEN>` for /api/v1/admin/."},
+            "metricsToken": {"type": "http", "scheme": "bearer",
+                             "description": "`Authorization: Bearer <METRICS_TOKEN>` for /metrics."},
         },
     }
 
@@ -356,9 +362,12 @@ def service_paths(settings: Settings) -> dict:
                                        "(an error with code `unavailable`).",
                         "content": json_body({"anyOf": [ref("Readiness"), ref("Error")]})}}}},
         "/metrics": {"get": {
-            "operationId": "metrics", "tags": ["health"], "summary": "Prometheus metrics", "security": [],
+            "operationId": "metrics", "tags": ["health"], "summary": "Prometheus metrics",
+            "description": "Off (404) unless METRICS_TOKEN or ADMIN_TOKEN is set; either one is accepted.",
+            "security": [{"metricsToken": []}, {"adminToken": []}],
             "responses": {"200": {"description": "Prometheus text exposition format.",
-                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **errors("400", "401", "404", "429")}}},
     }
 
 
@@ -427,7 +436,8 @@ def admin_schemas() -> dict:
 
 
 def admin_paths(settings: Settings) -> dict:
-    """The admin API: 404 when ADMIN_TOKEN is unset, 401 without it."""
+    """The admin API: 404 when ADMIN_TOKEN is unset, 401 without it, 400 with it in the URL, 429 after
+    10 failed attempts a minute from one address."""
     admin = [{"adminToken": []}]
     node = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "the worker's Celery node name, as GET /api/v1/admin/workers lists it"}
@@ -437,14 +447,14 @@ def admin_paths(settings: Settings) -> dict:
     def read(operation: str, summary: str, schema: str) -> dict:
         return {"get": {"operationId": operation, "tags": ["admin"], "summary": summary, "security": admin,
                         "responses": {"200": {"description": summary + ".", "content": json_body(ref(schema))},
-                                      **errors("401", "404", "503")}}}
+                                      **errors("400", "401", "404", "429", "503")}}}
 
     def action(operation: str, summary: str, body: dict | None = None) -> dict:
         return {"post": {"operationId": operation, "tags": ["admin"], "summary": summary, "security": admin,
                          "parameters": [node], **({"requestBody": body} if body else {}),
                          "responses": {"200": {"description": "Done; the worker's new state.",
                                                "content": json_body(ref("WorkerAction"))},
-                                       **errors("401", "404", "422", "503")}}}
+                                       **errors("400", "401", "404", "422", "429", "503")}}}
 
     return {
         "/api/v1/admin/workers": read("adminWorkers", "Live workers with their children's heartbeats",
@@ -463,7 +473,7 @@ def admin_paths(settings: Settings) -> dict:
                 "properties": {"model": {"type": "string"}, "version": {"type": "string"}}})},
             "responses": {"200": {"description": "Deleted keys (results, heatmaps, header facts).",
                                   "content": json_body(ref("PurgeResult"))},
-                          **errors("401", "404", "422", "503")}}},
+                          **errors("400", "401", "404", "422", "429", "503")}}},
     }
 
 
