@@ -103,9 +103,11 @@ class ApiClient:
 
     def job(self, job_id: str, wait_s: float = 0) -> dict:
         """Read a job; with ``wait_s`` the server holds the answer until the job settles or time passes."""
+        return self._read_job(job_id, wait_s).json()
+
+    def _read_job(self, job_id: str, wait_s: float) -> requests.Response:
         params = {"wait": f"{wait_s:g}"} if wait_s > 0 else None
-        return self.request("GET", f"/api/v1/jobs/{job_id}", params=params,
-                            timeout=wait_s + self.request_timeout_s).json()
+        return self.request("GET", f"/api/v1/jobs/{job_id}", params=params, timeout=wait_s + self.request_timeout_s)
 
     def wait_job(self, job: dict, timeout_s: float) -> dict:
         """Long-poll until the job is done or failed, or ``timeout_s`` passes; return its latest JSON."""
@@ -114,7 +116,10 @@ class ApiClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            job = self.job(job["id"], wait_s=min(MAX_LONG_POLL_S, max(1, int(remaining))))
+            response = self._read_job(job["id"], min(MAX_LONG_POLL_S, max(1, int(remaining))))
+            job = response.json()
+            if "Wait-Skipped" in response.headers:  # the server had no waiter free: poll again after Retry-After
+                time.sleep(min(self._retry_after(response, 0), max(0.0, deadline - time.monotonic())))
         return job
 
     def batch(self, batch_id: str) -> dict:

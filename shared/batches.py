@@ -3,6 +3,11 @@
 ``batch:<id>`` holds the job ids and a count of jobs still unsettled; each job counts once (the set
 ``batch:<id>:settled`` guards against a settle seen twice), and the job that brings the count to
 zero completes the batch.
+
+A batch is recorded (in one step) before its jobs are submitted, so none can settle unseen, but
+``opening``: nobody sees it, and it sends no event, until every job is in and ``open`` is called. A
+request that fails half-way discards the batch and the jobs it made; one that dies, or whose Redis
+fails too, leaves an invisible batch that expires.
 """
 from __future__ import annotations
 
@@ -11,16 +16,29 @@ import secrets
 
 import redis
 
+from shared.errors import Unavailable
 from shared.jobs import JobStore, utc_now
-from shared.keys import batch_key, batch_settled_key
+from shared.keys import ANNOUNCE_KEY, batch_key, batch_settled_key, job_key
 
 _SETTLE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return -1 end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 local remaining = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
-if remaining == 0 then redis.call('HSET', KEYS[1], 'finished_at', ARGV[2]) end
+if remaining == 0 then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+  if redis.call('HEXISTS', KEYS[1], 'opening') == 1 then return -2 end  -- open() announces it
+end
 return remaining
+"""
+
+# Make the batch visible; 1 when all its jobs settled while it was opening (announce it now: the
+# job named is listed for the announcer's catch-up, in case this process dies first), -1 when gone.
+_OPEN = """
+if redis.call('HDEL', KEYS[1], 'opening') == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'finished_at') == 0 then return 0 end
+redis.call('ZADD', KEYS[2], redis.call('TIME')[1], ARGV[1])
+return 1
 """
 
 
@@ -34,13 +52,31 @@ class BatchStore:
     def __init__(self, client: redis.Redis, jobs: JobStore, ttl_s: int):
         self.redis, self.jobs, self.ttl_s = client, jobs, ttl_s
         self._settle = client.register_script(_SETTLE)
+        self._open = client.register_script(_OPEN)
 
     def create(self, batch_id: str, job_ids: list[str], owner: str, callback_url: str | None) -> None:
-        """Record the batch before its jobs are submitted, so none can settle unseen."""
-        self.redis.hset(batch_key(batch_id), mapping={
+        """Record the batch, opening (invisible), before its jobs are submitted, so none can settle unseen."""
+        pipe = self.redis.pipeline(transaction=True)  # the record and its expiry, or nothing
+        pipe.hset(batch_key(batch_id), mapping={
             "id": batch_id, "owner": owner, "created_at": utc_now(), "callback_url": callback_url or "",
-            "job_ids": json.dumps(job_ids), "total": len(job_ids), "remaining": len(job_ids)})
-        self.redis.expire(batch_key(batch_id), self.ttl_s)
+            "job_ids": json.dumps(job_ids), "total": len(job_ids), "remaining": len(job_ids), "opening": "1"})
+        pipe.expire(batch_key(batch_id), self.ttl_s)
+        pipe.execute()
+
+    def open(self, batch_id: str, job_ids: list[str]) -> bool:
+        """Show the batch once every job is submitted; return True when it already finished (the
+        caller announces it, since the settle that finished it could not while it was opening)."""
+        opened = self._open(keys=[batch_key(batch_id), ANNOUNCE_KEY], args=[job_ids[0]])
+        if opened == -1:
+            raise Unavailable(f"The record of batch {batch_id} was lost while its jobs were submitted; retry.")
+        return opened == 1
+
+    def discard(self, batch_id: str, job_ids: list[str]) -> None:
+        """Remove a batch that could not be made whole, and the jobs it made (no caller has their ids)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(batch_key(batch_id), batch_settled_key(batch_id), *map(job_key, job_ids))
+        pipe.zrem(ANNOUNCE_KEY, *job_ids)
+        pipe.execute()
 
     def job_settled(self, batch_id: str, job_id: str) -> bool:
         """Count ``job_id`` as settled; return True when it was the batch's last one."""
@@ -51,7 +87,7 @@ class BatchStore:
     def fields(self, batch_id: str, owner: str | None = None) -> dict[str, str] | None:
         raw = self.redis.hgetall(batch_key(batch_id))
         fields = {k.decode(): v.decode() for k, v in raw.items()}
-        if not fields or (owner is not None and fields["owner"] != owner):
+        if not fields or "opening" in fields or (owner is not None and fields["owner"] != owner):
             return None
         return fields
 

@@ -44,6 +44,7 @@ class ServiceError(Exception):
 
     status = 500
     code = "internal_error"
+    retry_after_s: int | None = None  # answered as Retry-After (429 and 503 have a default)
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -109,7 +110,13 @@ class Conflict(ServiceError):
 
 
 class IdempotencyInProgress(Conflict):
+    """The first request with this key is still being accepted; ``retry_after_s`` says when its claim lapses."""
+
     code = "idempotency_in_progress"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotSettled(Conflict):

@@ -441,8 +441,14 @@ class JobStore:
         return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
     def wait(self, blocking: redis.Redis, job_id: str, timeout_s: float) -> None:
-        """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout)."""
-        blocking.blpop([notify_key(job_id)], timeout=timeout_s)
+        """Block until the job is settled or ``timeout_s`` passes (``blocking`` has no short socket timeout).
+
+        The settle pushes one token on the job's notify list (kept 60 s). Moving it from the list's
+        tail to its head leaves it there, so every waiter wakes, not only the first (BLPOP's would
+        take it); the list is never emptied, so it keeps its expiry.
+        """
+        key = notify_key(job_id)
+        blocking.blmove(key, key, timeout_s, "RIGHT", "LEFT")
 
     def get_json(self, job_id: str, owner: str | None = None) -> str | None:
         """Return the job as the contract's JSON text, or None when unknown, expired or (when

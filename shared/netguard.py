@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+from concurrent.futures import Executor
 from urllib.parse import quote, urlsplit, urlunsplit
 
 MAX_URL_LENGTH = 2048
@@ -135,3 +136,15 @@ def resolve(url: str, allow_private: bool = False) -> Target:
                 raise RefusedUrl(f"callback_url host {host!r} resolves to a non-public address ({address}): "
                                  f"{reason}; callbacks may only reach the public internet.")
     return Target(url, scheme, host, port, path, addresses[0])
+
+
+def resolve_within(lookups: Executor, url: str, timeout_s: float, allow_private: bool = False) -> Target:
+    """``resolve`` on a thread of ``lookups``, or RefusedUrl naming the host when it takes longer than
+    ``timeout_s``. getaddrinfo cannot be interrupted: a lookup still running finishes there, unused."""
+    lookup = lookups.submit(resolve, url, allow_private)
+    try:
+        return lookup.result(timeout=timeout_s)
+    except TimeoutError:
+        lookup.cancel()  # one still queued behind slow lookups never runs
+        raise RefusedUrl(f"callback_url host {check_syntax(url)[1]!r} did not resolve within {timeout_s:g} s; "
+                         "check the name, or retry if your DNS is slow right now.") from None

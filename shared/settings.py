@@ -196,6 +196,9 @@ class Settings:
     secret_key: str = ""  # derives each API key's webhook secret; must be the same on web and webhook workers
     rate_limit: str = "600/minute"  # per API key (or per client address without one); a key may override
     idempotency_ttl_s: int = 24 * 3600
+    idempotency_lease_s: int = 30  # a first request that died frees its Idempotency-Key after this
+    max_waiters: int = 4  # ?wait= long-polls blocking at once per web process; 0: never wait
+    callback_resolve_timeout_s: float = 2.0  # a callback host not resolved within this at submit: 422
     max_batch_images: int = 64
     webhook_secret: str = ""  # whsec_... signing secret for jobs submitted without an API key
     webhook_allow_private: bool = False  # DEVELOPMENT ONLY: lets callbacks reach loopback/private addresses
@@ -272,6 +275,9 @@ class Settings:
             secret_key=env.get("SECRET_KEY", "").strip(),
             rate_limit=env.get("RATE_LIMIT", "").strip() or d.rate_limit,
             idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", d.idempotency_ttl_s, minimum=1),
+            idempotency_lease_s=_int(env, "IDEMPOTENCY_LEASE_S", d.idempotency_lease_s, minimum=1),
+            max_waiters=_int(env, "MAX_WAITERS", d.max_waiters),
+            callback_resolve_timeout_s=_float(env, "CALLBACK_RESOLVE_TIMEOUT_S", d.callback_resolve_timeout_s),
             max_batch_images=_int(env, "MAX_BATCH_IMAGES", d.max_batch_images, minimum=1),
             webhook_secret=_webhook_secret(env.get("WEBHOOK_SECRET", "").strip()),
             webhook_allow_private=_bool(env, "WEBHOOK_ALLOW_PRIVATE", d.webhook_allow_private),

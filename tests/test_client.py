@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class Flaky(BaseHTTPRequestHandler):
 
     answers: list[int] = []
     keys: list[str] = []
+    skips, reads = 0, []
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -118,6 +120,19 @@ class Flaky(BaseHTTPRequestHandler):
         self.send_header("Retry-After", "0")
         self.end_headers()
         self.wfile.write(json.dumps(body).encode())
+
+    def do_GET(self):
+        """Answer job reads queued with ``Wait-Skipped`` while ``skips`` lasts, then done; record when."""
+        Flaky.reads.append(time.monotonic())
+        skipped = Flaky.skips > 0
+        Flaky.skips -= 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if skipped:
+            self.send_header("Wait-Skipped", "too-many-waiters")
+            self.send_header("Retry-After", "1")
+        self.end_headers()
+        self.wfile.write(json.dumps({"id": "a" * 32, "status": "queued" if skipped else "done"}).encode())
 
     def log_message(self, *args):
         pass
@@ -146,3 +161,10 @@ def test_gives_up_after_the_retry_budget(flaky_server):
         ApiClient(flaky_server, max_retries=1).submit(b"bytes", "x.jpg", {})
     assert (refused.value.status, refused.value.code) == (503, "overloaded")
     assert len(Flaky.keys) == 2
+
+
+def test_a_skipped_long_poll_is_retried_after_retry_after_not_at_once(flaky_server):
+    Flaky.skips, Flaky.reads = 2, []
+    job = ApiClient(flaky_server).wait_job({"id": "a" * 32, "status": "queued"}, timeout_s=10)
+    assert job["status"] == "done" and len(Flaky.reads) == 3
+    assert all(later - earlier >= 0.95 for earlier, later in zip(Flaky.reads, Flaky.reads[1:]))

@@ -169,6 +169,21 @@ def test_a_batch_replays_under_its_idempotency_key(worker, client):
     assert again.get_json()["id"] == first.get_json()["id"]
 
 
+def test_a_batch_of_cache_hits_still_sends_its_batch_completed_event(worker, webhook_worker, client):
+    """Every job settles while the batch is still opening (invisible): opening it must announce it."""
+    from tests.conftest import wait_done
+
+    files = [images.noise_png(seed=2016), images.noise_png(seed=2017)]
+    for data in files:
+        wait_done(client, post_job(client, data).get_json()["id"])
+    with Receiver() as receiver:
+        answer = post_batch(client, files, callback_url=receiver.url + "/cached-batch")
+        assert answer.status_code == 202 and answer.get_json()["status"] == "done"
+        [call] = receiver.wait("/cached-batch", 1, timeout=15)  # not the catch-up, 30 s on
+        payload = json.loads(call.body)
+        assert payload["type"] == "batch.completed" and payload["data"]["id"] == answer.get_json()["id"]
+
+
 def test_a_key_default_endpoint_receives_its_jobs(worker, webhook_worker, app, client):
     with Receiver() as receiver:
         key = create_key(app, "defaulted", "--webhook-url", receiver.url + "/default")

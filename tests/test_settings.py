@@ -31,6 +31,9 @@ def test_environment_overrides():
     ({"AMP_DTYPE": "int8"}, "AMP_DTYPE must be one of"),
     ({"WORKER_METRICS_BIND": "everywhere"}, "WORKER_METRICS_BIND must be an IP address"),
     ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN must be at least 32 characters"),
+    ({"MAX_WAITERS": "-1"}, "MAX_WAITERS must be at least 0"),
+    ({"IDEMPOTENCY_LEASE_S": "0"}, "IDEMPOTENCY_LEASE_S must be at least 1"),
+    ({"CALLBACK_RESOLVE_TIMEOUT_S": "0"}, "CALLBACK_RESOLVE_TIMEOUT_S must be above 0"),
 ])
 def test_bad_values_are_named(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
@@ -50,7 +53,8 @@ def test_celery_reads_one_visibility_timeout_everywhere():
 
 def test_settings_survive_the_trip_through_the_environment(tmp_path):
     settings = Settings(redis_url="redis://h:2/3", model_cards_dir=tmp_path, models=("a", "b"),
-                        max_upload_bytes=7 * 1024 * 1024, stuck_after_s=4, max_batch=3, amp_dtype="bfloat16")
+                        max_upload_bytes=7 * 1024 * 1024, stuck_after_s=4, max_batch=3, amp_dtype="bfloat16",
+                        max_waiters=0, idempotency_lease_s=5, callback_resolve_timeout_s=0.5)
     assert Settings.from_env(settings.to_env()) == settings
 
 

@@ -270,6 +270,7 @@ def test_a_batch_whose_announcer_died_after_counting_its_last_job_still_complete
     job = jobs.submit(comp, {"name": comp.model, "version": "test-1"}, b"bytes", {"format": "PNG"},
                       context=JobContext(batch_id=batch_id), job_id=secrets.token_hex(16))
     batches.create(batch_id, [job.job_id], "", "http://127.0.0.1:9/batch")
+    batches.open(batch_id, [job.job_id])  # every job submitted: the batch is seen
     jobs.finish(comp, {"predictions": [], "gradcam": None}, None)
     assert batches.job_settled(batch_id, job.job_id)  # the announcer counted the last job, then died
     Announcer(JobStore.from_settings(redis_client, settings), sender, settings).jobs_settled([job.job_id])

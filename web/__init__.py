@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from celery import Celery
@@ -18,6 +20,7 @@ from web.idempotency import IdempotencyStore
 
 # Multipart envelopes add a little to the body; the image itself is capped at max_upload_bytes.
 MULTIPART_SLACK = 64 * 1024
+CALLBACK_LOOKUP_THREADS = 4  # per process: callback hosts resolved at submit, each bounded in time
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -40,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         catalog=ModelCatalog.load(settings.model_cards_dir, settings.models, settings.default_model),
         redis=client,
-        # Long-poll reads (?wait=) block in BLPOP: they need a socket timeout above the longest wait.
+        # Long-poll reads (?wait=) block in BLMOVE: they need a socket timeout above the longest wait.
         blocking_redis=redisconn.client(settings, socket_timeout=40, socket_connect_timeout=2),
         store=JobStore.from_settings(client, settings),
         celery=sender,
@@ -77,7 +80,10 @@ class Services:
         self.announcer = Announcer(store, celery, settings).install()
         self.events, self.batches = self.announcer.events, self.announcer.batches
         self.keys = KeyStore(redis)
-        self.idempotency = IdempotencyStore(redis, settings.idempotency_ttl_s)
+        self.idempotency = IdempotencyStore(redis, settings.idempotency_ttl_s, settings.idempotency_lease_s)
+        # A long-poll holds a request thread: at most MAX_WAITERS of this process's threads wait at once.
+        self.waiters = threading.BoundedSemaphore(settings.max_waiters) if settings.max_waiters else None
+        self.lookups = ThreadPoolExecutor(CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup")
         self.max_queued_bytes = max_queued_bytes(settings, redis)
 
 

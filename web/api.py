@@ -56,7 +56,7 @@ def submit_job():
         answered["json"] = submission.json()
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 
-    created, replayed = idempotent(order.fingerprint(sha), create)
+    created, replayed = idempotent("job", order.fingerprint(sha), create)
     text = answered.get("json") or job_or_404(created.id)
     return json_response(text, created.status, f"/api/v1/jobs/{created.id}", replayed)
 
@@ -79,12 +79,23 @@ def _settled(job_json: str) -> bool:
 
 @bp.get("/api/v1/jobs/<job_id>")
 def get_job(job_id: str):
-    """Return the job; with ``?wait=S`` (up to MAX_WAIT_S) block until it settles or S pass."""
+    """Return the job; with ``?wait=S`` (up to MAX_WAIT_S) block until it settles or S pass.
+
+    At most MAX_WAITERS requests of this process wait at once; beyond them the job is answered at
+    once, marked ``Wait-Skipped: too-many-waiters`` with ``Retry-After: 1``.
+    """
     job = job_or_404(job_id)
     wait_s = number_option(request.args, "wait", "0", float, 0, MAX_WAIT_S)
     if wait_s > 0 and not _settled(job):
         svc = services()
-        svc.store.wait(svc.blocking_redis, job_id, wait_s)
+        if svc.waiters is None or not svc.waiters.acquire(blocking=False):
+            response = json_response(job)
+            response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
+            return response
+        try:
+            svc.store.wait(svc.blocking_redis, job_id, wait_s)
+        finally:
+            svc.waiters.release()
         job = job_or_404(job_id)
     return json_response(job)
 

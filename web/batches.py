@@ -1,6 +1,9 @@
 """Batches: several images in one request, one ``batch.completed`` event when all are finished."""
 from __future__ import annotations
 
+import logging
+
+import redis
 from flask import Blueprint, request
 
 from shared.batches import new_batch_id
@@ -14,6 +17,7 @@ from web.intake import accept, check_size, ensure_capacity, idempotent, parse_or
 from web.upload import inspect_image
 
 bp = Blueprint("batches", __name__)
+log = logging.getLogger(__name__)
 bp.before_request(auth.require_caller)
 BATCH_BODY_IMAGES = 5  # a batch request may carry this many MAX_UPLOAD_MB of images in all
 
@@ -42,12 +46,26 @@ def create_batch():
         batch_id, job_ids = new_batch_id(), [new_job_id() for _ in images]
         svc.batches.create(batch_id, job_ids, auth.owner(), order.callback_url)
         context = JobContext(auth.owner(), None, batch_id)  # the batch, not each job, calls back
-        for data, sha, info, job_id in zip(images, digests, infos, job_ids):
-            accept(data, order, context, sha=sha, info=info, job_id=job_id, check_capacity=False)
+        try:
+            for data, sha, info, job_id in zip(images, digests, infos, job_ids):
+                accept(data, order, context, sha=sha, info=info, job_id=job_id, check_capacity=False)
+            if svc.batches.open(batch_id, job_ids):
+                svc.announcer.jobs_settled(job_ids[:1])  # every job was a cache hit: the batch is done
+        except BaseException:
+            _discard(batch_id, job_ids)
+            raise
         return Created("batch", batch_id, 202)
 
-    created, replayed = idempotent(order.fingerprint(*digests), create)
+    created, replayed = idempotent("batch", order.fingerprint(*digests), create)
     return json_response(batch_or_404(created.id), created.status, f"/api/v1/batches/{created.id}", replayed)
+
+
+def _discard(batch_id: str, job_ids: list[str]) -> None:
+    """Undo a batch that failed half-way; where Redis fails too, it stays invisible and expires."""
+    try:
+        services().batches.discard(batch_id, job_ids)
+    except redis.RedisError as exc:
+        log.warning("could not discard the half-made batch %s (it stays invisible): %s", batch_id, exc)
 
 
 def _inspect(number: int, data: bytes):

@@ -31,8 +31,8 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def service_error(exc: ServiceError):
-        retry_after_s = getattr(exc, "retry_after_s", None) or RETRY_AFTER_S
-        headers = {"Retry-After": str(retry_after_s)} if exc.status in (429, 503) else None
+        retry_after = exc.retry_after_s or (RETRY_AFTER_S if exc.status in (429, 503) else None)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
         return error_response(exc.status, exc.code, exc.message, headers)
 
     @app.errorhandler(RateLimitExceeded)

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import time
 
+import redis
 from flask import current_app, request
 from kombu.exceptions import OperationalError
 from werkzeug.datastructures import MultiDict
@@ -15,7 +16,7 @@ from shared.errors import (InvalidCallbackUrl, InvalidOption, MissingImage, Over
                            Unavailable)
 from shared.jobs import JobContext, Submission
 from shared.keys import Computation, OutputOptions, image_digest
-from shared.netguard import RefusedUrl, normalise_url, resolve
+from shared.netguard import RefusedUrl, normalise_url, resolve_within
 from shared.tasks import inference_queue, send_inference
 from web import auth
 from web.idempotency import Created, check_key, fingerprint
@@ -72,11 +73,13 @@ def parse_order(values) -> Order:
 
 def check_callback(url: str) -> str:
     """Refuse (422) a callback we could not or would not call, now rather than at delivery; return it
-    as it will be called (international hosts and characters encoded the way browsers do)."""
-    settings = services().settings
+    as it will be called (international hosts and characters encoded the way browsers do). The name
+    lookup may take CALLBACK_RESOLVE_TIMEOUT_S, no longer: a slow DNS must not hold a request thread."""
+    svc = services()
+    settings = svc.settings
     try:
         url = normalise_url(url)
-        resolve(url, allow_private=settings.webhook_allow_private)
+        resolve_within(svc.lookups, url, settings.callback_resolve_timeout_s, settings.webhook_allow_private)
     except RefusedUrl as exc:
         raise InvalidCallbackUrl(str(exc)) from None
     signer = settings.secret_key if auth.current_key() else settings.webhook_secret
@@ -170,19 +173,23 @@ def enqueue_inference(comp: Computation) -> None:
         raise Unavailable("The job queue is unavailable; retry shortly.") from exc
 
 
-def idempotent(request_print: str, create) -> tuple[Created, bool]:
-    """Run ``create`` (returning a Created) once per Idempotency-Key; return it and whether it is a replay."""
+def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
+    """Run ``create`` (returning a Created of ``kind``) once per Idempotency-Key; return it and whether
+    it is a replay. The key belongs to one endpoint: the same key on the other is refused (422)."""
     raw_key = request.headers.get("Idempotency-Key")
     if raw_key is None:
         return create(), False
-    key, store, who = check_key(raw_key), services().idempotency, auth.owner()
-    earlier = store.begin(who, key, request_print)
-    if earlier is not None:
-        return earlier, True
+    key, store = check_key(raw_key), services().idempotency
+    lease = store.begin(auth.owner(), key, request_print, kind)
+    if isinstance(lease, Created):
+        return lease, True
     try:
         created = create()
     except BaseException:
-        store.release(who, key)
+        try:
+            store.release(lease)
+        except redis.RedisError as exc:  # Redis failed the request too: the claim lapses with its lease
+            log.warning("could not release an Idempotency-Key claim; it lapses in %d s: %s", store.lease_s, exc)
         raise
-    store.complete(who, key, request_print, created)
+    store.complete(lease, request_print, created)
     return created, False

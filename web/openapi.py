@@ -73,7 +73,10 @@ ERROR_RESPONSES = {
     "404": ("NotFound", "No such resource (it may have expired). Code: `not_found`.", {}),
     "409": ("Conflict", "Conflict with the resource's state. Codes: `conflict`, `idempotency_in_progress` "
                         "(a request with this Idempotency-Key is still being processed), `not_settled` "
-                        "(the job is not done or failed yet), `no_callback` (no callback URL).", {}),
+                        "(the job is not done or failed yet), `no_callback` (no callback URL).",
+            {"Retry-After": header("With `idempotency_in_progress`: seconds until the first request's claim "
+                                   "lapses (IDEMPOTENCY_LEASE_S) at most; retry then.",
+                                   {"type": "string", "pattern": "^[0-9]+$"})}),
     "413": ("PayloadTooLarge", "Upload too large. Codes: `payload_too_large` (bytes over MAX_UPLOAD_MB), "
                                "`too_many_pixels` (declared size over MAX_IMAGE_PIXELS).", {}),
     "415": ("UnsupportedImage", "Not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF). "
@@ -284,7 +287,12 @@ def job_paths(settings: Settings) -> dict:
                 "name": "wait", "in": "query", "required": False,
                 "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0},
                 "description": "block up to this many seconds until the job is done or failed"}],
-            "responses": {"200": {"description": "The job.", "content": json_body(ref("Job"))},
+            "responses": {"200": {"description": "The job.", "content": json_body(ref("Job")), "headers": {
+                "Wait-Skipped": header("Sent when `wait` was asked for but this web process already has "
+                                       "MAX_WAITERS requests waiting: the job is answered at once, as it is.",
+                                       {"const": "too-many-waiters"}),
+                "Retry-After": header("With Wait-Skipped: seconds before polling again.",
+                                      {"type": "string", "pattern": "^[0-9]+$"})}},
                           **errors("401", "404", "422", "429", "503")}}},
         "/api/v1/jobs/{job_id}/gradcam.png": {"get": {
             "operationId": "getGradcam", "tags": ["jobs"], "summary": "The GradCAM heatmap over the image",

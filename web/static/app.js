@@ -467,7 +467,7 @@
     ctx.putImageData(image, 0, 0);
   }
 
-  Card.prototype.schedulePoll = function () {
+  Card.prototype.schedulePoll = function (delayMs) {
     if (this.finished) {
       return;
     }
@@ -475,6 +475,9 @@
       this.pollStartedAt = now();
     }
     var delay = (now() - this.pollStartedAt) > SLOW_AFTER_MS ? POLL_SLOW_MS : POLL_FAST_MS;
+    if (delayMs !== undefined) {
+      delay = Math.max(delay, delayMs);
+    }
     var self = this;
     this.pollTimer = setTimeout(function () {
       self.pollTimer = null;
@@ -510,7 +513,10 @@
             }
             self.pollErrors = 0;
             self.applyJob(body.json);
-            self.schedulePoll();
+            // Wait-Skipped: the server's long-poll slots are taken; poll again after Retry-After
+            var skipped = response.headers.get("Wait-Skipped");
+            var retryS = parseInt(response.headers.get("Retry-After") || "1", 10);
+            self.schedulePoll(skipped ? (isNaN(retryS) ? 1 : retryS) * 1000 : undefined);
             return;
           }
           var err = describeError(response.status, body, response.headers.get("Retry-After"));
