@@ -1,7 +1,8 @@
 """A small client of the imgsvc HTTP API (v1): submit images, long-poll jobs and batches, fetch heatmaps.
 
 Every request that the service answers 429 or 503 is retried after its ``Retry-After`` (a bounded
-number of times), as are connection failures. Submissions carry an ``Idempotency-Key`` that stays the
+number of times), as are connection failures and a 409 ``idempotency_in_progress`` (the first try of
+a retried upload is still being accepted). Submissions carry an ``Idempotency-Key`` that stays the
 same across those retries, so a retried upload never creates a second job.
 """
 from __future__ import annotations
@@ -16,6 +17,18 @@ USER_AGENT = "imgsvc-client/0.1"
 SETTLED = ("done", "failed")
 RETRY_STATUSES = (429, 503)
 MAX_LONG_POLL_S = 20  # the API's own cap is 30 s
+
+
+def _retryable(response: requests.Response) -> bool:
+    """429 and 503; and 409 while an earlier try with the same Idempotency-Key is being accepted."""
+    if response.status_code in RETRY_STATUSES:
+        return True
+    if response.status_code != 409:
+        return False
+    try:
+        return response.json()["error"]["code"] == "idempotency_in_progress"
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 class ApiError(Exception):
@@ -70,7 +83,7 @@ class ApiClient:
                     raise ApiError(None, "connection_error", f"{method} {url}: {exc}") from exc
                 time.sleep(self._backoff(attempt))
                 continue
-            if response.status_code not in RETRY_STATUSES or last:
+            if not _retryable(response) or last:
                 break
             time.sleep(self._retry_after(response, attempt))
         if response.status_code >= 400:

@@ -113,7 +113,8 @@ class Flaky(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         Flaky.keys.append(self.headers["Idempotency-Key"])
         status = Flaky.answers.pop(0)
-        body = {"error": {"code": "overloaded", "message": "busy"}} if status >= 400 else {
+        code = {409: "idempotency_in_progress", 422: "idempotency_key_reused"}.get(status, "overloaded")
+        body = {"error": {"code": code, "message": "busy"}} if status >= 400 else {
             "id": "a" * 32, "status": "queued"}
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -161,6 +162,19 @@ def test_gives_up_after_the_retry_budget(flaky_server):
         ApiClient(flaky_server, max_retries=1).submit(b"bytes", "x.jpg", {})
     assert (refused.value.status, refused.value.code) == (503, "overloaded")
     assert len(Flaky.keys) == 2
+
+
+def test_a_retry_that_finds_its_first_try_still_being_accepted_waits_and_tries_again(flaky_server):
+    Flaky.answers, Flaky.keys = [409, 202], []
+    job = ApiClient(flaky_server, max_retries=2).submit(b"bytes", "x.jpg", {})
+    assert job["status"] == "queued" and len(Flaky.keys) == 2 and len(set(Flaky.keys)) == 1
+
+
+def test_other_conflicts_are_not_retried(flaky_server):
+    Flaky.answers, Flaky.keys = [422, 202], []
+    with pytest.raises(ApiError) as refused:
+        ApiClient(flaky_server, max_retries=2).submit(b"bytes", "x.jpg", {})
+    assert refused.value.code == "idempotency_key_reused" and len(Flaky.keys) == 1
 
 
 def test_a_skipped_long_poll_is_retried_after_retry_after_not_at_once(flaky_server):
