@@ -1,0 +1,156 @@
+"""The Lua scripts behind shared/jobs.py's JobStore: each is one atomic step of a job's life.
+
+- ``SUBMIT``: answer an upload from the cache, attach it to the identical computation in flight, or
+  start a new computation (job record, upload, single-flight keys, queued-bytes bound), in one step.
+- ``START``: mark a computation's attached jobs running.
+- ``FINISH``: settle every attached job of a computation (done with its result, or failed), keep the
+  result (the first written stands), and release the single-flight and queued-bytes bookkeeping.
+
+Their keys and arguments are passed by JobStore; read them beside the method that calls each.
+"""
+
+SUBMIT = """
+local result_key, inflight, attached, job, image, meta =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, image_json, image_bytes =
+  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+if image_json == '' then image_json = redis.call('GET', meta) end
+-- ARGV[19]: a result the caller read from the cache server (CACHE_URL); ARGV[20] '1': results
+-- are copied into the job records (the cache may evict them; a job must keep its answer).
+-- ARGV[21]: the most bytes of uploads that may wait for workers (0: no limit).
+local given, inline, max_bytes = ARGV[19], ARGV[20] == '1', tonumber(ARGV[21])
+local function write_job(status, extra)
+  for i = 22, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
+             'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
+  redis.call('EXPIRE', job, job_ttl)
+end
+local function count(hit)  -- the accepted job, for /metrics and the admin page (ARGV[13..18])
+  if ARGV[14] == '' then return end
+  redis.call('HINCRBY', KEYS[10], hit and ARGV[14] or ARGV[15], 1)
+  redis.call('EXPIRE', KEYS[10], tonumber(ARGV[13]))
+  redis.call('HINCRBY', KEYS[11], ARGV[16], 1)
+  redis.call('HINCRBY', KEYS[11], hit and ARGV[17] or ARGV[18], 1)
+end
+local cached = false
+if image_json then
+  -- with two servers, a result just finished is still here (a short copy) while the worker
+  -- copies it to the cache: an upload in between finds it rather than computing it again
+  if given ~= '' then cached = given else cached = redis.call('GET', result_key) end
+end
+if cached then
+  if not inline and redis.call('EXISTS', meta) == 0 then
+    redis.call('SET', meta, image_json, 'EX', math.max(1, redis.call('TTL', result_key)))
+  end
+  local extra = {'cached', '1', 'finished_at', now, 'result_key', result_key}
+  if inline then table.insert(extra, 'result'); table.insert(extra, cached) end
+  write_job('done', extra)
+  if redis.call('HGET', job, 'announce') == '1' then
+    redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
+  end
+  count(true)
+  return {'cached', image_json, cached}
+end
+if image_json and redis.call('EXISTS', inflight) == 1 then
+  write_job('queued', {'cached', '0'})
+  redis.call('RPUSH', attached, job_id)
+  redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
+  count(false)
+  return {'attached', image_json}
+end
+if image_bytes == '' then
+  return {'miss', ''}
+end
+if tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
+  return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
+end
+if max_bytes > 0 and tonumber(redis.call('GET', KEYS[12]) or '0') + #image_bytes > max_bytes then
+  return {'overloaded_bytes', ''}  -- the uploads waiting already take MAX_QUEUED_MB
+end
+write_job('queued', {'cached', '0'})
+redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
+redis.call('RPUSH', attached, job_id)
+redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
+redis.call('SET', image, image_bytes, 'EX', image_ttl)
+redis.call('SET', meta, image_json, 'EX', inflight_ttl)
+redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
+redis.call('INCRBY', KEYS[12], #image_bytes)
+redis.call('HSET', KEYS[13], ARGV[11], #image_bytes)
+count(false)
+return {'new', image_json}
+"""
+
+START = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  local job = ARGV[1] .. id
+  if redis.call('HGET', job, 'status') == 'queued' then
+    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[2])
+  end
+end
+return ids
+"""
+
+FINISH = """
+local inflight, attached, image = KEYS[1], KEYS[2], KEYS[3]
+local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local inline = ARGV[11] == '1'  -- two servers: each job keeps its answer; the worker fills the cache
+local copy = {}  -- for the cache: the header facts and (mode 'original') the upload itself
+if inline and status == 'done' then
+  copy = {redis.call('GET', KEYS[7]) or false, ARGV[10] == 'original' and redis.call('GET', image) or false}
+end
+if status == 'done' then
+  -- The first answer stands (NX): a second computation of the same work finishing later (a worker
+  -- cut off from Redis while the sweeper had it done elsewhere, whose writes arrive when its link
+  -- comes back) must not change the result, or its picture, of jobs already reported done.
+  if redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl, 'NX') then
+    -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail;
+    -- with a cache server of its own (inline), the worker copies it there instead
+    if not inline and ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
+      redis.call('RENAME', image, KEYS[5])
+      redis.call('EXPIRE', KEYS[5], ttl)
+    elseif not inline and ARGV[10] == 'thumbnail' then
+      redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
+    end
+  else
+    copy = {}  -- answered before: the cache keeps the first answer as well
+  end
+  redis.call('EXPIRE', KEYS[7], ttl)
+elseif redis.call('EXISTS', KEYS[4]) == 1 then
+  -- already answered (e.g. a hard time limit reported for the first message of a batch loop that
+  -- had finished it long before): a late failure changes nothing
+  return {{}, {}, {}}
+else
+  redis.call('DEL', KEYS[7])
+end
+local ids = redis.call('LRANGE', attached, 0, -1)
+local announce = {}  -- jobs with a webhook endpoint or a batch to tell
+for _, id in ipairs(ids) do
+  local job = job_prefix .. id
+  if redis.call('EXISTS', job) == 1 then
+    if redis.call('HGET', job, 'announce') == '1' then
+      table.insert(announce, id)
+      redis.call('ZADD', KEYS[11], redis.call('TIME')[1], id)  -- until its events exist (Announcer)
+    end
+    local notify = ARGV[8] .. id
+    redis.call('RPUSH', notify, status)
+    redis.call('EXPIRE', notify, 60)
+    if status == 'done' and inline then
+      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4], 'result', ARGV[5])
+    elseif status == 'done' then
+      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4])
+    else
+      redis.call('HSET', job, 'status', 'failed', 'finished_at', now, 'error', ARGV[5])
+    end
+  end
+end
+redis.call('DEL', inflight, attached, image, KEYS[8], KEYS[10])
+local size = redis.call('HGET', KEYS[13], ARGV[9])  -- its upload no longer waits
+if size then
+  redis.call('HDEL', KEYS[13], ARGV[9])
+  redis.call('DECRBY', KEYS[12], size)
+end
+redis.call('ZREM', KEYS[9], ARGV[9])
+redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
+return {ids, announce, copy}
+"""
