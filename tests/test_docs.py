@@ -1,4 +1,5 @@
-"""README.md and docs/*.md: every relative link points at a file that exists, every #anchor at a heading."""
+"""README.md and docs/*.md: every relative link points at a file that exists, every #anchor at a heading,
+every test a page names exists."""
 from __future__ import annotations
 
 import re
@@ -75,3 +76,17 @@ def test_the_slug_rules_match_github():
     assert github_slug("Integrators: keys, webhooks, batches") == "integrators-keys-webhooks-batches"
     assert github_slug("Deviations from DESIGN.md (on purpose)") == "deviations-from-designmd-on-purpose"
     assert github_slug("`make run` & friends") == "make-run--friends"
+
+
+TEST_REFERENCE = re.compile(r"(tests/\w+\.py)(?:::(\w+))?")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_test_a_page_names_exists(page):
+    """A guarantee is only as good as the test it names: a renamed or removed test must fail here."""
+    missing = []
+    for path, name in TEST_REFERENCE.findall(page.read_text()):
+        source = REPO_ROOT / path
+        if not source.exists() or (name and not re.search(rf"^\s*(async )?def {name}\(", source.read_text(), re.M)):
+            missing.append(f"{path}::{name}" if name else path)
+    assert not missing, f"{page.name} names tests that do not exist: {missing}"
