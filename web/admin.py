@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 
 from flask import Blueprint, current_app, jsonify, render_template, request
 from kombu.exceptions import OperationalError
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
 API = "/api/v1/admin"
 CONTROL_TIMEOUT_S = 5.0
+QUEUE_CHANGE_WAIT_S = 3.0  # a worker applies add/cancel_consumer just after it answers: wait to see it
 MAX_POOL_STEP = 16
 WINDOWS_MIN = (1, 5, 60)
 _NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,200}$")
@@ -178,8 +181,8 @@ def drain(name: str):
     except Unavailable:
         _undo_drain(node["name"], cancelled)  # a half-drained worker would consume without batching
         raise
-    return jsonify({"worker": {**_node(node["name"]), "queues": _active_queues(node["name"])},
-                    "action": "drain", "stopped": queues})
+    now = _queues_once(node["name"], lambda active: not set(active) & set(queues))
+    return jsonify({"worker": {**_node(node["name"]), "queues": now}, "action": "drain", "stopped": queues})
 
 
 @bp.post(f"{API}/workers/<name>/resume")
@@ -190,8 +193,8 @@ def resume(name: str):
     for queue in queues:
         _control("add_consumer", node["name"], {"queue": queue})
     services().redis.delete(drain_key(node["name"]))
-    return jsonify({"worker": {**_node(node["name"]), "queues": _active_queues(node["name"])},
-                    "action": "resume", "started": queues})
+    now = _queues_once(node["name"], lambda active: set(queues) <= set(active))
+    return jsonify({"worker": {**_node(node["name"]), "queues": now}, "action": "resume", "started": queues})
 
 
 def _undo_drain(name: str, cancelled: list[str]) -> None:
@@ -202,6 +205,15 @@ def _undo_drain(name: str, cancelled: list[str]) -> None:
             _control("add_consumer", name, {"queue": queue})
         except Unavailable:
             log.warning("worker %s did not take back queue %s after a failed drain", name, queue)
+
+
+def _queues_once(name: str, applied: Callable[[list[str]], bool]) -> list[str]:
+    """Return the queues ``name`` consumes once ``applied`` holds of them (Celery answers add_consumer
+    and cancel_consumer before it acts on them), or as they are after QUEUE_CHANGE_WAIT_S."""
+    deadline = time.monotonic() + QUEUE_CHANGE_WAIT_S
+    while not applied(queues := _active_queues(name)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return queues
 
 
 def _active_queues(name: str) -> list[str]:
