@@ -44,11 +44,11 @@ class ServiceError(Exception):
 
     status = 500
     code = "internal_error"
-    retry_after_s: int | None = None  # answered as Retry-After (429 and 503 have a default)
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s  # answered as Retry-After (429 and 503 have a default)
 
     def to_dict(self) -> dict:
         """Return the JSON error object of the HTTP contract."""
@@ -114,10 +114,6 @@ class IdempotencyInProgress(Conflict):
 
     code = "idempotency_in_progress"
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
 
 class NotSettled(Conflict):
     code = "not_settled"
@@ -157,10 +153,6 @@ class IdempotencyKeyReused(InvalidOption):
 
 class RateLimited(ServiceError):
     status, code = 429, "rate_limited"
-
-    def __init__(self, message: str, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s  # None: the handler's default
 
 
 class Unavailable(ServiceError):
