@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test bench venv venv-dev chromium clean keys flower compose-test
+.PHONY: run test bench gpu-check venv venv-dev chromium clean keys flower compose-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,5 +76,10 @@ compose-test: venv-dev
 bench: venv-dev
 	$(BIN)/python -m bench
 
+# On a CUDA GPU: every cuda-marked test, then the GPU benchmark, into $$OUT/gpu-check.json (or
+# gpu-check/); skips cleanly without a GPU. ARGS=--dry-run rehearses every step on the CPU.
+gpu-check: venv-dev
+	$(BIN)/python -m bench.gpu_check $(ARGS)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache test-artifacts bench/results.json
+	rm -rf $(VENV) var .pytest_cache test-artifacts bench/results.json gpu-check

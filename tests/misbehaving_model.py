@@ -2,7 +2,9 @@
 
 An all-white image kills the worker process that runs it (a poison pill); an all-black image
 never finishes (until the soft time limit stops it); an all-red one ignores the soft limit too (until
-the hard limit kills its process). Anything else is classified normally.
+the hard limit kills its process); an all-green one fails as a broken GPU does (the CUDA error an illegal
+memory access raises, which leaves the device unusable for the process). Anything else is
+classified normally.
 """
 import os
 import signal
@@ -37,6 +39,8 @@ class Misbehaving(nn.Module):
             time.sleep(600)
         if bool(((x[:, 0].amin(dim=(1, 2)) > WHITE_FLOOR) & (x[:, 1].amax(dim=(1, 2)) < BLACK_CEILING)).any()):
             _sleep_through_anything(600)
+        if bool(((x[:, 1].amin(dim=(1, 2)) > WHITE_FLOOR) & (x[:, 0].amax(dim=(1, 2)) < BLACK_CEILING)).any()):
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 

@@ -66,6 +66,30 @@ class BatchSizer:
         """The size to take next."""
         return self._trial or self.chosen
 
+    @property
+    def shapes(self) -> tuple[int, ...]:
+        """Every batch size a batch may be run at: the powers of two up to the biggest candidate,
+        and the candidates (a GPU child warms each and pads every batch to one)."""
+        top = max(self.candidates)
+        powers = {1 << i for i in range(top.bit_length()) if 1 << i <= top}
+        return tuple(sorted(powers | set(self.candidates)))
+
+    def padded(self, count: int) -> int:
+        """The smallest shape that holds ``count`` images (``count`` itself past the biggest)."""
+        return next((shape for shape in self.shapes if shape >= count), count)
+
+    def forbid(self, size: int) -> None:
+        """Never take or run batches of ``size`` or more again (they ran out of device memory)."""
+        smaller = tuple(c for c in self.candidates if c < size) or (max(1, size // 2),)
+        log.warning("batch size %d ran out of device memory: batches of at most %d from now on",
+                    size, max(smaller))
+        self.candidates = smaller
+        self.chosen = min(self.chosen, max(smaller))
+        if self._trial is not None and self._trial >= size:
+            self._trial, self._window = None, []
+        self.rates = {s: r for s, r in self.rates.items() if s < size}
+        self._window = []
+
     def record(self, size: int, images: int, seconds: float) -> None:
         """Note a batch's throughput: ``images`` moved in ``seconds`` of the child's loop at ``size``."""
         if self.fixed or size != self.size or images < size or seconds <= 0:

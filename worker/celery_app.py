@@ -18,7 +18,7 @@ from shared.cards import ModelCatalog
 from shared.keys import drain_key
 from shared.settings import Settings
 from shared.tasks import celery_config, inference_queue
-from worker.device_plan import device_for_child, plan_devices, visible_gpus
+from worker.device_plan import DevicePlanError, device_for_child, plan_host
 
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level,
@@ -29,9 +29,14 @@ app = Celery("imgsvc")
 app.conf.update(celery_config(settings))
 app.conf.task_queues = [Queue(inference_queue(card.name)) for card in catalog]
 app.conf.task_default_queue = inference_queue(catalog.default)
-# One child per planned device, counted without touching CUDA (the parent must never initialise it).
-device_plan = plan_devices(settings.worker_devices, settings.worker_concurrency,
-                           visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES")))
+# One child per planned device, counted without touching CUDA (the parent must never initialise it);
+# a driver too old for torch's CUDA, or GPUs named that the host lacks, stop the worker here, once.
+try:
+    device_plan = plan_host(settings.worker_devices, settings.worker_concurrency,
+                            os.environ.get("CUDA_VISIBLE_DEVICES"))
+except DevicePlanError as exc:
+    logging.getLogger(__name__).critical("cannot start the worker: %s", exc)
+    raise SystemExit(f"cannot start the worker: {exc}") from None
 app.conf.worker_concurrency = len(device_plan)
 app.conf.include = ["worker.tasks"]
 

@@ -8,10 +8,11 @@ the network, while the gradient at the target layer is exactly what a full backw
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 from torch import nn
+
+from worker.timing import Stopwatch
 
 
 class TargetActivation:
@@ -41,20 +42,25 @@ def cam_from(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     return torch.relu((weights * activation.float()).sum(dim=1))
 
 
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-
-
 @dataclasses.dataclass
 class CamPass:
-    """One forward pass with GradCAM: logits, maps (N x h x w) and the classes explained."""
+    """One forward pass with GradCAM: logits, maps (N x h x w) and the classes explained.
+
+    Read the timings once the results are back on the host: on a GPU they come from events.
+    """
 
     logits: torch.Tensor
     cams: torch.Tensor
     class_index: torch.Tensor
-    forward_ms: float
-    backward_ms: float
+    clock: Stopwatch
+
+    @property
+    def forward_ms(self) -> float:
+        return self.clock.elapsed_ms(0, 1)
+
+    @property
+    def backward_ms(self) -> float:
+        return self.clock.elapsed_ms(1, 2)
 
 
 def forward_with_cam(network: nn.Module, target_layer: nn.Module, batch: torch.Tensor,
@@ -63,20 +69,19 @@ def forward_with_cam(network: nn.Module, target_layer: nn.Module, batch: torch.T
 
     Call under whatever autocast context the device wants.
     """
-    start = time.perf_counter()
+    clock = Stopwatch(batch.device)
+    clock.mark()
     with torch.enable_grad(), TargetActivation(target_layer) as target:
         logits = network(batch)
         if target.activation is None:
             raise RuntimeError("the GradCAM target layer did not run in the forward pass")
         if class_index is None:
             class_index = logits.detach().argmax(dim=1)
-        _sync(logits)
-        middle = time.perf_counter()
+        clock.mark()
         # Images in a batch are independent in eval mode, so one backward of the summed
         # scores gives every image the gradient of its own class score.
         score = logits.gather(1, class_index[:, None]).sum()
         (gradient,) = torch.autograd.grad(score, target.activation)
         cams = cam_from(target.activation.detach(), gradient)
-        _sync(cams)
-    end = time.perf_counter()
-    return CamPass(logits.detach(), cams, class_index, (middle - start) * 1000, (end - middle) * 1000)
+    clock.mark()
+    return CamPass(logits.detach(), cams, class_index, clock)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 
 import torch
 
 from worker.gradcam import forward_with_cam
 from worker.models import LoadedModel
+from worker.timing import Stopwatch
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,20 +56,40 @@ def unit_range(cams: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (cams - low) / span.clamp_min(1e-12), torch.zeros_like(cams))
 
 
+def pad_rows(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``batch`` followed by zero images up to ``size`` rows (channels_last, as the model runs)."""
+    if size <= batch.shape[0]:
+        return batch
+    padded = batch.new_zeros((size, *batch.shape[1:])).contiguous(memory_format=torch.channels_last)
+    padded[:batch.shape[0]] = batch
+    return padded
+
+
 def predict_batch(model: LoadedModel, batch: torch.Tensor, *, gradcam: bool,
-                  amp_dtype: str = "float16") -> BatchOutput:
-    """Classify a batch already on the model's device; with ``gradcam`` explain each top-1 class too."""
+                  amp_dtype: str = "float16", pad_to: int | None = None) -> BatchOutput:
+    """Classify a batch already on the model's device; with ``gradcam`` explain each top-1 class too.
+
+    ``pad_to`` runs the batch at that many rows (zero images after the real ones, whose outputs
+    are dropped): with cuDNN autotuning, every new batch shape re-tunes every convolution, so a
+    GPU child runs only the shapes it warmed. Rows are independent in eval mode, so the padding
+    changes no real row's answer or GradCAM map.
+    """
+    count = batch.shape[0]
+    batch = pad_rows(batch, pad_to or count)
     with _autocast(model.device, amp_dtype):
         if gradcam:
             # GradCAM shares the forward pass; its own cost is the short backward to the target layer.
             cam_pass = forward_with_cam(model.network, model.target_layer, batch)
-            return BatchOutput(cam_pass.logits.float().softmax(dim=1).cpu(), unit_range(cam_pass.cams).cpu(),
-                               cam_pass.class_index.cpu(), cam_pass.forward_ms, cam_pass.backward_ms)
-        start = time.perf_counter()
+            probabilities = cam_pass.logits[:count].float().softmax(dim=1).cpu()
+            return BatchOutput(probabilities, unit_range(cam_pass.cams[:count]).cpu(),
+                               cam_pass.class_index[:count].cpu(), cam_pass.forward_ms, cam_pass.backward_ms)
+        clock = Stopwatch(batch.device)
+        clock.mark()
         with torch.inference_mode():
             logits = model.network(batch)
-        probabilities = logits.float().softmax(dim=1).cpu()
-    return BatchOutput(probabilities, None, None, (time.perf_counter() - start) * 1000, 0.0)
+        clock.mark()
+        probabilities = logits[:count].float().softmax(dim=1).cpu()
+    return BatchOutput(probabilities, None, None, clock.elapsed_ms(0, 1), 0.0)
 
 
 def top_predictions(probabilities: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict]:

@@ -15,7 +15,6 @@ import time
 from concurrent.futures import Executor
 
 import numpy as np
-import torch
 
 from shared.errors import JobFailed
 from shared.jobs import GRADCAM_URL_SLOT, KEEP_UPLOAD, Picture
@@ -26,6 +25,7 @@ from worker.devices import describe
 from worker.imaging import Prepared, decode, normalised_batch, preprocess
 from worker.inference import BatchOutput, predict_batch, top_predictions_batch
 from worker.models import LoadedModel
+from worker.streams import DeviceInput
 
 MAP_DECIMALS = 4  # the stored GradCAM map: 1e-4 steps, finer than the heatmap's 256 colours
 
@@ -122,12 +122,12 @@ def stage_all(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_
 
 
 def stage_on_device(items: list[tuple[bytes, OutputOptions]], model: LoadedModel, max_pixels: int,
-                    pool: Executor | None = None, budget: PixelBudget = UNBOUNDED,
-                    ) -> tuple[list[Staged], dict[int, JobFailed], torch.Tensor | None]:
+                    pool: Executor | None = None, budget: PixelBudget = UNBOUNDED, stream=None,
+                    ) -> tuple[list[Staged], dict[int, JobFailed], DeviceInput | None]:
     """Decode and preprocess a batch on the model's device (worker.device_decode: nvJPEG for JPEGs,
-    the CPU path for anything it refuses); return the staged images in the rows of the returned
-    input tensor, and the failures by index. Thumbnails for big uploads' heatmaps are made on the
-    CPU meanwhile (in ``pool``'s threads when given)."""
+    the CPU path for anything it refuses), on the calling thread's ``stream``; return the staged
+    images in the rows of the returned input batch, and the failures by index. Thumbnails for big
+    uploads' heatmaps are made on the CPU meanwhile (in ``pool``'s threads when given)."""
     from worker.device_decode import decode_batch
 
     start = time.perf_counter()
@@ -135,7 +135,7 @@ def stage_on_device(items: list[tuple[bytes, OutputOptions]], model: LoadedModel
     thumbnails = {i: (pool.submit if pool else _now)(_thumbnail, items[i][0], model, max_pixels, budget)
                   for i in wanted}
     batch = decode_batch([data for data, _ in items], model.card, model.device, max_pixels=max_pixels,
-                         budget=budget)
+                         budget=budget, stream=stream)
     decode_ms = round(_ms(start) / max(1, len(items)), 2)  # the batch's decode, shared out per image
     staged = []
     for row, index in enumerate(batch.rows):
@@ -143,7 +143,7 @@ def stage_on_device(items: list[tuple[bytes, OutputOptions]], model: LoadedModel
         picture = (thumbnails[index].result() if index in thumbnails else KEEP_UPLOAD) if options.gradcam else None
         staged.append(Staged(index, options, Prepared(None, batch.crop_boxes[row], model.card), picture,
                              decode_ms, 0.0))
-    return staged, dict(batch.failures), (batch.tensor if staged else None)
+    return staged, dict(batch.failures), (batch.handover() if staged else None)
 
 
 class _now:
@@ -165,15 +165,18 @@ def _thumbnail(data: bytes, model: LoadedModel, max_pixels: int, budget: PixelBu
 
 
 def compute(model: LoadedModel, staged: list[Staged], amp_dtype: str,
-            inputs: torch.Tensor | None = None) -> BatchOutput:
+            inputs: DeviceInput | None = None, pad_to: int | None = None) -> BatchOutput:
     """One forward pass (and GradCAM, if any image asks for it) over the staged images.
 
     ``inputs`` is the batch already on the device (``stage_on_device``); otherwise the staged 8-bit
-    crops are stacked and normalised here.
+    crops are stacked and normalised here. ``pad_to``: run the batch at that size (see predict_batch).
     """
     if inputs is None:
-        inputs = normalised_batch([s.prepared.pixels for s in staged], model.card, model.device)
-    return predict_batch(model, inputs, gradcam=any(s.options.gradcam for s in staged), amp_dtype=amp_dtype)
+        batch = normalised_batch([s.prepared.pixels for s in staged], model.card, model.device)
+    else:
+        batch = inputs.take()
+    return predict_batch(model, batch, gradcam=any(s.options.gradcam for s in staged), amp_dtype=amp_dtype,
+                         pad_to=pad_to)
 
 
 def results(model: LoadedModel, staged: list[Staged], batch: BatchOutput) -> list[PipelineOutput]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import logging
 import os
+import secrets
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,23 +33,20 @@ from shared.cards import ModelCatalog
 from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
-from shared.keys import TAKEN_BY_KEY, drain_key
+from shared.keys import TAKEN_BY_KEY, OutputOptions, drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
 from worker import devices
-from worker.batching import BatchSizer, best_batch_size
+from worker.batching import BatchSizer
 from worker.broker import BatchReceiver, Pending
+from worker.forward import exit_if_fatal, forward, make_sizer, warm_up
 from worker.heartbeat import Heartbeat
-from worker.inference import predict
 from worker.models import LoadedModel, load_count, load_model
-from worker.pipeline import PipelineOutput, PixelBudget, Staged, compute, results, stage_all, stage_on_device
+from worker.pipeline import PipelineOutput, PixelBudget, Staged, stage_all, stage_on_device
+from worker.streams import new_stream
 
 log = logging.getLogger(__name__)
-CPU_BATCHES = (1, 2, 4, 8)  # measured at start-up; the sizer may move on to bigger ones under load
-CPU_SIZER_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-CUDA_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-CUDA_SIZER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LOOP_BUDGET_S = 10.0
 
 # KEYS: kombu's unacked hash and index, the taken-by hash, then one result key per tag in ARGV.
@@ -75,6 +74,7 @@ class StagedBatch:
     outcomes: dict[int, str]  # by batch index: settled before computing (already done, failed), or after
     draining: bool = False
     staged_at: float = 0.0
+    clean: bool = True  # every group computed at its size (no error, no split): the sizer may learn from it
 
 
 class Runtime:
@@ -82,8 +82,9 @@ class Runtime:
 
     def __init__(self, settings: Settings, models: dict[str, LoadedModel], sizers: dict[str, BatchSizer],
                  store: JobStore, heartbeat: Heartbeat, receiver: BatchReceiver | None, labels: dict,
-                 decode_threads: int = 0):
+                 decode_threads: int = 0, stage_stream=None):
         self.settings, self.models, self.sizers = settings, models, sizers
+        self.stage_stream = stage_stream  # the stage thread's own CUDA stream (None on the CPU)
         self.store, self.heartbeat, self.receiver = store, heartbeat, receiver
         self.labels = labels  # device and worker (Celery node) labels of this child's statistics
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="stage")  # claims and decodes the next batch
@@ -110,10 +111,12 @@ class Runtime:
         models = {card.name: load_model(card, device) for card in catalog}
         for model in models.values():
             warm_up(model, settings.amp_dtype)
-        sizers = {name: _sizer(settings, model) for name, model in models.items()}
+        sizers = {name: make_sizer(settings, model) for name, model in models.items()}
         client = redisconn.client(settings, socket_timeout=30, socket_connect_timeout=5,
                                   health_check_interval=30)
-        name = f"{socket.gethostname()}:{os.getpid()}"
+        # host:pid:boot: a restarted container reuses its hostname and, very likely, its PIDs; the
+        # boot part keeps a new child from inheriting a dead one's messages and computations.
+        name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": str(device), "device_name": devices.device_name(device), "threads": threads,
                 "models": {m.card.name: m.card.version for m in models.values()},
@@ -121,8 +124,7 @@ class Runtime:
                 "started_at": time.time()}
         heartbeat = Heartbeat(client, name, info, interval_s=settings.heartbeat_interval_s,
                               ttl_s=settings.worker_ttl_s,
-                              probe=lambda: {"gpu_memory": devices.gpu_memory(device),
-                                             "max_batch": {n: s.size for n, s in sizers.items()}},
+                              probe=lambda: _probe(device, sizers),
                               queues=tuple(inference_queue(card.name) for card in catalog))
         heartbeat.start()
         receiver = BatchReceiver.for_connection(broker_connection, owner=name) if broker_connection else None
@@ -132,8 +134,18 @@ class Runtime:
         # A GPU child decodes on the CPU while the device computes: give it the child's cores. A CPU
         # child's cores run the model: the one stage thread overlaps decoding without crowding it out.
         decode_threads = min(4, cores) if device.type == "cuda" and cores > 1 else 0
-        return cls(settings, models, sizers, store, heartbeat, receiver,
-                   {"device": str(device), "worker": node}, decode_threads)
+        runtime = cls(settings, models, sizers, store, heartbeat, receiver,
+                      {"device": str(device), "worker": node}, decode_threads, new_stream(device))
+        runtime.warm_device_decoder()
+        return runtime
+
+    def warm_device_decoder(self) -> None:
+        """Decode one small JPEG on the device the way batches will, so the first batch does not pay
+        for nvJPEG's start-up (its handles and buffers)."""
+        for model in self.models.values():
+            if self._decodes_on_device(model):
+                stage_on_device([(_TINY_JPEG, OutputOptions())], model, self.settings.max_image_pixels,
+                                stream=self.stage_stream)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -205,8 +217,9 @@ class Runtime:
         max_pixels = self.settings.max_image_pixels
         if self._decodes_on_device(model):
             try:
-                return stage_on_device(items, model, max_pixels, self.decoders, self.pixels)
-            except Exception:  # a device decoder that breaks must cost speed, not answers
+                return stage_on_device(items, model, max_pixels, self.decoders, self.pixels, self.stage_stream)
+            except Exception as exc:  # a device decoder that breaks must cost speed, not answers
+                exit_if_fatal(exc, self.exit_cleanup)  # unless it broke the device itself
                 log.exception("decoding a batch of %d on %s failed; decoding it on the CPU", len(items), model.device)
         staged, failures = stage_all(items, model, max_pixels, self.decoders if len(items) > 1 else None,
                                      self.pixels)
@@ -235,16 +248,25 @@ class Runtime:
             if not staged:
                 continue
             try:
-                output = compute(model, staged, self.settings.amp_dtype, inputs)
-                done.append((model, staged, results(model, staged, output)))
+                parts = forward(model, staged, inputs, self.settings.amp_dtype, self.sizers.get(model.card.name))
+                done += [(model, part, outputs) for part, outputs in parts]
+                batch.clean = batch.clean and len(parts) == 1
             except SoftTimeLimitExceeded:
                 raise
             except Exception as exc:  # a bug or a device error must fail the jobs, not the worker
+                exit_if_fatal(exc, self.exit_cleanup)  # ... unless the device is gone for this process
                 log.exception("batch of %d on %s crashed", len(staged), model.card.name)
+                batch.clean = False
                 error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
                 for item in staged:
                     batch.outcomes[item.index] = self._fail(batch.pendings[item.index], error)
         return done
+
+    def exit_cleanup(self) -> None:
+        """Before a child with a broken device exits: let the writes in progress finish (they need
+        Redis, not the device), and leave the live set so the sweeper acts at its next round."""
+        self.writer.shutdown(wait=True)
+        self.heartbeat.stop()
 
     def _write(self, batch: StagedBatch, computed) -> list[str]:
         """Write a computed batch's results, acknowledge its messages and record its statistics:
@@ -389,7 +411,7 @@ class BatchLoop:
             self.following = self._stage_next()
             self._compute_and_write(self.current)
             now = time.perf_counter()
-            if self.sizer is not None:
+            if self.sizer is not None and self.current.clean:  # a batch that failed fast says nothing
                 self.sizer.record(self.current.requested, len(self.current.pendings), now - cycle_start)
             cycle_start = now
             self.outcomes += self.runtime._collect(self.writes, block=False)
@@ -441,16 +463,21 @@ def _groups(runnable) -> list[list]:
     return list(groups.values()) + alone
 
 
-def _sizer(settings: Settings, model: LoadedModel) -> BatchSizer:
-    """A fixed MAX_BATCH, or a start-up measurement that load then refines."""
-    cuda = model.device.type == "cuda"
-    if settings.max_batch:
-        return BatchSizer(settings.max_batch, (settings.max_batch,), fixed=True)
-    initial = best_batch_size(model, settings.amp_dtype, CUDA_BATCHES if cuda else CPU_BATCHES)
-    return BatchSizer(initial, CUDA_SIZER_BATCHES if cuda else CPU_SIZER_BATCHES)
+def _probe(device: torch.device, sizers: dict[str, BatchSizer]) -> dict:
+    """The heartbeat's live fields. A device that broke since the last batch ends the child here."""
+    try:
+        return {"gpu_memory": devices.gpu_memory(device), "max_batch": {n: s.size for n, s in sizers.items()}}
+    except Exception as exc:
+        exit_if_fatal(exc)
+        raise
 
 
-def warm_up(model: LoadedModel, amp_dtype: str) -> None:
-    """Run one dummy batch so the first real job does not pay for lazy initialisation."""
-    size = model.card.input_size
-    predict(model, [torch.zeros(3, size, size)], gradcam=True, amp_dtype=amp_dtype)
+def _tiny_jpeg() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(out, "JPEG")
+    return out.getvalue()
+
+
+_TINY_JPEG = _tiny_jpeg()
