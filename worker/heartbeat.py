@@ -1,6 +1,6 @@
 """Each pool child announces itself in Redis so the web tier (readyz, admin, metrics) can see it.
 
-Fields of ``worker:<host>:<pid>``: what the child is (node, host, pid, device and its name, models
+Fields of ``worker:<host>:<pid>:<boot>``: what the child is (node, host, pid, device and its name, models
 with versions, batch sizes) and how it is doing (jobs done/failed, current batch size, inference
 latency p50/p95 over its last LATENCY_WINDOW images, GPU memory, last seen). The beat also samples
 the depth of the child's queues into the per-minute statistics for the admin page's charts.

@@ -48,6 +48,7 @@ class Staged:
     picture: Picture
     decode_ms: float
     preprocess_ms: float
+    retried: bool = False  # its computation crashed a worker before (it runs alone, last)
 
 
 class PixelBudget:

@@ -11,11 +11,11 @@ models' queues still get their turn), three stages deep:
 so the device never waits for decoding, and nothing waits for Redis writes. Per-message costs
 are paid per batch: one round trip takes the batch (worker.broker), one claims it, one writes
 its results, acknowledges its messages and records its statistics (acks only behind the results).
+The loop itself is worker.batch_loop; what the device's part does when the device fails (out of
+memory, a broken CUDA context) is worker.forward.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import io
 import logging
 import os
@@ -30,7 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import redisconn, stats
 from shared.cards import ModelCatalog
-from shared.errors import (ImageExpired, InferenceFailed, JobTimeout, ModelVersionUnavailable, ServiceError,
+from shared.errors import (ImageExpired, InferenceFailed, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
 from shared.keys import TAKEN_BY_KEY, OutputOptions, drain_key
@@ -38,13 +38,14 @@ from shared.settings import Settings
 from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
 from worker import devices
+from worker.batch_loop import BatchLoop, StagedBatch
 from worker.batching import BatchSizer
 from worker.broker import BatchReceiver, Pending
 from worker.forward import exit_if_fatal, forward, make_sizer, warm_up
 from worker.heartbeat import Heartbeat
 from worker.models import LoadedModel, load_count, load_model
 from worker.pipeline import PipelineOutput, PixelBudget, Staged, stage_all, stage_on_device
-from worker.streams import new_stream
+from worker.streams import DeviceInput, new_stream
 
 log = logging.getLogger(__name__)
 LOOP_BUDGET_S = 10.0
@@ -60,21 +61,6 @@ for i = 1, #ARGV do
   end
 end
 """
-
-
-@dataclasses.dataclass
-class StagedBatch:
-    """A batch taken and claimed, its images decoded: ready for the device."""
-
-    pendings: list[Pending]
-    requested: int  # the batch size asked for (fewer taken: the queue ran dry)
-    # One forward pass each: the model, its staged images (Staged.index is the batch index) and their
-    # input batch when it was made on the device.
-    groups: list[tuple[LoadedModel, list[Staged], torch.Tensor | None]]
-    outcomes: dict[int, str]  # by batch index: settled before computing (already done, failed), or after
-    draining: bool = False
-    staged_at: float = 0.0
-    clean: bool = True  # every group computed at its size (no error, no split): the sizer may learn from it
 
 
 class Runtime:
@@ -114,9 +100,7 @@ class Runtime:
         sizers = {name: make_sizer(settings, model) for name, model in models.items()}
         client = redisconn.client(settings, socket_timeout=30, socket_connect_timeout=5,
                                   health_check_interval=30)
-        # host:pid:boot: a restarted container reuses its hostname and, very likely, its PIDs; the
-        # boot part keeps a new child from inheriting a dead one's messages and computations.
-        name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        name = child_name()
         info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": str(device), "device_name": devices.device_name(device), "threads": threads,
                 "models": {m.card.name: m.card.version for m in models.values()},
@@ -168,8 +152,23 @@ class Runtime:
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
         while taken and len(taken) < limit and time.monotonic() < deadline:
             time.sleep(0.001)
-            taken += self.receiver.take(queue, limit - len(taken))
+            try:
+                taken += self.receiver.take(queue, limit - len(taken))
+            except redis.RedisError as exc:  # what was taken already goes into this batch
+                log.warning("could not take more for a batch of %s; going on with %d: %s", queue, len(taken), exc)
+                break
         return taken
+
+    def _put_back(self, queue: str, pendings: list[Pending]) -> None:
+        """Put messages this child took but will not compute back on their queue (best effort: if
+        Redis refuses, they stay unacknowledged and the visibility timeout brings them back)."""
+        taken = [p for p in pendings if p.tag is not None]
+        if not taken or self.receiver is None:
+            return
+        try:
+            self.receiver.requeue(queue, taken)
+        except redis.RedisError:
+            log.warning("could not put %d taken messages back on %s", len(taken), queue, exc_info=True)
 
     def _give_back(self, queue: str, following: Future | None) -> None:
         """Put a staged but never computed batch back on its queue."""
@@ -208,11 +207,12 @@ class Runtime:
             for position, error in failures.items():
                 outcomes[group[position][0]] = self._fail(group[position][1], error)
             for item in staged:
+                item.retried = group[item.index][3] > 1
                 item.index = group[item.index][0]  # from its place in the group to its place in the batch
             groups.append((model, staged, inputs))
         return StagedBatch(batch, requested, groups, outcomes, draining, time.time())
 
-    def _stage_group(self, model: LoadedModel, items: list) -> tuple[list[Staged], dict, torch.Tensor | None]:
+    def _stage_group(self, model: LoadedModel, items: list) -> tuple[list[Staged], dict, DeviceInput | None]:
         """Decode and preprocess one model's images: on its device where configured, else on the CPU."""
         max_pixels = self.settings.max_image_pixels
         if self._decodes_on_device(model):
@@ -241,10 +241,11 @@ class Runtime:
             raise ImageExpired("The uploaded image expired before a worker could read it.")
         return claim.image
 
-    def _compute(self, batch: StagedBatch) -> list[tuple[LoadedModel, list[Staged], list[PipelineOutput]]]:
-        """Run every group of the batch through its model (in this thread: the device's)."""
+    def _compute(self, batch: StagedBatch, groups: list[int] | None = None,
+                 ) -> list[tuple[LoadedModel, list[Staged], list[PipelineOutput]]]:
+        """Run the batch's groups (those at ``groups``, or all) through their models, in this thread."""
         done = []
-        for model, staged, inputs in batch.groups:
+        for model, staged, inputs in (batch.groups if groups is None else [batch.groups[g] for g in groups]):
             if not staged:
                 continue
             try:
@@ -268,11 +269,13 @@ class Runtime:
         self.writer.shutdown(wait=True)
         self.heartbeat.stop()
 
-    def _write(self, batch: StagedBatch, computed) -> list[str]:
+    def _write(self, batch: StagedBatch, computed, only: set[int] | None = None) -> list[str]:
         """Write a computed batch's results, acknowledge its messages and record its statistics:
         one round trip, in that order. A message computed here is acknowledged only where its
         result is in Redis, checked in the same round trip: a pipeline runs every command even
-        when one before it fails (a refused write: OOM, ACL, a failover's read-only replica)."""
+        when one before it fails (a refused write: OOM, ACL, a failover's read-only replica).
+        ``only``: the batch's messages (by index) this write settles; the rest are left as they are."""
+        only = set(range(len(batch.pendings))) if only is None else only
         now = time.time()
         done, by_model, written = [], {}, []
         for model, staged, outputs in computed:
@@ -289,7 +292,8 @@ class Runtime:
         def acks_and_statistics(pipe) -> None:
             if self.receiver is not None:
                 # Settled before this round trip (failed, or already done): acknowledged as they are.
-                self.receiver.ack(pipe, [p for p in batch.pendings if not any(p is w for w in written)])
+                self.receiver.ack(pipe, [p for i, p in enumerate(batch.pendings)
+                                         if i in only and not any(p is w for w in written)])
                 self._ack_written(pipe, written)
             for name, samples in by_model.items():
                 stats.record_batch(self.store.redis, {**self.labels, "model": name}, samples,
@@ -303,10 +307,10 @@ class Runtime:
             # written makes that a no-op.
             log.exception("could not write the results of a batch of %d", len(batch.pendings))
             self._return_unwritten(written)
-            return ["unwritten"] * len(batch.pendings)
+            return ["unwritten"] * len(only)
         self.heartbeat.count("jobs_done", len(done))
         self.heartbeat.observe([inference for samples in by_model.values() for _, inference in samples])
-        return [batch.outcomes.get(i, "failed") for i in range(len(batch.pendings))]
+        return [batch.outcomes.get(i, "failed") for i in sorted(only)]
 
     def _ack_written(self, pipe, pendings: list[Pending]) -> None:
         """Queue on ``pipe`` the acknowledgement of each message whose result exists by then."""
@@ -322,13 +326,8 @@ class Runtime:
         Any whose result did get written (and so was acknowledged) comes back as a no-op: its
         claim finds the result. Reading which ones first could fail as the write did.
         """
-        taken = [p for p in pendings if p.tag is not None]
-        if not taken or self.receiver is None:
-            return
-        try:
-            self.receiver.requeue(inference_queue(taken[0].comp.model), taken)
-        except redis.RedisError:  # they stay unacknowledged: the visibility timeout brings them back
-            log.warning("could not put %d unwritten messages back", len(taken), exc_info=True)
+        if pendings:
+            self._put_back(inference_queue(pendings[0].comp.model), pendings)
 
     def _collect(self, writes, block: bool) -> list[str]:
         """Return the outcomes of finished writes (all of them when ``block``)."""
@@ -369,87 +368,6 @@ class Runtime:
             self.receiver.close()
 
 
-class BatchLoop:
-    """One Celery task's run of batches: each computed in this thread while the next is staged and
-    the last is written (see the module docstring)."""
-
-    def __init__(self, runtime: Runtime, first: Pending):
-        self.runtime, self.first = runtime, first
-        self.queue = inference_queue(first.comp.model)
-        self.sizer = runtime.sizers.get(first.comp.model)
-        # A retried computation runs alone (it may be what crashed a child), and so does a drained node.
-        self.alone = runtime.receiver is None or self.sizer is None or runtime.store.redis.exists(
-            first.comp.attempts_key, drain_key(runtime.labels["worker"]))
-        self.deadline = time.monotonic() + runtime.loop_budget_s
-        self.writes: collections.deque[tuple[Future, StagedBatch]] = collections.deque()
-        self.current: StagedBatch | None = None
-        self.following: Future | None = None
-        self.next_taken: list[Pending] = []  # the messages of ``following``, until it is staged
-        self.outcomes: list[str] = []
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except redis.RedisError:
-            # Claiming failed: what this child took but never claimed goes back on the queue (while
-            # Redis answers; else kombu's visibility timeout brings it back).
-            if self.next_taken:
-                try:
-                    self.runtime.receiver.requeue(self.queue, self.next_taken)
-                except redis.RedisError:
-                    log.warning("could not put %d taken messages back on %s", len(self.next_taken), self.queue)
-            raise
-
-    def _run(self) -> None:
-        requested = 1 if self.alone else self.sizer.size
-        batch = [self.first] if self.alone else [self.first, *self.runtime._take_first(self.queue, requested - 1)]
-        self.next_taken = batch[1:]  # Celery puts the first back itself if the claim fails
-        self.current = self.runtime._stage(batch, requested)
-        self.next_taken = []
-        cycle_start = time.perf_counter()
-        while self.current is not None:
-            self.following = self._stage_next()
-            self._compute_and_write(self.current)
-            now = time.perf_counter()
-            if self.sizer is not None and self.current.clean:  # a batch that failed fast says nothing
-                self.sizer.record(self.current.requested, len(self.current.pendings), now - cycle_start)
-            cycle_start = now
-            self.outcomes += self.runtime._collect(self.writes, block=False)
-            self.current = self.following.result() if self.following is not None else None
-            self.next_taken = []
-
-    def _stage_next(self) -> Future | None:
-        """Take the next batch and stage it in the stage thread, unless the loop should end here."""
-        if self.alone or self.current.draining or time.monotonic() >= self.deadline:
-            return None
-        requested = self.sizer.size
-        taken = self.next_taken = self.runtime.receiver.take(self.queue, requested)
-        return self.runtime.stager.submit(self.runtime._stage, taken, requested) if taken else None
-
-    def _compute_and_write(self, batch: StagedBatch) -> None:
-        self.runtime.heartbeat.batch_started(len(batch.pendings))
-        outputs = self.runtime._compute(batch)
-        self.writes.append((self.runtime.writer.submit(self.runtime._write, batch, outputs), batch))
-
-    def stop_timed_out(self) -> None:
-        """After the soft time limit: put the staged batch back, fail the one being computed (or, when
-        the limit passed while the first batch was still being staged, its first message, which Celery
-        acknowledges next, and put back what was taken with it)."""
-        self.runtime._give_back(self.queue, self.following)
-        limit = self.runtime.settings.job_soft_time_limit_s
-        error = JobTimeout(f"The computation took longer than {limit} s.")
-        if self.current is None:
-            self.runtime._fail(self.first, error)
-            if self.next_taken:
-                self.runtime.receiver.requeue(self.queue, self.next_taken)
-        elif not any(self.current is staged for _, staged in self.writes):
-            self.runtime._fail_all(self.current, error)
-
-    def finish(self) -> None:
-        self.outcomes += self.runtime._collect(self.writes, block=True)
-        self.runtime.heartbeat.batch_started(0)
-
-
 def _groups(runnable) -> list[list]:
     """One group per model; a computation retried after a crash runs alone, so it cannot take
     innocent neighbours down with it again."""
@@ -461,6 +379,16 @@ def _groups(runnable) -> list[list]:
         else:
             groups.setdefault(entry[1].comp.model, []).append(entry)
     return list(groups.values()) + alone
+
+
+def child_name() -> str:
+    """This child's name in the live set, ``host:pid:boot``.
+
+    A restarted container reuses its hostname and, very likely, its PIDs: the boot part, new at
+    every start, keeps a new child from looking like the owner of a dead one's messages and
+    computations (which would then wait for the visibility timeout instead of the next sweep).
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _probe(device: torch.device, sizers: dict[str, BatchSizer]) -> dict:
