@@ -213,6 +213,7 @@ class Settings:
     worker_metrics_bind: str = "127.0.0.1"  # address of that port: 0.0.0.0 where Prometheus is elsewhere
     task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
     durable_accept: bool = False  # 202 only once the job is fsynced (appendfsync always) or on a replica (WAIT)
+    trusted_proxies: int = 0  # reverse proxies in front of the web tier whose X-Forwarded-For/-Proto are believed
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -291,6 +292,7 @@ class Settings:
             worker_metrics_bind=_bind_address(env, "WORKER_METRICS_BIND", d.worker_metrics_bind),
             task_events=_bool(env, "TASK_EVENTS", d.task_events),
             durable_accept=_bool(env, "DURABLE_ACCEPT", d.durable_accept),
+            trusted_proxies=_int(env, "TRUSTED_PROXIES", d.trusted_proxies),
         ))
 
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 from celery import Celery
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared import redisconn, sentinel
 from shared.apikeys import KeyStore
@@ -34,6 +35,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # to text fields, so it would refuse big files; MAX_CONTENT_LENGTH already bounds every part.
     app.config["MAX_FORM_MEMORY_SIZE"] = None
     app.json.sort_keys = False
+    if settings.trusted_proxies:  # the client's address (rate limit, token lockout) and scheme, as forwarded
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
 
     client = redisconn.client(settings, socket_timeout=5, socket_connect_timeout=2,
                               health_check_interval=30)
