@@ -17,6 +17,7 @@ from shared.jobs import JobStore
 from shared.settings import Settings
 from shared.tasks import celery_config
 from shared.webhooks import Announcer
+from web.heatmaps import PictureKeeper
 from web.idempotency import IdempotencyStore
 
 # Multipart envelopes add a little to the body; the image itself is capped at max_upload_bytes.
@@ -88,6 +89,7 @@ class Services:
         self.waiters = threading.BoundedSemaphore(settings.max_waiters) if settings.max_waiters else None
         self.lookups = ThreadPoolExecutor(CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup")
         self.max_queued_bytes = max_queued_bytes(settings, redis)
+        self.pictures = PictureKeeper(store, settings.max_image_pixels)
 
 
 DEFAULT_QUEUED_MB = 2048
