@@ -38,9 +38,10 @@ DEV_SECRETS = export SECRET_KEY=$${SECRET_KEY:-$$(cat var/secret_key)} \
 
 # Redis: the REDIS_URL (and CACHE_URL) given, or two embedded redis-servers: the main one (data
 # under var/redis, noeviction) and the cache (allkeys-lru, CACHE_MAXMEMORY). See docs/scaling.md.
-# honcho hands each process its own $$PORT, so the web port travels as WEB_PORT.
+# honcho hands each process its own $$PORT, so the web port travels as WEB_PORT. The Procfile's
+# commands (celery, gunicorn, python) are the virtualenv's: it comes first on PATH.
 run: venv var/secret_key var/webhook_secret
-	@$(DEV_SECRETS) export WEB_PORT=$${PORT:-8000}; \
+	@$(DEV_SECRETS) export WEB_PORT=$${PORT:-8000} PATH="$(CURDIR)/$(BIN):$$PATH"; \
 	if [ -n "$$REDIS_URL" ]; then \
 		echo "Using Redis at $$REDIS_URL (cache: $${CACHE_URL:-the same server})"; \
 		exec $(BIN)/honcho start worker webhooks web; \

@@ -213,6 +213,7 @@ class Settings:
     worker_metrics_bind: str = "127.0.0.1"  # address of that port: 0.0.0.0 where Prometheus is elsewhere
     task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
     durable_accept: bool = False  # 202 only once the job is fsynced (appendfsync always) or on a replica (WAIT)
+    trusted_proxies: int = 0  # reverse proxies in front of the web tier whose X-Forwarded-For/-Proto are believed
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -232,7 +233,7 @@ class Settings:
         env = os.environ if env is None else env
         d = cls()
         redis_sentinels, cache_sentinels = _sentinels(env, "REDIS_SENTINELS"), _sentinels(env, "CACHE_SENTINELS")
-        return cls(
+        return _workable(cls(
             redis_url=env.get("REDIS_URL", "").strip() or d.redis_url,
             cache_url=env.get("CACHE_URL", "").strip(),
             redis_sentinels=redis_sentinels,
@@ -291,4 +292,27 @@ class Settings:
             worker_metrics_bind=_bind_address(env, "WORKER_METRICS_BIND", d.worker_metrics_bind),
             task_events=_bool(env, "TASK_EVENTS", d.task_events),
             durable_accept=_bool(env, "DURABLE_ACCEPT", d.durable_accept),
-        )
+            trusted_proxies=_int(env, "TRUSTED_PROXIES", d.trusted_proxies),
+        ))
+
+
+def _workable(settings: Settings) -> Settings:
+    """Return ``settings``, or raise SettingsError naming every pair of values that cannot work together."""
+    s = settings
+    problems = [message for broken, message in (
+        (s.worker_ttl_s <= s.heartbeat_interval_s,
+         f"WORKER_TTL_S ({s.worker_ttl_s}) must be above HEARTBEAT_INTERVAL_S ({s.heartbeat_interval_s}): "
+         "a live worker would count as gone between two of its heartbeats"),
+        (s.job_soft_time_limit_s >= s.job_time_limit_s,
+         f"JOB_SOFT_TIME_LIMIT_S ({s.job_soft_time_limit_s}) must be below JOB_TIME_LIMIT_S "
+         f"({s.job_time_limit_s}): the soft limit fails a batch cleanly, the hard one kills its child"),
+        (s.visibility_timeout_s <= s.job_time_limit_s,
+         f"VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s}) must be above JOB_TIME_LIMIT_S ({s.job_time_limit_s}): "
+         "the broker would deliver a batch that is still running to another worker"),
+        (s.idempotency_lease_s >= s.idempotency_ttl_s,
+         f"IDEMPOTENCY_LEASE_S ({s.idempotency_lease_s}) must be below IDEMPOTENCY_TTL_S ({s.idempotency_ttl_s}): "
+         "a first request's claim would outlive the record of its answer"),
+    ) if broken]
+    if problems:
+        raise SettingsError("Settings that cannot work together: " + "; ".join(problems) + ".")
+    return settings

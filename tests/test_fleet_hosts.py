@@ -76,7 +76,7 @@ def _start(network: netns.Network, procs: dict, workdir) -> tuple[Settings, str]
     procs["redis"], url = stack.start_redis(workdir, host=netns.HUB_ADDRESS, prefix=network.prefix("hub"))
     settings = Settings(redis_url=url, worker_devices="cpu", worker_concurrency=1, torch_threads=1,
                         max_batch=4, max_wait_ms=20, job_soft_time_limit_s=20, job_time_limit_s=40,
-                        visibility_timeout_s=10, stuck_after_s=4, sweep_interval_s=1, worker_ttl_s=4,
+                        visibility_timeout_s=45, stuck_after_s=4, sweep_interval_s=1, worker_ttl_s=4,
                         heartbeat_interval_s=1, admin_token=TOKEN, rate_limit="100000/minute")
     ARTIFACTS.mkdir(exist_ok=True)
     for ready, host in enumerate(("a", "b"), start=1):

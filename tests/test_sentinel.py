@@ -60,23 +60,23 @@ def test_celery_follows_the_sentinels_and_keeps_its_visibility_timeout():
     from kombu import Connection
 
     settings = Settings.from_env({**SENTINELS_ENV, "REDIS_URL": "redis://:pw@ignored:6379/3",
-                                  "REDIS_SENTINEL_PASSWORD": "s3cret", "VISIBILITY_TIMEOUT_S": "77"})
+                                  "REDIS_SENTINEL_PASSWORD": "s3cret", "VISIBILITY_TIMEOUT_S": "777"})
     config = celery_config(settings)
     assert config["broker_url"] == "sentinel://:pw@10.0.0.1:26379/3;sentinel://:pw@sentinel-b:26380/3"
     transport = config["broker_transport_options"]
     assert transport["master_name"] == MASTER and transport["sentinel_kwargs"]["password"] == "s3cret"
-    assert transport["visibility_timeout"] == 77 == config["visibility_timeout"]
-    assert config["result_backend_transport_options"]["visibility_timeout"] == 77
+    assert transport["visibility_timeout"] == 777 == config["visibility_timeout"]
+    assert config["result_backend_transport_options"]["visibility_timeout"] == 777
     connection = Connection(config["broker_url"], transport_options=transport)  # kombu's parse, no I/O
     assert connection.transport_cls == "sentinel" and len(connection.alt) == 2 and connection.virtual_host == "3"
     assert connection.password == "pw"
 
 
 def test_without_sentinels_celery_and_the_limiter_use_redis_url_as_before():
-    settings = Settings.from_env({"REDIS_URL": "redis://h:1/2", "VISIBILITY_TIMEOUT_S": "77"})
+    settings = Settings.from_env({"REDIS_URL": "redis://h:1/2", "VISIBILITY_TIMEOUT_S": "777"})
     config = celery_config(settings)
     assert config["broker_url"] == "redis://h:1/2"
-    assert config["broker_transport_options"] == {"visibility_timeout": 77}
+    assert config["broker_transport_options"] == {"visibility_timeout": 777}
     assert sentinel.limiter_storage(settings) == ("redis://h:1/2", {})
     assert isinstance(redisconn.client(settings).connection_pool.connection_class(), redis.Connection)
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 from celery import Celery
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared import redisconn, sentinel
 from shared.apikeys import KeyStore
@@ -16,6 +17,7 @@ from shared.jobs import JobStore
 from shared.settings import Settings
 from shared.tasks import celery_config
 from shared.webhooks import Announcer
+from web.heatmaps import PictureKeeper
 from web.idempotency import IdempotencyStore
 
 # Multipart envelopes add a little to the body; the image itself is capped at max_upload_bytes.
@@ -34,6 +36,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # to text fields, so it would refuse big files; MAX_CONTENT_LENGTH already bounds every part.
     app.config["MAX_FORM_MEMORY_SIZE"] = None
     app.json.sort_keys = False
+    if settings.trusted_proxies:  # the client's address (rate limit, token lockout) and scheme, as forwarded
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
 
     client = redisconn.client(settings, socket_timeout=5, socket_connect_timeout=2,
                               health_check_interval=30)
@@ -85,6 +89,7 @@ class Services:
         self.waiters = threading.BoundedSemaphore(settings.max_waiters) if settings.max_waiters else None
         self.lookups = ThreadPoolExecutor(CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup")
         self.max_queued_bytes = max_queued_bytes(settings, redis)
+        self.pictures = PictureKeeper(store, settings.max_image_pixels)
 
 
 DEFAULT_QUEUED_MB = 2048

@@ -2,23 +2,19 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 import redis
 from flask import Blueprint, current_app, jsonify, request
 
-from shared.errors import BadRequest, DecodeFailed, NotFound
+from shared.errors import BadRequest, NotFound
 from shared.jobs import JobContext
 from shared.keys import WORKERS_KEY, image_digest
-from shared.overlay import render_stored
-from web import auth
+from web import auth, heatmaps
 from web.idempotency import Created
 from web.intake import accept, check_size, idempotent, number_option, parse_order, read_images, services
 
 bp = Blueprint("api", __name__)
-log = logging.getLogger(__name__)
-DEFAULT_RESIZE = 256  # a card no longer served: decode its kept picture as the usual cards would
 
 JOB_ID_LENGTH = 32
 MAX_WAIT_S = 30
@@ -102,35 +98,31 @@ def get_job(job_id: str):
 
 def render_heatmap(model: str, result_json: bytes, picture: bytes) -> bytes | None:
     """Draw a result's GradCAM map over the picture the worker kept (first request only; then cached)."""
-    gradcam = json.loads(result_json).get("gradcam") or {}
-    if "map" not in gradcam:
-        return None
     svc = services()
     card = svc.catalog.cards.get(model)
-    try:
-        return render_stored(picture, gradcam["map"], gradcam["crop_box"],
-                             min_short_side=card.resize if card else DEFAULT_RESIZE,
-                             max_pixels=svc.settings.max_image_pixels)
-    except DecodeFailed:
-        log.exception("the picture kept for a %s heatmap does not decode", model)
-        return None
+    return heatmaps.render_on_picture(card.resize if card else None, json.loads(result_json), picture,
+                                      svc.settings.max_image_pixels)
 
 
 @bp.get("/api/v1/jobs/<job_id>/gradcam.png")
 def get_gradcam(job_id: str):
     # The heatmap first: only a done job has a result key, so this is the whole hot path.
     png = services().store.overlay_png(job_id, owner=auth.owner(), render=render_heatmap) if valid_id(job_id) else None
+    if png is not None:
+        return png_response(png, "private, max-age=86400, immutable")
+    job = json.loads(job_or_404(job_id))
+    png = heatmaps.draw_without_picture(job)  # its picture has left the cache (CACHE_URL may evict)
     if png is None:
-        job = json.loads(job_or_404(job_id))
-        if job["status"] != "done":
-            reason = f"the job is {job['status']}"
-        elif (job.get("result") or {}).get("gradcam"):  # its picture left the cache (CACHE_URL evicts)
-            reason = "the picture it is drawn on has left the cache; result.gradcam.map still holds the heatmap"
-        else:
-            reason = "the job asked for no GradCAM"
+        reason = f"the job is {job['status']}" if job["status"] != "done" else "the job asked for no GradCAM"
         raise NotFound(f"No heatmap for job {job_id}: {reason}.")
+    response = png_response(png, "private, no-cache")  # an upload of the image may bring its picture back
+    response.headers["X-Heatmap-Base"] = "none"
+    return response
+
+
+def png_response(png: bytes, cache_control: str):
     response = current_app.response_class(png, mimetype="image/png")
-    response.headers["Cache-Control"] = "private, max-age=86400, immutable"
+    response.headers["Cache-Control"] = cache_control
     return response
 
 

@@ -125,6 +125,8 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     model_info = {"name": order.card.name, "version": order.card.version}
     count = stats.SubmissionCount(order.card.name, time.time())  # the script counts the job it writes
     submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count)
+    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
+        svc.pictures.keep(comp, data, order.card.resize)
     if submission.outcome == "miss":  # a hit or an attach needed neither the bytes nor their header check
         info = info or inspect_image(data, svc.settings.max_image_pixels)
         submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id,

@@ -96,5 +96,6 @@ def stop_poller(**_):
     try:
         client.zrem(WEBHOOK_WORKERS_KEY, poller.node)
         client.delete(webhook_worker_key(poller.node))
-    except redis.RedisError:
-        log.warning("could not withdraw webhook worker %s", poller.node, exc_info=True)
+    except redis.RedisError as exc:  # one line: its entry expires by itself after WORKER_TTL_S
+        log.warning("could not withdraw webhook worker %s (Redis: %s); its entry expires within %d s",
+                    poller.node, exc, settings.worker_ttl_s)
