@@ -298,7 +298,10 @@ def job_paths(settings: Settings) -> dict:
             "operationId": "getGradcam", "tags": ["jobs"], "summary": "The GradCAM heatmap over the image",
             "security": API_KEY, "parameters": [param("JobId")],
             "responses": {
-                "200": {"description": "PNG at the image's upright aspect ratio.",
+                "200": {"description": "PNG at the image's upright aspect ratio; drawn alone, without the "
+                                       "image, when the picture has left the cache (X-Heatmap-Base: none).",
+                        "headers": {"X-Heatmap-Base": {"description": "`none` when the heatmap is drawn alone",
+                                                       "schema": {"type": "string", "enum": ["none"]}}},
                         "content": {"image/png": {"schema": {"type": "string",
                                                              "contentMediaType": "image/png"}}}},
                 **errors("401", "404", "429", "503")}}},
