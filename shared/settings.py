@@ -214,6 +214,9 @@ class Settings:
     task_events: bool = False  # Celery task events (for Flower); each costs a Redis PUBLISH per task
     durable_accept: bool = False  # 202 only once the job is fsynced (appendfsync always) or on a replica (WAIT)
     trusted_proxies: int = 0  # reverse proxies in front of the web tier whose X-Forwarded-For/-Proto are believed
+    # OpenTelemetry traces: on when the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT or OTEL_TRACES_EXPORTER
+    # asks for them; the SDK reads every other OTEL_* variable (sampler, service name) itself.
+    tracing: bool = False
 
     def to_env(self) -> dict[str, str]:
         """Return the environment that makes ``from_env`` rebuild these settings (for child processes)."""
@@ -225,6 +228,7 @@ class Settings:
         env["MAX_QUEUED_MB"] = "" if self.max_queued_mb is None else str(self.max_queued_mb)
         for name in ("redis_sentinels", "cache_sentinels"):
             env[name.upper()] = ",".join(f"{host}:{port}" for host, port in getattr(self, name))
+        del env["TRACING"]  # the OTEL_* variables themselves travel to child processes
         return env
 
     @classmethod
@@ -293,7 +297,19 @@ class Settings:
             task_events=_bool(env, "TASK_EVENTS", d.task_events),
             durable_accept=_bool(env, "DURABLE_ACCEPT", d.durable_accept),
             trusted_proxies=_int(env, "TRUSTED_PROXIES", d.trusted_proxies),
+            tracing=_tracing(env),
         ))
+
+
+def _tracing(env: Mapping[str, str]) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces (off unless an exporter is named)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter != "none"
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip())
 
 
 def _workable(settings: Settings) -> Settings:

@@ -18,9 +18,12 @@ def inference_queue(model_name: str) -> str:
     return f"{INFERENCE_QUEUE_PREFIX}{model_name}"
 
 
-def send_inference(celery, comp: Computation) -> None:
-    """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike)."""
+def send_inference(celery, comp: Computation, traceparent: str = "") -> None:
+    """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike);
+    ``traceparent``: the trace of the job that started it (shared.tracing), for the worker's spans."""
     message = {**comp.to_message(), "enqueued_at": time.time()}
+    if traceparent:
+        message["traceparent"] = traceparent
     celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model))
 
 

@@ -104,6 +104,7 @@ class Event:
     round_start: int  # attempts made before the latest manual redelivery (the schedule restarts)
     created_at: str
     next_attempt_at: float | None
+    traceparent: str = ""  # the job's trace: each attempt is a span in it
 
     def public(self) -> dict:
         next_at = self.next_attempt_at if self.state == "pending" else None
@@ -119,7 +120,8 @@ class Event:
                    owner=text.get("owner", ""), body=s["body"], state=text["state"],
                    attempts=int(text.get("attempts", 0)), round_start=int(text.get("round_start", 0)),
                    created_at=text["created_at"],
-                   next_attempt_at=float(text["next_attempt_at"]) if text.get("next_attempt_at") else None)
+                   next_attempt_at=float(text["next_attempt_at"]) if text.get("next_attempt_at") else None,
+                   traceparent=text.get("traceparent", ""))
 
 
 class EventStore:
@@ -131,7 +133,8 @@ class EventStore:
         self._begin = client.register_script(_BEGIN_ATTEMPT)
         self._end = client.register_script(_END_ATTEMPT)
 
-    def create(self, event_type: str, subject: str, url: str, owner: str, data_json: str) -> str | None:
+    def create(self, event_type: str, subject: str, url: str, owner: str, data_json: str,
+               traceparent: str = "") -> str | None:
         """Store the subject's pending event whose body wraps ``data_json``, dispatched for its first
         attempt; return its id, or None when it already exists.
 
@@ -152,7 +155,8 @@ class EventStore:
                 pipe.multi()
                 pipe.hset(key, mapping={
                     "id": event_id, "type": event_type, "subject": subject, "url": url, "owner": owner,
-                    "body": body, "state": "pending", "attempts": 0, "created_at": now, "dispatched": "1"})
+                    "body": body, "state": "pending", "attempts": 0, "created_at": now, "dispatched": "1",
+                    **({"traceparent": traceparent} if traceparent else {})})
                 pipe.expire(key, self.ttl_s)
                 pipe.rpush(webhook_events_key(subject), event_id)
                 pipe.expire(webhook_events_key(subject), self.ttl_s)
@@ -249,7 +253,8 @@ class Announcer:
             job, owner = json.loads(job_text), fields.get("owner", "")
             if job["callback_url"]:
                 kind = "job.completed" if job["status"] == "done" else "job.failed"
-                self.dispatch(self.events.create(kind, f"job:{job_id}", job["callback_url"], owner, job_text))
+                self.dispatch(self.events.create(kind, f"job:{job_id}", job["callback_url"], owner, job_text,
+                                                 fields.get("traceparent", "")))
             batch_id = job["batch_id"]
             # A job counted before is an announcer that died after counting (the catch-up retries it):
             # a finished batch then still needs its event. Creating it twice makes one event.

@@ -10,7 +10,7 @@ from celery import Celery
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from shared import redisconn, sentinel
+from shared import redisconn, sentinel, tracing
 from shared.apikeys import KeyStore
 from shared.cards import ModelCatalog
 from shared.jobs import JobStore
@@ -31,6 +31,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
+    if tracing.configure(settings, "imgsvc-web"):  # off unless OTEL_* ask for traces
+        tracing.instrument_flask(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_SLACK
     # Werkzeug applies this limit to each parsed chunk (the test client sends one chunk), not only
     # to text fields, so it would refuse big files; MAX_CONTENT_LENGTH already bounds every part.

@@ -19,6 +19,7 @@ from kombu import Queue
 from shared import redisconn
 from shared.jobs import JobStore
 from shared.keys import WEBHOOK_WORKERS_KEY, webhook_worker_key
+from shared import tracing
 from shared.settings import Settings
 from shared.tasks import WEBHOOK_QUEUE, celery_config, send_webhook
 from shared.webhooks import Announcer, EventStore
@@ -26,6 +27,8 @@ from shared.webhooks import Announcer, EventStore
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
 log = logging.getLogger(__name__)
+
+tracing.configure(settings, "imgsvc-webhooks")  # off unless OTEL_* ask for traces
 
 app = Celery("imgsvc-webhooks")
 app.conf.update(celery_config(settings))

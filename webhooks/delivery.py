@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from shared import tracing
 from shared.jobs import utc_now
 from shared.keys import webhook_event_key, webhook_gone_key
 from shared.netguard import RefusedUrl, Target, resolve
@@ -75,8 +76,12 @@ class Deliverer:
         if self.redis.exists(webhook_gone_key(event.url)):
             self.events.end_attempt(event, token, None, "endpoint_gone")
             return "endpoint_gone"
-        answer = self._send(event)
         number = event.attempts + 1
+        with tracing.span("webhook attempt", parent=event.traceparent or None,
+                          attributes={"webhook.event_id": event.id, "webhook.attempt": number}) as attempt:
+            answer = self._send(event)
+            if attempt is not None:
+                attempt.set_attribute("http.response.status_code", answer.status or 0)
         entry = {"event_id": event.id, "attempt": number, "at": utc_now(), "url": event.url,
                  "status_code": answer.status, "duration_ms": answer.duration_ms, "error": answer.error,
                  "ok": answer.ok}
@@ -119,6 +124,9 @@ class Deliverer:
             headers = {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": event.id,
                        "webhook-timestamp": str(timestamp),
                        "webhook-signature": sign(secret, event.id, timestamp, event.body)}
+            traceparent = tracing.current_traceparent()  # the attempt's span, for the receiver's own trace
+            if traceparent:
+                headers["traceparent"] = traceparent
             return post(target, event.body, headers, connect_timeout=self.settings.webhook_connect_timeout_s,
                         started=started, deadline=deadline)
         except RefusedUrl as exc:  # checked at submit; DNS may have changed since

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from shared import tracing
 from shared.errors import JobTimeout
 from shared.keys import drain_key
 from shared.tasks import inference_queue
@@ -43,6 +44,7 @@ class StagedBatch:
     outcomes: dict[int, str]  # by batch index: settled before computing (already done, failed), or after
     draining: bool = False
     staged_at: float = 0.0
+    span: object = None  # its trace span (shared.tracing), None when tracing is off
     clean: bool = True  # every group computed at its size (no error, no split): the sizer may learn from it
 
     def retried_groups(self) -> list[int]:
@@ -126,6 +128,12 @@ class BatchLoop:
         only once everything else this child holds is written: if one kills the child again, it
         takes nothing else down with it."""
         self.runtime.heartbeat.batch_started(len(batch.pendings))
+        try:
+            self._compute_in_turn(batch)
+        finally:
+            tracing.finish(batch.span)  # its write spans may end later, in the writer thread
+
+    def _compute_in_turn(self, batch: StagedBatch) -> None:
         retried = batch.retried_groups()
         if not retried:
             outputs = self.runtime._compute(batch)

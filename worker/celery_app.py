@@ -16,6 +16,7 @@ from kombu import Queue
 
 from shared.cards import ModelCatalog
 from shared.keys import drain_key
+from shared import tracing
 from shared.settings import Settings
 from shared.tasks import celery_config, inference_queue
 from worker.device_plan import DevicePlanError, device_for_child, plan_host
@@ -24,6 +25,8 @@ settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level,
                     format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
 catalog = ModelCatalog.load(settings.model_cards_dir, settings.models, settings.default_model)
+
+tracing.configure(settings, "imgsvc-worker")  # off unless OTEL_* ask for traces
 
 app = Celery("imgsvc")
 app.conf.update(celery_config(settings))

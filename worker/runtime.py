@@ -28,7 +28,7 @@ import redis
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from shared import redisconn, stats
+from shared import redisconn, stats, tracing
 from shared.cards import ModelCatalog
 from shared.errors import (ImageExpired, InferenceFailed, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
@@ -184,6 +184,12 @@ class Runtime:
 
     def _stage(self, batch: list[Pending], requested: int) -> StagedBatch:
         """Claim a batch (one round trip), then decode and preprocess its images."""
+        taken_at = time.time()
+        span = tracing.start("batch", parent=batch[0].traceparent, links=[p.traceparent for p in batch[1:]],
+                             attributes={"batch.size": len(batch), "batch.requested": requested})
+        for pending in batch:  # each job's wait, in its own trace, linked to the batch that took it
+            tracing.record("queue wait", parent=pending.traceparent, start_s=pending.enqueued_at, end_s=taken_at,
+                           links=(span,))
         claims, draining = self.store.claim_batch([p.comp for p in batch], owner=self.heartbeat.name,
                                                   drain_key=drain_key(self.labels["worker"]))
         retried = [p.comp.model for p, c in zip(batch, claims) if c.attempt > 1]
@@ -203,14 +209,16 @@ class Runtime:
         for group in _groups(runnable):
             model = self.models[group[0][1].comp.model]
             items = [(data, pending.comp.options) for _, pending, data, _ in group]
+            decoding = tracing.child(span, "decode and preprocess", attributes={"images": len(items)})
             staged, failures, inputs = self._stage_group(model, items)
+            tracing.finish(decoding)
             for position, error in failures.items():
                 outcomes[group[position][0]] = self._fail(group[position][1], error)
             for item in staged:
                 item.retried = group[item.index][3] > 1
                 item.index = group[item.index][0]  # from its place in the group to its place in the batch
             groups.append((model, staged, inputs))
-        return StagedBatch(batch, requested, groups, outcomes, draining, time.time())
+        return StagedBatch(batch, requested, groups, outcomes, draining, time.time(), span=span)
 
     def _stage_group(self, model: LoadedModel, items: list) -> tuple[list[Staged], dict, DeviceInput | None]:
         """Decode and preprocess one model's images: on its device where configured, else on the CPU."""
@@ -248,6 +256,7 @@ class Runtime:
         for model, staged, inputs in (batch.groups if groups is None else [batch.groups[g] for g in groups]):
             if not staged:
                 continue
+            computing = tracing.child(batch.span, "forward and gradcam", attributes={"images": len(staged)})
             try:
                 parts = forward(model, staged, inputs, self.settings.amp_dtype, self.sizers.get(model.card.name))
                 done += [(model, part, outputs) for part, outputs in parts]
@@ -261,6 +270,8 @@ class Runtime:
                 error = InferenceFailed(f"Inference failed: {type(exc).__name__}: {exc}")
                 for item in staged:
                     batch.outcomes[item.index] = self._fail(batch.pendings[item.index], error)
+            finally:
+                tracing.finish(computing)
         return done
 
     def exit_cleanup(self) -> None:
@@ -277,6 +288,7 @@ class Runtime:
         ``only``: the batch's messages (by index) this write settles; the rest are left as they are."""
         only = set(range(len(batch.pendings))) if only is None else only
         now = time.time()
+        writing = tracing.child(batch.span, "write results")
         done, by_model, written = [], {}, []
         for model, staged, outputs in computed:
             for item, output in zip(staged, outputs):
@@ -308,6 +320,8 @@ class Runtime:
             log.exception("could not write the results of a batch of %d", len(batch.pendings))
             self._return_unwritten(written)
             return ["unwritten"] * len(only)
+        finally:
+            tracing.finish(writing)
         self.heartbeat.count("jobs_done", len(done))
         self.heartbeat.observe([inference for samples in by_model.values() for _, inference in samples])
         return [batch.outcomes.get(i, "failed") for i in sorted(only)]

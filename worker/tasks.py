@@ -40,7 +40,7 @@ def infer(message: dict) -> list[str]:
     """
     if celery_app.runtime is None:
         raise RuntimeError("worker child has no runtime; worker_process_init did not run")
-    first = Pending(Computation.from_message(message), float(message["enqueued_at"]))
+    first = Pending.from_message(message)
     try:
         outcomes = celery_app.runtime.handle(first)
     except redis.RedisError as exc:
