@@ -148,6 +148,7 @@ def test_services_select_pods_and_pods_use_what_exists():
 
 def test_workers_take_a_gpu_each_one_per_node_and_stop_after_draining():
     deployment = applied()[("Deployment", "worker")]
+    assert "replicas" not in deployment["spec"]  # KEDA's HPA owns it; a re-apply must not reset it
     spec = deployment["spec"]["template"]["spec"]
     (worker,) = spec["containers"]
     env = env_of(worker)
