@@ -1,4 +1,5 @@
-"""Read the fleet's live state from Redis: worker heartbeats grouped by Celery node, queue depths and ages.
+"""Read the fleet's live state from Redis: worker heartbeats grouped by Celery node; each queue's depth,
+oldest waiting job's age, live consuming workers and backlog per worker.
 
 Both the admin API and the metrics endpoints read it; nothing here talks to a worker directly.
 """
