@@ -42,6 +42,9 @@ REDIS_IMAGE, LOCAL_REDIS_IMAGE = "redis:7-alpine", "imgsvc-local/redis:7-bookwor
 DEBIAN_BASE, LOCAL_DEBIAN_BASE = "debian:bookworm-slim", "imgsvc-local/debian:bookworm"
 PROXY_IMAGE = "imgsvc-proxy:compose-test"
 SLOW_CLIENTS, SLOW_LINE_EVERY_S, SLOW_FOR_S = 200, 3.0, 24.0
+# The same at gunicorn itself (2 processes x 8 threads), for contrast: opened 20 ms apart, so that both
+# processes accept some (a burst can land on one process, leaving the other free).
+DIRECT_SLOW_CLIENTS, DIRECT_FOR_S = 48, 12.0
 PROMPT_S = 5.0  # an upload or /healthz past the slow clients must be answered within this
 NO_WORKER_S, QUEUED_JOBS = 60, 5
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -180,7 +183,7 @@ def render_stack(compose: list[str], env: dict[str, str], ports: dict[str, int])
     if services["web"].get("ports"):
         raise Failed("docker-compose.yml publishes gunicorn directly; only the proxy may face clients")
     for name, port in ports.items():
-        target = 8080 if name == "proxy" else 5555
+        target = {"proxy": 8080, "flower": 5555, "web": 8000}[name]  # web: the contrast, for this test only
         services[name]["ports"] = [f"127.0.0.1:{port}:{target}"]
     for name in ("web", "webhooks"):
         services[name]["environment"]["WEBHOOK_ALLOW_PRIVATE"] = "true"  # the receiver is on this host
@@ -366,11 +369,14 @@ def submit(stack: Stack, api_key: str, photo: bytes) -> requests.Response:
                          files={"image": ("photo.jpg", photo, "image/jpeg")})
 
 
-def hold_slow_clients(port: int, opened: threading.Event, cut: dict[int, float]) -> None:
-    """Open SLOW_CLIENTS connections that each send one more header line every SLOW_LINE_EVERY_S
-    and never finish their request, for at most SLOW_FOR_S; note when the server cut each one."""
+def hold_slow_clients(port: int, opened: threading.Event, cut: dict[int, float], count: int = SLOW_CLIENTS,
+                      for_s: float = SLOW_FOR_S, apart_s: float = 0.0) -> None:
+    """Open ``count`` connections (``apart_s`` apart) that each send one more header line every
+    SLOW_LINE_EVERY_S and never finish their request, for at most ``for_s``; note when the server cut
+    each one."""
     clients = []
-    for _ in range(SLOW_CLIENTS):
+    for _ in range(count):
+        time.sleep(apart_s)
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.sendall(b"POST /api/v1/jobs HTTP/1.1\r\nHost: slow\r\nContent-Type: image/jpeg\r\n")
         sock.setblocking(False)
@@ -382,7 +388,7 @@ def hold_slow_clients(port: int, opened: threading.Event, cut: dict[int, float])
     opened.set()
     next_line = start + SLOW_LINE_EVERY_S
     try:
-        while time.monotonic() - start < SLOW_FOR_S and len(cut) < len(clients):
+        while time.monotonic() - start < for_s and len(cut) < len(clients):
             for key, _ in selector.select(timeout=0.2):  # readable: a 408 or the end of the stream
                 cut[key.data] = time.monotonic() - start
                 selector.unregister(key.fileobj)
@@ -398,6 +404,28 @@ def hold_slow_clients(port: int, opened: threading.Event, cut: dict[int, float])
         selector.close()
         for sock in clients:
             sock.close()
+
+
+def show_gunicorn_alone_jams(web_port: int) -> None:
+    """For contrast (logged, not required): DIRECT_SLOW_CLIENTS slow clients at gunicorn's own port (which
+    docker-compose.yml does not publish; this test's rendering does) hold its threads, and its /healthz
+    waits."""
+    opened, cut = threading.Event(), {}
+    holder = threading.Thread(target=hold_slow_clients, args=(web_port, opened, cut, DIRECT_SLOW_CLIENTS,
+                                                              DIRECT_FOR_S, 0.02), daemon=True)
+    holder.start()
+    opened.wait(timeout=30)
+    time.sleep(1.0)
+    started = time.monotonic()
+    try:
+        direct = f"answered {requests.get(f'http://127.0.0.1:{web_port}/healthz', timeout=PROMPT_S).status_code}"
+    except requests.RequestException:
+        direct = "not answered"
+    log(f"contrast: with {DIRECT_SLOW_CLIENTS} slow clients at gunicorn's own port for {DIRECT_FOR_S:g} s, its "
+        f"/healthz was {direct} after {time.monotonic() - started:.1f} s (limit {PROMPT_S:g} s)")
+    holder.join(timeout=DIRECT_FOR_S + 10)
+    wait_for("gunicorn to answer again once the slow clients left",
+             lambda: requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=5).ok, timeout=60)
 
 
 def check_slow_clients(stack: Stack, api_key: str) -> None:
@@ -488,7 +516,7 @@ def check_nothing_restarted(stack: Stack) -> None:
 
 
 def prove(compose: list[str], redis_image: str) -> None:
-    ports = {"proxy": free_port(), "flower": free_port()}
+    ports = {"proxy": free_port(), "flower": free_port(), "web": free_port()}
     env = {**os.environ, "SECRET_KEY": secrets.token_urlsafe(32), "ADMIN_TOKEN": secrets.token_urlsafe(32),
            "METRICS_TOKEN": secrets.token_urlsafe(32), "WEBHOOK_SECRET": "", "IMGSVC_IMAGE": IMAGE,
            "REDIS_IMAGE": redis_image, "PROXY_IMAGE": PROXY_IMAGE}
@@ -504,6 +532,7 @@ def prove(compose: list[str], redis_image: str) -> None:
         job = classify_cat(stack, api_key, receiver.url)
         check_callback(receiver, secret, job)
         check_metrics(stack)
+        show_gunicorn_alone_jams(ports["web"])
         check_slow_clients(stack, api_key)
         check_scale_to_zero(stack, api_key)
         check_two_workers(stack)
