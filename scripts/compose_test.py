@@ -1,5 +1,7 @@
 """Prove docker-compose.yml on a real engine: build, start, classify a photo, get a signed callback,
-scale to two workers, tear down. Run by `make compose-test` (slow; not part of `make test`).
+hold 200 slow clients at the nginx front door while an upload is answered, leave jobs queued with no
+worker for a minute and scale back to one (they finish), scale to two workers, tear down. Run by
+`make compose-test` (slow; not part of `make test`).
 
 Needs a running Docker engine and Compose (v2 plugin or Debian's docker-compose 1.29). Registry
 images are used when they can be pulled; otherwise the Python base and the Redis image are built
@@ -14,6 +16,7 @@ import io
 import json
 import os
 import secrets
+import selectors
 import shutil
 import socket
 import subprocess
@@ -23,6 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import requests
 import yaml
 from PIL import Image
@@ -35,6 +39,14 @@ PROJECT = "imgsvc-compose-test"
 IMAGE = "imgsvc:compose-test"
 PYTHON_BASE, LOCAL_PYTHON_BASE = "python:3.11-slim", "imgsvc-local/python:3.11-bookworm"
 REDIS_IMAGE, LOCAL_REDIS_IMAGE = "redis:7-alpine", "imgsvc-local/redis:7-bookworm"
+DEBIAN_BASE, LOCAL_DEBIAN_BASE = "debian:bookworm-slim", "imgsvc-local/debian:bookworm"
+PROXY_IMAGE = "imgsvc-proxy:compose-test"
+SLOW_CLIENTS, SLOW_LINE_EVERY_S, SLOW_FOR_S = 200, 3.0, 24.0
+# The same at gunicorn itself (2 processes x 8 threads), for contrast: opened 20 ms apart, so that both
+# processes accept some (a burst can land on one process, leaving the other free).
+DIRECT_SLOW_CLIENTS, DIRECT_FOR_S = 48, 12.0
+PROMPT_S = 5.0  # an upload or /healthz past the slow clients must be answered within this
+NO_WORKER_S, QUEUED_JOBS = 60, 5
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 CAT_LABELS = {"Egyptian cat", "tabby", "tiger cat", "lynx", "Persian cat", "Siamese cat"}
@@ -109,8 +121,9 @@ def debian_image(tag: str, packages: str, changes: list[str], with_host_ca: bool
     tar.unlink()
 
 
-def base_images() -> tuple[str, str]:
-    """Return the Python base and the Redis image: the registry's, or local Debian stand-ins."""
+def base_images() -> tuple[str, str, str]:
+    """Return the Python base, the Redis image and the proxy's Debian base: the registry's, or local
+    Debian stand-ins."""
     python_base = PYTHON_BASE if pulled(PYTHON_BASE) else LOCAL_PYTHON_BASE
     if python_base == LOCAL_PYTHON_BASE:
         # The host's CA bundle: the package index is reached through this host's TLS-inspecting proxy.
@@ -123,7 +136,10 @@ def base_images() -> tuple[str, str]:
                       'exec redis-server \\"$@\\" --protected-mode no; fi; exec \\"$@\\"", "redis-entrypoint"]')
         debian_image(LOCAL_REDIS_IMAGE, "redis-server",
                      ["WORKDIR /data", "EXPOSE 6379", entrypoint, 'CMD ["redis-server"]'], with_host_ca=False)
-    return python_base, redis_image
+    debian_base = DEBIAN_BASE if pulled(DEBIAN_BASE) else LOCAL_DEBIAN_BASE
+    if debian_base == LOCAL_DEBIAN_BASE:  # the proxy's Dockerfile installs Debian's nginx into it
+        debian_image(LOCAL_DEBIAN_BASE, "ca-certificates", ['CMD ["bash"]'], with_host_ca=False)
+    return python_base, redis_image, debian_base
 
 
 def torch_index() -> str:
@@ -142,6 +158,12 @@ def build_image(python_base: str, index: str) -> None:
                   "--build-arg", f"TORCH_INDEX_URL={index}", "-t", IMAGE, str(REPO_ROOT)], timeout=3600)
 
 
+def build_proxy_image(debian_base: str) -> None:
+    log(f"building {PROXY_IMAGE} (Debian's nginx) from {debian_base}")
+    run_streamed(["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={debian_base}",
+                  "-t", PROXY_IMAGE, str(REPO_ROOT / "deploy" / "nginx")], timeout=900)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,8 +180,10 @@ def render_stack(compose: list[str], env: dict[str, str], ports: dict[str, int])
     reservations = services["worker"]["deploy"]["resources"]["reservations"]
     if not reservations.pop("devices", None):
         raise Failed("docker-compose.yml lost the worker's GPU reservation")
+    if services["web"].get("ports"):
+        raise Failed("docker-compose.yml publishes gunicorn directly; only the proxy may face clients")
     for name, port in ports.items():
-        target = 8000 if name == "web" else 5555
+        target = {"proxy": 8080, "flower": 5555, "web": 8000}[name]  # web: the contrast, for this test only
         services[name]["ports"] = [f"127.0.0.1:{port}:{target}"]
     for name in ("web", "webhooks"):
         services[name]["environment"]["WEBHOOK_ALLOW_PRIVATE"] = "true"  # the receiver is on this host
@@ -226,6 +250,7 @@ class Stack:
     """The running compose project: its commands, its web address, its secrets."""
 
     def __init__(self, compose: list[str], file: Path, env: dict[str, str], web_port: int):
+        # web_port: the proxy's published port, the stack's only way in
         self.base = [*compose, "-p", PROJECT, "-f", str(file)]
         self.env, self.web = env, f"http://127.0.0.1:{web_port}"
 
@@ -331,6 +356,157 @@ def check_metrics(stack: Stack) -> None:
     log("/metrics: 401 without a token, the series with METRICS_TOKEN")
 
 
+def noise_jpeg(seed: int) -> bytes:
+    """A photo nobody uploaded before (so a computation, not a cache hit)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def submit(stack: Stack, api_key: str, photo: bytes) -> requests.Response:
+    return requests.post(f"{stack.web}/api/v1/jobs", timeout=30, headers={"Authorization": f"Bearer {api_key}"},
+                         files={"image": ("photo.jpg", photo, "image/jpeg")})
+
+
+def hold_slow_clients(port: int, opened: threading.Event, cut: dict[int, float], count: int = SLOW_CLIENTS,
+                      for_s: float = SLOW_FOR_S, apart_s: float = 0.0) -> None:
+    """Open ``count`` connections (``apart_s`` apart) that each send one more header line every
+    SLOW_LINE_EVERY_S and never finish their request, for at most ``for_s``; note when the server cut
+    each one."""
+    clients = []
+    for _ in range(count):
+        time.sleep(apart_s)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"POST /api/v1/jobs HTTP/1.1\r\nHost: slow\r\nContent-Type: image/jpeg\r\n")
+        sock.setblocking(False)
+        clients.append(sock)
+    selector = selectors.DefaultSelector()
+    for index, sock in enumerate(clients):
+        selector.register(sock, selectors.EVENT_READ, index)
+    start = time.monotonic()
+    opened.set()
+    next_line = start + SLOW_LINE_EVERY_S
+    try:
+        while time.monotonic() - start < for_s and len(cut) < len(clients):
+            for key, _ in selector.select(timeout=0.2):  # readable: a 408 or the end of the stream
+                cut[key.data] = time.monotonic() - start
+                selector.unregister(key.fileobj)
+            if time.monotonic() >= next_line:
+                next_line += SLOW_LINE_EVERY_S
+                for index, sock in enumerate(clients):
+                    if index not in cut:
+                        try:
+                            sock.send(b"X-Slow: 1\r\n")
+                        except OSError:
+                            cut[index] = time.monotonic() - start
+    finally:
+        selector.close()
+        for sock in clients:
+            sock.close()
+
+
+def show_gunicorn_alone_jams(web_port: int) -> None:
+    """For contrast (logged, not required): DIRECT_SLOW_CLIENTS slow clients at gunicorn's own port (which
+    docker-compose.yml does not publish; this test's rendering does) hold its threads, and its /healthz
+    waits."""
+    opened, cut = threading.Event(), {}
+    holder = threading.Thread(target=hold_slow_clients, args=(web_port, opened, cut, DIRECT_SLOW_CLIENTS,
+                                                              DIRECT_FOR_S, 0.02), daemon=True)
+    holder.start()
+    opened.wait(timeout=30)
+    time.sleep(1.0)
+    started = time.monotonic()
+    try:
+        direct = f"answered {requests.get(f'http://127.0.0.1:{web_port}/healthz', timeout=PROMPT_S).status_code}"
+    except requests.RequestException:
+        direct = "not answered"
+    log(f"contrast: with {DIRECT_SLOW_CLIENTS} slow clients at gunicorn's own port for {DIRECT_FOR_S:g} s, its "
+        f"/healthz was {direct} after {time.monotonic() - started:.1f} s (limit {PROMPT_S:g} s)")
+    holder.join(timeout=DIRECT_FOR_S + 10)
+    wait_for("gunicorn to answer again once the slow clients left",
+             lambda: requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=5).ok, timeout=60)
+
+
+def check_slow_clients(stack: Stack, api_key: str) -> None:
+    """With SLOW_CLIENTS connections dribbling header lines at the front door, /healthz and a new
+    upload are answered within PROMPT_S; nginx cuts the slow ones at its header timeout."""
+    opened, cut = threading.Event(), {}
+    port = int(stack.web.rsplit(":", 1)[1])
+    holder = threading.Thread(target=hold_slow_clients, args=(port, opened, cut), daemon=True)
+    holder.start()
+    if not opened.wait(timeout=60):
+        raise Failed(f"could not open {SLOW_CLIENTS} connections to the proxy")
+    opened_at, timings, ids = time.monotonic(), [], []
+    for seed in (1, 2, 3):  # all three while every slow client is still open (nginx cuts them at 10 s)
+        time.sleep(1.0)
+        started = time.monotonic()
+        health = requests.get(f"{stack.web}/healthz", timeout=PROMPT_S)
+        upload = submit(stack, api_key, noise_jpeg(seed))
+        timings.append(round(time.monotonic() - started, 3))
+        if health.status_code != 200 or upload.status_code != 202:
+            raise Failed(f"with slow clients: /healthz {health.status_code}, upload {upload.status_code} "
+                         f"{upload.text[:200]}")
+        ids.append(upload.json()["id"])
+    measured_for = time.monotonic() - opened_at
+    holder.join(timeout=SLOW_FOR_S + 10)
+    open_when_measured = SLOW_CLIENTS - sum(1 for at in cut.values() if at <= measured_for)
+    if max(timings) > PROMPT_S or len(cut) < SLOW_CLIENTS:
+        raise Failed(f"/healthz + upload took {timings} s with {SLOW_CLIENTS} slow clients; the proxy cut "
+                     f"{len(cut)} of them")
+    log(f"{SLOW_CLIENTS} slow clients (a header line every {SLOW_LINE_EVERY_S:g} s): /healthz + a new upload "
+        f"answered in {timings} s with {open_when_measured} of them open; nginx cut all {len(cut)} after "
+        f"{min(cut.values()):.1f}-{max(cut.values()):.1f} s")
+    wait_for("the uploads made past the slow clients to finish",
+             lambda: all(job_status(stack, api_key, job_id) == "done" for job_id in ids), timeout=120)
+
+
+def inference_queue_view(stack: Stack) -> dict:
+    return next(q for q in stack.admin("queues")["queues"] if q["name"].startswith("inference."))
+
+
+def check_scale_to_zero(stack: Stack, api_key: str) -> None:
+    """No worker for NO_WORKER_S: jobs stay queued and the backlog shows them; one worker takes them all."""
+    stack.compose("up", "-d", "--no-build", "--no-recreate", "--scale", "worker=0", timeout=300)
+    wait_for("no live worker in the admin API", lambda: inference_queue_view(stack)["workers"] == 0,
+             timeout=120, interval=2)
+    ids = []
+    for seed in range(100, 100 + QUEUED_JOBS):
+        answer = submit(stack, api_key, noise_jpeg(seed))
+        if answer.status_code != 202:
+            raise Failed(f"an upload with no worker running answered {answer.status_code}: {answer.text[:200]}")
+        ids.append(answer.json()["id"])
+    log(f"no worker: {QUEUED_JOBS} jobs accepted; waiting {NO_WORKER_S} s")
+    time.sleep(NO_WORKER_S)
+    queue = inference_queue_view(stack)
+    statuses = {job_status(stack, api_key, job_id) for job_id in ids}
+    if (queue["depth"], queue["workers"], statuses) != (QUEUED_JOBS, 0, {"queued"}) \
+            or queue["backlog_per_worker"] != QUEUED_JOBS or queue["oldest_age_s"] < NO_WORKER_S:
+        raise Failed(f"after {NO_WORKER_S} s without a worker: queue {queue}, job statuses {statuses}")
+    metrics = requests.get(f"{stack.web}/metrics", timeout=10,
+                           headers={"Authorization": f"Bearer {stack.env['METRICS_TOKEN']}"}).text
+    backlog = [line for line in metrics.splitlines()
+               if line.startswith(f'imgsvc_queue_backlog_per_worker{{queue="{queue["name"]}"}}')]
+    log(f"after {NO_WORKER_S} s: {queue}; /metrics: {backlog}")
+    started = time.monotonic()
+    stack.compose("up", "-d", "--no-build", "--no-recreate", "--scale", "worker=1", timeout=300)
+
+    def all_done():
+        statuses = [job_status(stack, api_key, job_id) for job_id in ids]
+        if "failed" in statuses:
+            raise Failed(f"a queued job failed once a worker came: {statuses}")
+        return statuses if set(statuses) == {"done"} else None
+
+    wait_for(f"the {QUEUED_JOBS} queued jobs to finish on a new worker", all_done, timeout=300, interval=2)
+    log(f"--scale worker=1: all {QUEUED_JOBS} queued jobs done {time.monotonic() - started:.0f} s later "
+        f"(model load included); queue now {inference_queue_view(stack)}")
+
+
+def job_status(stack: Stack, api_key: str, job_id: str) -> str:
+    return requests.get(f"{stack.web}/api/v1/jobs/{job_id}", timeout=10,
+                        headers={"Authorization": f"Bearer {api_key}"}).json()["status"]
+
+
 def check_nothing_restarted(stack: Stack) -> None:
     for container in stack.containers():
         state, name = container["State"], container["Name"].lstrip("/")
@@ -339,11 +515,12 @@ def check_nothing_restarted(stack: Stack) -> None:
     log("every service container is running and none restarted")
 
 
-def prove(compose: list[str], python_base: str, redis_image: str) -> None:
-    ports = {"web": free_port(), "flower": free_port()}
+def prove(compose: list[str], redis_image: str) -> None:
+    ports = {"proxy": free_port(), "flower": free_port(), "web": free_port()}
     env = {**os.environ, "SECRET_KEY": secrets.token_urlsafe(32), "ADMIN_TOKEN": secrets.token_urlsafe(32),
-           "METRICS_TOKEN": secrets.token_urlsafe(32), "WEBHOOK_SECRET": "", "IMGSVC_IMAGE": IMAGE, "REDIS_IMAGE": redis_image}
-    stack = Stack(compose, render_stack(compose, env, ports), env, ports["web"])
+           "METRICS_TOKEN": secrets.token_urlsafe(32), "WEBHOOK_SECRET": "", "IMGSVC_IMAGE": IMAGE,
+           "REDIS_IMAGE": redis_image, "PROXY_IMAGE": PROXY_IMAGE}
+    stack = Stack(compose, render_stack(compose, env, ports), env, ports["proxy"])
     receiver = None
     try:
         stack.compose("up", "-d", "--no-build", timeout=300)
@@ -355,6 +532,9 @@ def prove(compose: list[str], python_base: str, redis_image: str) -> None:
         job = classify_cat(stack, api_key, receiver.url)
         check_callback(receiver, secret, job)
         check_metrics(stack)
+        show_gunicorn_alone_jams(ports["web"])
+        check_slow_clients(stack, api_key)
+        check_scale_to_zero(stack, api_key)
         check_two_workers(stack)
         requests.get(f"http://127.0.0.1:{ports['flower']}/", timeout=10).raise_for_status()
         check_nothing_restarted(stack)
@@ -380,10 +560,11 @@ def main() -> int:
             raise Failed("No Docker engine answers. As root: dockerd --storage-driver overlay2 "
                          "> /var/log/dockerd.log 2>&1 &   (see the deployment docs)")
         compose = compose_command()
-        python_base, redis_image = base_images()
+        python_base, redis_image, debian_base = base_images()
         build_image(python_base, torch_index())
-        log(f"image ready after {time.monotonic() - started:.0f} s")
-        prove(compose, python_base, redis_image)
+        build_proxy_image(debian_base)
+        log(f"images ready after {time.monotonic() - started:.0f} s")
+        prove(compose, redis_image)
     except Failed as exc:
         log(f"FAILED after {time.monotonic() - started:.0f} s: {exc}")
         return 1

@@ -1,4 +1,5 @@
-"""Read the fleet's live state from Redis: worker heartbeats grouped by Celery node, queue depths and ages.
+"""Read the fleet's live state from Redis: worker heartbeats grouped by Celery node; each queue's depth,
+oldest waiting job's age, live consuming workers and backlog per worker.
 
 Both the admin API and the metrics endpoints read it; nothing here talks to a worker directly.
 """
@@ -102,19 +103,57 @@ def _enqueued_at(raw: bytes | None) -> float | None:
         return None  # a message without our field (e.g. a webhook delivery): age unknown
 
 
-def queues(client: redis.Redis, names: list[str], now: float | None = None) -> list[dict]:
-    """Return each queue's depth and the age of its oldest waiting message (seconds, or None)."""
+# One round trip for the whole queue view: each queue's depth and oldest message (kombu LPUSHes and
+# consumers pop from the right, so the oldest is at index -1), and the live children with their node,
+# models and whether the node is draining, from the ``workers`` set and each heartbeat.
+# KEYS: the workers set, the webhook workers set, then the queues. ARGV: the oldest live heartbeat
+# score, the heartbeat key prefix, the drain key prefix.
+_SNAPSHOT = """
+local children = {}
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+  local node, models = unpack(redis.call('HMGET', ARGV[2] .. name, 'node', 'models'))
+  if models then
+    table.insert(children, {node or '', models, node and redis.call('EXISTS', ARGV[3] .. node) or 0})
+  end
+end
+local queues = {}
+for i = 3, #KEYS do
+  table.insert(queues, {redis.call('LLEN', KEYS[i]), redis.call('LINDEX', KEYS[i], -1) or false})
+end
+return {children, queues, redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')}
+"""
+
+
+def _serving(children: list) -> dict[str, int]:
+    """Count, per inference queue, the live children of nodes not draining that consume it."""
+    counts: dict[str, int] = {}
+    for _node, models, draining in children:
+        if not int(draining):
+            for model in json.loads(models):
+                counts[inference_queue(model)] = counts.get(inference_queue(model), 0) + 1
+    return counts
+
+
+def queues(client: redis.Redis, names: list[str], *, ttl_s: int, now: float | None = None) -> list[dict]:
+    """Return each queue's depth, the age of its oldest waiting message (seconds, or None), the live
+    workers consuming it and its backlog per worker, in one round trip.
+
+    ``workers`` counts the pool children of nodes not being drained for an inference queue, the live
+    webhook worker nodes for the webhooks queue. ``backlog_per_worker`` is depth / workers and, with
+    no worker, the whole depth: what the first worker to start will face (the idea behind SageMaker's
+    ApproximateBacklogSizePerInstance).
+    """
     now = time.time() if now is None else now
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.llen(name)
-        pipe.lindex(name, -1)  # LPUSH in, consumed from the right: the oldest is the last element
-    replies = pipe.execute()
+    children, replies, webhook_workers = client.register_script(_SNAPSHOT)(
+        keys=[WORKERS_KEY, WEBHOOK_WORKERS_KEY, *names], args=[now - ttl_s, worker_key(""), drain_key("")])
+    serving = _serving(children)
     result = []
-    for index, name in enumerate(names):
-        depth, oldest = replies[2 * index], _enqueued_at(replies[2 * index + 1])
+    for name, (depth, oldest) in zip(names, replies):
+        oldest = _enqueued_at(oldest)
         age = round(max(0.0, now - oldest), 3) if oldest is not None and depth else None
-        result.append({"name": name, "depth": int(depth), "oldest_age_s": age})
+        workers = int(webhook_workers) if name == WEBHOOK_QUEUE else serving.get(name, 0)
+        result.append({"name": name, "depth": int(depth), "oldest_age_s": age, "workers": workers,
+                       "backlog_per_worker": round(int(depth) / max(workers, 1), 3)})
     return result
 
 

@@ -101,10 +101,18 @@ class FleetCollector:
         age = GaugeMetricFamily("imgsvc_queue_oldest_age_seconds",
                                 "Age of the oldest waiting message (0 when empty or unknown).",
                                 labels=["queue"])
-        for queue in fleet.queues(self.client, names):
+        workers = GaugeMetricFamily("imgsvc_queue_workers",
+                                    "Live workers consuming a queue (pool children of nodes not draining; "
+                                    "webhook worker nodes for the webhooks queue).", labels=["queue"])
+        backlog = GaugeMetricFamily("imgsvc_queue_backlog_per_worker",
+                                    "Waiting messages per live worker consuming the queue (the whole depth "
+                                    "when none does): the signal to scale on.", labels=["queue"])
+        for queue in fleet.queues(self.client, names, ttl_s=self.ttl_s):
             depth.add_metric([queue["name"]], queue["depth"])
             age.add_metric([queue["name"]], queue["oldest_age_s"] or 0.0)
-        return [depth, age]
+            workers.add_metric([queue["name"]], queue["workers"])
+            backlog.add_metric([queue["name"]], queue["backlog_per_worker"])
+        return [depth, age, workers, backlog]
 
 
 def registry_for(client: redis.Redis, *, ttl_s: int, models, worker: str | None = None) -> CollectorRegistry:

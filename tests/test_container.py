@@ -169,7 +169,8 @@ def compose_services() -> dict[str, dict]:
 
 
 def built_services() -> list[str]:
-    return [name for name, spec in compose_services().items() if "build" in spec]
+    """Services built from our Dockerfile (the proxy has its own, deploy/nginx)."""
+    return [name for name, spec in compose_services().items() if spec.get("build") == "."]
 
 
 def service_commands(name: str) -> list[list[str]]:

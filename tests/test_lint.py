@@ -6,7 +6,7 @@ import sys
 
 from shared.settings import REPO_ROOT
 
-PACKAGES = ("web", "shared", "worker", "webhooks", "client", "tools", "bench", "scripts", "tests")
+PACKAGES = ("web", "shared", "worker", "webhooks", "client", "tools", "bench", "scripts", "tests", "deploy")
 
 
 def test_pyflakes_finds_nothing():

@@ -80,8 +80,11 @@ def _model_names() -> list[str]:
 
 @bp.get(f"{API}/queues")
 def list_queues():
-    """Depth and oldest waiting job's age of each model's queue and the webhooks queue."""
-    return jsonify({"queues": fleet.queues(services().redis, fleet.known_queues(_model_names()))})
+    """Depth, oldest waiting job's age, live workers and backlog per worker of each model's queue and
+    the webhooks queue."""
+    svc = services()
+    return jsonify({"queues": fleet.queues(svc.redis, fleet.known_queues(_model_names()),
+                                           ttl_s=svc.settings.worker_ttl_s)})
 
 
 @bp.get(f"{API}/stats")

@@ -417,9 +417,15 @@ def admin_schemas() -> dict:
             "workers": {"type": "array", "items": ref("WorkerNode")},
             "webhook_workers": {"type": "array", "items": ref("WebhookWorker")}}},
         "QueueList": {"type": "object", "required": ["queues"], "properties": {"queues": {
-            "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s"],
+            "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s", "workers",
+                                                                      "backlog_per_worker"],
                                        "properties": {"name": {"type": "string"}, "depth": counts,
-                                                      "oldest_age_s": nullable_ms}}}}},
+                                                      "oldest_age_s": nullable_ms,
+                                                      "workers": {**counts, "description": (
+                                                          "live workers consuming the queue: children of "
+                                                          "nodes not draining (webhook nodes for webhooks)")},
+                                                      "backlog_per_worker": {"type": "number", "description": (
+                                                          "depth / workers; the whole depth with no worker")}}}}}},
         "WindowStats": {"type": "object", "required": ["models", "cache"], "properties": {
             "models": {"type": "object", "additionalProperties": {"type": "object", "properties": {
                 "done": counts, "failed": counts, "per_second": {"type": "number"},
@@ -470,7 +476,8 @@ def admin_paths(settings: Settings) -> dict:
     return {
         "/api/v1/admin/workers": read("adminWorkers", "Live workers with their children's heartbeats",
                                       "WorkerList"),
-        "/api/v1/admin/queues": read("adminQueues", "Queue depths and oldest waiting job ages", "QueueList"),
+        "/api/v1/admin/queues": read("adminQueues", "Queue depths, oldest waiting job ages, backlog per worker",
+                                     "QueueList"),
         "/api/v1/admin/stats": read("adminStats", "Throughput, latency and cache for 1/5/60 minutes",
                                     "FleetStats"),
         "/api/v1/admin/workers/{name}/grow": action("adminGrow", "Add children to a worker's pool", step),
