@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared import redisconn, stats
-from shared.jobscripts import FINISH, START, SUBMIT
+from shared.jobscripts import CLAIM, FINISH, SUBMIT
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STATS_KEY,
                          Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
@@ -54,7 +54,7 @@ class Claim:
 
     already_done: bool
     image: bytes | None
-    attempt: int  # 1 on the first delivery; more after deliveries that crashed their worker
+    attempt: int  # 1 on the first delivery; more after deliveries that crashed; 0: not in flight (not counted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ class JobStore:
         self.inflight_ttl_s = inflight_ttl_s
         self.image_ttl_s = image_ttl_s
         self._submit = client.register_script(SUBMIT)
-        self._start = client.register_script(START)
+        self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
 
     @classmethod
@@ -168,9 +168,8 @@ class JobStore:
             return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
-            fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
-            if self.split:
-                fields["result"] = rest[0].decode()
+            fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key,
+                          result=rest[0].decode())
             if fields.get("announce"):
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
@@ -199,24 +198,30 @@ class JobStore:
 
     def claim_batch(self, comps: list[Computation], owner: str = "",
                     drain_key: str | None = None) -> tuple[list[Claim], bool]:
-        """``claim``, and in the same round trip whether ``drain_key`` is set (the node is draining)."""
+        """``claim``, and in the same round trip whether ``drain_key`` is set (the node is draining).
+
+        Copies of one computation's message in one batch (a message restored late beside its
+        second sending) are one delivery: it is claimed, and counts an attempt, once; the copies
+        after the first are reported already done, so that only the first is computed.
+        """
         pipe = self.redis.pipeline(transaction=False)
         if drain_key is not None:
             pipe.exists(drain_key)
-        now = utc_now()
-        deadline = time.time() + self.stuck_after_s
-        for comp in comps:
-            pipe.zadd(COMPUTATIONS_KEY, {comp.suffix: deadline}, xx=True)
-            pipe.set(comp.owner_key, owner, ex=self.stuck_after_s)
-            self._start(keys=[comp.attached_key], args=[job_key(""), now], client=pipe)
-            pipe.exists(comp.result_key)
-            pipe.get(comp.image_key)
-            pipe.incr(comp.attempts_key)
-            pipe.expire(comp.attempts_key, self.inflight_ttl_s)
+        now, deadline = utc_now(), time.time() + self.stuck_after_s
+        distinct = list(dict.fromkeys(comps))
+        for comp in distinct:
+            self._claim(keys=[COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key,
+                              comp.image_key, comp.attempts_key],
+                        args=[comp.suffix, deadline, owner, self.stuck_after_s, job_key(""), now,
+                              self.inflight_ttl_s], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        return [Claim(bool(replies[i + 3]), replies[i + 4], int(replies[i + 5]))
-                for i in range(0, len(replies), 7)], draining
+        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt) in zip(distinct, replies)}
+        answers, seen = [], set()
+        for comp in comps:
+            answers.append(Claim(True, None, claims[comp].attempt) if comp in seen else claims[comp])
+            seen.add(comp)
+        return answers, draining
 
     def finish(self, comp: Computation, result: dict, picture: Picture = None) -> list[str]:
         """Store the result (and the overlay's picture) and mark every attached job done; return their ids."""
@@ -323,7 +328,7 @@ class JobStore:
         jobs = [{k.decode(): v.decode() for k, v in f.items()} or None for f in pipe.execute()]
         jobs = [f if f and (owner is None or f.get("owner", "") == owner) else None for f in jobs]
         stored = [f for f in jobs if f and "result_key" in f and "result" not in f]
-        for fields in stored:  # with one server; with two, each job holds its own answer
+        for fields in stored:  # a job settled by an older version; every job now holds its own answer
             pipe.get(fields["result_key"])
         results = dict(zip(map(id, stored), pipe.execute()))
         return [None if f is None else (f, job_json(f, f["result"] if "result" in f else results.get(id(f))))
