@@ -21,6 +21,7 @@ from redis.retry import Retry
 
 from shared import redisconn, stats
 from shared.jobscripts import CLAIM, FINISH, SUBMIT
+from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STATS_KEY,
                          Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
@@ -46,35 +47,6 @@ def utc_now(timestamp: float | None = None) -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    """What a worker finds when it starts a computation."""
-
-    already_done: bool
-    image: bytes | None
-    attempt: int  # 1 on the first delivery; more after deliveries that crashed; 0: not in flight (not counted)
-
-
-@dataclasses.dataclass(frozen=True)
-class JobContext:
-    """Who submitted a job and whom to tell when it settles."""
-
-    owner: str = ""  # API key id; "" for anonymous jobs (each key sees only its own jobs)
-    callback_url: str | None = None
-    batch_id: str | None = None
-
-    def fields(self) -> dict[str, str]:
-        """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
-        fields = {"owner": self.owner}
-        if self.callback_url:
-            fields["callback_url"] = self.callback_url
-        if self.batch_id:
-            fields["batch_id"] = self.batch_id
-        if self.callback_url or self.batch_id:
-            fields["announce"] = "1"
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +103,18 @@ class JobStore:
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
                job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
-               max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None) -> Submission:
+               max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None,
+               key: KeyRecord | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
         nor their header check, and anything else answers ``miss`` without writing. With them, a
         miss starts the computation, unless ``queue`` already holds ``max_queue_depth`` tasks
         (then ``overloaded``, nothing written) or the uploads waiting for workers would pass
-        ``max_queued_bytes`` (``overloaded_bytes``). A job it writes is counted with ``count``. One
-        round trip either way; the returned fields are what the script wrote, so the caller
-        answers without reading the job back.
+        ``max_queued_bytes`` (``overloaded_bytes``). A job it writes is counted with ``count``, and
+        its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
+        written) when that key no longer holds this request's claim. One round trip either way; the
+        returned fields are what the script wrote, so the caller answers without reading the job back.
         """
         job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
@@ -157,14 +131,15 @@ class JobStore:
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
                   comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys,
-                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY],
+                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, key.name if key else "-"],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], image_json, image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
-                  *count_args, given, "1" if self.split else "0", max_queued_bytes, *extra],
+                  *count_args, given, "1" if self.split else "0", max_queued_bytes,
+                  *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)), *extra],
         )
         outcome = outcome.decode()
-        if outcome in ("overloaded", "overloaded_bytes"):
+        if outcome in ("overloaded", "overloaded_bytes", "key_lost"):
             return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":

@@ -20,8 +20,18 @@ if image_json == '' then image_json = redis.call('GET', meta) end
 -- is another one (it may evict results: the header facts live there too).
 -- ARGV[21]: the most bytes of uploads that may wait for workers (0: no limit).
 local given, split, max_bytes = ARGV[19], ARGV[20] == '1', tonumber(ARGV[21])
+-- KEYS[14]: the request's Idempotency-Key record ('-': none), ARGV[22]: the pending claim it must
+-- still hold, ARGV[23..25]: the answer to store over it when cached (200) or queued (202), its TTL.
+-- The job and its key's answer are written in this one step, or neither is.
+local key_name = KEYS[14]
+if key_name ~= '-' and redis.call('GET', key_name) ~= ARGV[22] then
+  return {'key_lost', ''}  -- its lease ran out and another request holds the key now
+end
+local function remember(record)
+  if key_name ~= '-' then redis.call('SET', key_name, record, 'EX', tonumber(ARGV[25])) end
+end
 local function write_job(status, extra)
-  for i = 22, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 26, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -46,6 +56,7 @@ if cached then
   -- the job keeps its own copy of the answer: the cached result may expire, be evicted or purged,
   -- and be computed again with other timings, but what this job answered never changes
   write_job('done', {'cached', '1', 'finished_at', now, 'result_key', result_key, 'result', cached})
+  remember(ARGV[23])
   if redis.call('HGET', job, 'announce') == '1' then
     redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
   end
@@ -56,6 +67,7 @@ if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
   redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
+  remember(ARGV[24])
   count(false)
   return {'attached', image_json}
 end
@@ -81,6 +93,7 @@ redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
 redis.call('INCRBY', KEYS[12], #image_bytes - counted)
 redis.call('HSET', KEYS[13], ARGV[11], #image_bytes)
+remember(ARGV[24])
 count(false)
 if waiting then return {'attached', image_json} end
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
