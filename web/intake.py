@@ -15,10 +15,11 @@ from shared.cards import ModelCard
 from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded,
                            PayloadTooLarge, Unavailable)
 from shared.jobs import JobContext, Submission, new_job_id
-from shared.keys import Computation, OutputOptions, image_digest
+from shared.keys import Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
 from shared.tasks import inference_queue, send_inference
 from web import auth
+from web.durability import remember_written
 from web.idempotency import Created, Lease, check_key, fingerprint
 from web.upload import ImageInfo, inspect_image
 
@@ -151,6 +152,7 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     if submission.outcome == "key_lost":
         raise IdempotencyInProgress("Another request holds this Idempotency-Key (this one's claim ran out, "
                                     "IDEMPOTENCY_LEASE_S); retry shortly.", retry_after_s=1)
+    remember_written(job_key(submission.job_id))
     if in_use:
         in_use.stored = True
     if submission.outcome == "new":
@@ -199,7 +201,7 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
     it is a replay. The key belongs to one endpoint: the same key on the other is refused (422)."""
     raw_key = request.headers.get("Idempotency-Key")
     if raw_key is None:
-        return create(), False
+        return _made(create()), False
     key, store = check_key(raw_key), services().idempotency
     lease = store.begin(auth.owner(), key, request_print, kind)
     if isinstance(lease, Created):
@@ -217,4 +219,10 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
         g.pop("idempotent_job", None)
     if in_use is None or not in_use.stored:  # a batch: its answer is stored once it is made
         store.complete(lease, request_print, created)
-    return created, False
+    return _made(created), False
+
+
+def _made(created: Created) -> Created:
+    if created.kind == "batch":  # its jobs are noted as accept() writes them
+        remember_written(batch_key(created.id))
+    return created
