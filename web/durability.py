@@ -72,8 +72,8 @@ class Durability:
         fsync_always = _always(config)
         if fsync_always or (isinstance(acked, int) and acked >= 1):
             return  # on this server's disk, or on a replica of it too
-        if fsync_always is None and not expected:
-            return  # CONFIG refused (managed Redis), no replica: as trusted at start-up (a warning said so)
+        if fsync_always is None and self.fsync_always is None and not expected:
+            return  # CONFIG refused (managed Redis) now and at start-up, no replica: trusted (a warning said so)
         with self._lock:
             self._checked = 0.0  # the replica may be gone: count again next time
         raise Unavailable("No replica confirmed the job in time and the job store does not fsync every write "
