@@ -20,7 +20,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared import redisconn, stats
-from shared.jobscripts import FINISH, START, SUBMIT
+from shared.jobscripts import CLAIM, FINISH, SUBMIT
+from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STATS_KEY,
                          Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
@@ -46,35 +47,6 @@ def utc_now(timestamp: float | None = None) -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    """What a worker finds when it starts a computation."""
-
-    already_done: bool
-    image: bytes | None
-    attempt: int  # 1 on the first delivery; more after deliveries that crashed their worker
-
-
-@dataclasses.dataclass(frozen=True)
-class JobContext:
-    """Who submitted a job and whom to tell when it settles."""
-
-    owner: str = ""  # API key id; "" for anonymous jobs (each key sees only its own jobs)
-    callback_url: str | None = None
-    batch_id: str | None = None
-
-    def fields(self) -> dict[str, str]:
-        """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
-        fields = {"owner": self.owner}
-        if self.callback_url:
-            fields["callback_url"] = self.callback_url
-        if self.batch_id:
-            fields["batch_id"] = self.batch_id
-        if self.callback_url or self.batch_id:
-            fields["announce"] = "1"
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +87,7 @@ class JobStore:
         self.inflight_ttl_s = inflight_ttl_s
         self.image_ttl_s = image_ttl_s
         self._submit = client.register_script(SUBMIT)
-        self._start = client.register_script(START)
+        self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
 
     @classmethod
@@ -131,16 +103,18 @@ class JobStore:
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
                job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
-               max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None) -> Submission:
+               max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None,
+               key: KeyRecord | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
         nor their header check, and anything else answers ``miss`` without writing. With them, a
         miss starts the computation, unless ``queue`` already holds ``max_queue_depth`` tasks
         (then ``overloaded``, nothing written) or the uploads waiting for workers would pass
-        ``max_queued_bytes`` (``overloaded_bytes``). A job it writes is counted with ``count``. One
-        round trip either way; the returned fields are what the script wrote, so the caller
-        answers without reading the job back.
+        ``max_queued_bytes`` (``overloaded_bytes``). A job it writes is counted with ``count``, and
+        its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
+        written) when that key no longer holds this request's claim. One round trip either way; the
+        returned fields are what the script wrote, so the caller answers without reading the job back.
         """
         job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
@@ -157,20 +131,20 @@ class JobStore:
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
                   comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys,
-                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY],
+                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, key.name if key else "-"],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], image_json, image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
-                  *count_args, given, "1" if self.split else "0", max_queued_bytes, *extra],
+                  *count_args, given, "1" if self.split else "0", max_queued_bytes,
+                  *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)), *extra],
         )
         outcome = outcome.decode()
-        if outcome in ("overloaded", "overloaded_bytes"):
+        if outcome in ("overloaded", "overloaded_bytes", "key_lost"):
             return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
-            fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key)
-            if self.split:
-                fields["result"] = rest[0].decode()
+            fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key,
+                          result=rest[0].decode())
             if fields.get("announce"):
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
@@ -199,24 +173,30 @@ class JobStore:
 
     def claim_batch(self, comps: list[Computation], owner: str = "",
                     drain_key: str | None = None) -> tuple[list[Claim], bool]:
-        """``claim``, and in the same round trip whether ``drain_key`` is set (the node is draining)."""
+        """``claim``, and in the same round trip whether ``drain_key`` is set (the node is draining).
+
+        Copies of one computation's message in one batch (a message restored late beside its
+        second sending) are one delivery: it is claimed, and counts an attempt, once; the copies
+        after the first are reported already done, so that only the first is computed.
+        """
         pipe = self.redis.pipeline(transaction=False)
         if drain_key is not None:
             pipe.exists(drain_key)
-        now = utc_now()
-        deadline = time.time() + self.stuck_after_s
-        for comp in comps:
-            pipe.zadd(COMPUTATIONS_KEY, {comp.suffix: deadline}, xx=True)
-            pipe.set(comp.owner_key, owner, ex=self.stuck_after_s)
-            self._start(keys=[comp.attached_key], args=[job_key(""), now], client=pipe)
-            pipe.exists(comp.result_key)
-            pipe.get(comp.image_key)
-            pipe.incr(comp.attempts_key)
-            pipe.expire(comp.attempts_key, self.inflight_ttl_s)
+        now, deadline = utc_now(), time.time() + self.stuck_after_s
+        distinct = list(dict.fromkeys(comps))
+        for comp in distinct:
+            self._claim(keys=[COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key,
+                              comp.image_key, comp.attempts_key],
+                        args=[comp.suffix, deadline, owner, self.stuck_after_s, job_key(""), now,
+                              self.inflight_ttl_s], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        return [Claim(bool(replies[i + 3]), replies[i + 4], int(replies[i + 5]))
-                for i in range(0, len(replies), 7)], draining
+        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt) in zip(distinct, replies)}
+        answers, seen = [], set()
+        for comp in comps:
+            answers.append(Claim(True, None, claims[comp].attempt) if comp in seen else claims[comp])
+            seen.add(comp)
+        return answers, draining
 
     def finish(self, comp: Computation, result: dict, picture: Picture = None) -> list[str]:
         """Store the result (and the overlay's picture) and mark every attached job done; return their ids."""
@@ -323,7 +303,7 @@ class JobStore:
         jobs = [{k.decode(): v.decode() for k, v in f.items()} or None for f in pipe.execute()]
         jobs = [f if f and (owner is None or f.get("owner", "") == owner) else None for f in jobs]
         stored = [f for f in jobs if f and "result_key" in f and "result" not in f]
-        for fields in stored:  # with one server; with two, each job holds its own answer
+        for fields in stored:  # a job settled by an older version; every job now holds its own answer
             pipe.get(fields["result_key"])
         results = dict(zip(map(id, stored), pipe.execute()))
         return [None if f is None else (f, job_json(f, f["result"] if "result" in f else results.get(id(f))))

@@ -2,9 +2,10 @@
 
 - ``SUBMIT``: answer an upload from the cache, attach it to the identical computation in flight, or
   start a new computation (job record, upload, single-flight keys, queued-bytes bound), in one step.
-- ``START``: mark a computation's attached jobs running.
+- ``CLAIM``: a worker starts a computation: its jobs running, its owner, one more attempt.
 - ``FINISH``: settle every attached job of a computation (done with its result, or failed), keep the
   result (the first written stands), and release the single-flight and queued-bytes bookkeeping.
+- ``RECONCILE_QUEUED_BYTES``: the sweeper's recount of the uploads waiting for workers.
 
 Their keys and arguments are passed by JobStore; read them beside the method that calls each.
 """
@@ -15,12 +16,22 @@ local result_key, inflight, attached, job, image, meta =
 local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, image_json, image_bytes =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if image_json == '' then image_json = redis.call('GET', meta) end
--- ARGV[19]: a result the caller read from the cache server (CACHE_URL); ARGV[20] '1': results
--- are copied into the job records (the cache may evict them; a job must keep its answer).
+-- ARGV[19]: a result the caller read from the cache server (CACHE_URL); ARGV[20] '1': that server
+-- is another one (it may evict results: the header facts live there too).
 -- ARGV[21]: the most bytes of uploads that may wait for workers (0: no limit).
-local given, inline, max_bytes = ARGV[19], ARGV[20] == '1', tonumber(ARGV[21])
+local given, split, max_bytes = ARGV[19], ARGV[20] == '1', tonumber(ARGV[21])
+-- KEYS[14]: the request's Idempotency-Key record ('-': none), ARGV[22]: the pending claim it must
+-- still hold, ARGV[23..25]: the answer to store over it when cached (200) or queued (202), its TTL.
+-- The job and its key's answer are written in this one step, or neither is.
+local key_name = KEYS[14]
+if key_name ~= '-' and redis.call('GET', key_name) ~= ARGV[22] then
+  return {'key_lost', ''}  -- its lease ran out and another request holds the key now
+end
+local function remember(record)
+  if key_name ~= '-' then redis.call('SET', key_name, record, 'EX', tonumber(ARGV[25])) end
+end
 local function write_job(status, extra)
-  for i = 22, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 26, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -39,12 +50,13 @@ if image_json then
   if given ~= '' then cached = given else cached = redis.call('GET', result_key) end
 end
 if cached then
-  if not inline and redis.call('EXISTS', meta) == 0 then
+  if not split and redis.call('EXISTS', meta) == 0 then
     redis.call('SET', meta, image_json, 'EX', math.max(1, redis.call('TTL', result_key)))
   end
-  local extra = {'cached', '1', 'finished_at', now, 'result_key', result_key}
-  if inline then table.insert(extra, 'result'); table.insert(extra, cached) end
-  write_job('done', extra)
+  -- the job keeps its own copy of the answer: the cached result may expire, be evicted or purged,
+  -- and be computed again with other timings, but what this job answered never changes
+  write_job('done', {'cached', '1', 'finished_at', now, 'result_key', result_key, 'result', cached})
+  remember(ARGV[23])
   if redis.call('HGET', job, 'announce') == '1' then
     redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
   end
@@ -55,16 +67,22 @@ if image_json and redis.call('EXISTS', inflight) == 1 then
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
   redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
+  remember(ARGV[24])
   count(false)
   return {'attached', image_json}
 end
 if image_bytes == '' then
   return {'miss', ''}
 end
-if tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
+-- Still in flight though its inflight: entry expired (no worker took it for INFLIGHT_TTL_S): the
+-- computation keeps its one message (the sweeper sends it again if it is lost) and its bytes are
+-- counted once; this upload joins it, as if inflight: had been there.
+local waiting = redis.call('ZSCORE', KEYS[7], ARGV[11])
+if not waiting and tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
   return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
 end
-if max_bytes > 0 and tonumber(redis.call('GET', KEYS[12]) or '0') + #image_bytes > max_bytes then
+local counted = tonumber(redis.call('HGET', KEYS[13], ARGV[11]) or '0')
+if max_bytes > 0 and tonumber(redis.call('GET', KEYS[12]) or '0') + #image_bytes - counted > max_bytes then
   return {'overloaded_bytes', ''}  -- the uploads waiting already take MAX_QUEUED_MB
 end
 write_job('queued', {'cached', '0'})
@@ -73,47 +91,63 @@ redis.call('RPUSH', attached, job_id)
 redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
-redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
-redis.call('INCRBY', KEYS[12], #image_bytes)
+redis.call('INCRBY', KEYS[12], #image_bytes - counted)
 redis.call('HSET', KEYS[13], ARGV[11], #image_bytes)
+remember(ARGV[24])
 count(false)
+if waiting then return {'attached', image_json} end
+redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
 return {'new', image_json}
 """
 
-START = """
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, id in ipairs(ids) do
-  local job = ARGV[1] .. id
-  if redis.call('HGET', job, 'status') == 'queued' then
-    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[2])
+# KEYS: computations, owner, attached, result, image, attempts. ARGV: suffix, deadline, owner,
+# owner TTL, job key prefix, now, attempts TTL. Returns {already done, the upload's bytes, attempt}.
+# Only a computation still in flight (jobs attached, no result yet) gets an owner and counts an
+# attempt: a late copy of a finished computation's message changes nothing (attempt 0), so it
+# cannot recreate ``attempts:`` for the next upload of the same image.
+CLAIM = """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+local done = redis.call('EXISTS', KEYS[4]) == 1
+local attempt = 0
+if not done and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+  for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+    local job = ARGV[5] .. id
+    if redis.call('HGET', job, 'status') == 'queued' then
+      redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[6])
+    end
   end
+  attempt = redis.call('INCR', KEYS[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
 end
-return ids
+return {done and 1 or 0, redis.call('GET', KEYS[5]) or false, attempt}
 """
 
 FINISH = """
 local inflight, attached, image = KEYS[1], KEYS[2], KEYS[3]
 local job_prefix, now, status, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local inline = ARGV[11] == '1'  -- two servers: each job keeps its answer; the worker fills the cache
+local split = ARGV[11] == '1'  -- two servers: the worker fills the cache from what this returns
 local copy = {}  -- for the cache: the header facts and (mode 'original') the upload itself
-if inline and status == 'done' then
+if split and status == 'done' then
   copy = {redis.call('GET', KEYS[7]) or false, ARGV[10] == 'original' and redis.call('GET', image) or false}
 end
+local answer = ARGV[5]  -- what the jobs keep: each done job holds its own copy of its answer
 if status == 'done' then
   -- The first answer stands (NX): a second computation of the same work finishing later (a worker
   -- cut off from Redis while the sweeper had it done elsewhere, whose writes arrive when its link
   -- comes back) must not change the result, or its picture, of jobs already reported done.
   if redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl, 'NX') then
     -- the picture gradcam.png is drawn on: the upload itself (renamed, no copy) or a thumbnail;
-    -- with a cache server of its own (inline), the worker copies it there instead
-    if not inline and ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
+    -- with a cache server of its own (split), the worker copies it there instead
+    if not split and ARGV[10] == 'original' and redis.call('EXISTS', image) == 1 then
       redis.call('RENAME', image, KEYS[5])
       redis.call('EXPIRE', KEYS[5], ttl)
-    elseif not inline and ARGV[10] == 'thumbnail' then
+    elseif not split and ARGV[10] == 'thumbnail' then
       redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl)
     end
   else
-    copy = {}  -- answered before: the cache keeps the first answer as well
+    copy = {}  -- answered before: the cache keeps the first answer as well, and so do the jobs
+    answer = redis.call('GET', KEYS[4])
   end
   redis.call('EXPIRE', KEYS[7], ttl)
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
@@ -135,10 +169,8 @@ for _, id in ipairs(ids) do
     local notify = ARGV[8] .. id
     redis.call('RPUSH', notify, status)
     redis.call('EXPIRE', notify, 60)
-    if status == 'done' and inline then
-      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4], 'result', ARGV[5])
-    elseif status == 'done' then
-      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4])
+    if status == 'done' then
+      redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4], 'result', answer)
     else
       redis.call('HSET', job, 'status', 'failed', 'finished_at', now, 'error', ARGV[5])
     end
@@ -153,4 +185,22 @@ end
 redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
 return {ids, announce, copy}
+"""
+
+# KEYS: queued:bytes, queued:sizes. ARGV: the prefix of upload keys (``image:``).
+# Count again what really waits: each computation's upload still in Redis, once. A size recorded
+# for an upload that is gone (its computation ended some way that did not release it, or its bytes
+# expired) is forgotten, and the counter is set to the sum. Returns {counter before, counter now}.
+RECONCILE_QUEUED_BYTES = """
+local sizes, total = redis.call('HGETALL', KEYS[2]), 0
+for i = 1, #sizes, 2 do
+  if redis.call('EXISTS', ARGV[1] .. sizes[i]) == 1 then
+    total = total + tonumber(sizes[i + 1])
+  else
+    redis.call('HDEL', KEYS[2], sizes[i])
+  end
+end
+local before = tonumber(redis.call('GET', KEYS[1]) or '0')
+redis.call('SET', KEYS[1], total)
+return {before, total}
 """

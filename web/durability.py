@@ -6,6 +6,12 @@ replica must hold the job too: after each accepted POST the web writes a marker 
 one replica to acknowledge it. The replication stream is ordered, so a replica that has the marker
 has every write before it, from any connection (the job script and Celery's message included).
 Without either, DURABLE_ACCEPT refuses to start rather than promise what the server cannot keep.
+
+The confirmation is one round trip on one connection, so every part of it comes from one server:
+that the keys the request wrote are there (a client that follows the master may be talking to a
+replica promoted after the job was written, which lacks it), that server's own ``appendfsync``
+(not the one read at start-up, from a master that may be gone), the marker and the ``WAIT``. A
+server that lacks the job, neither fsyncs every write nor has a replica confirm: 503.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import threading
 import time
 
 import redis
-from flask import Flask, request
+from flask import Flask, g, has_request_context, request
 
 from shared.errors import Unavailable
 from shared.settings import Settings, SettingsError
@@ -26,10 +32,16 @@ REPLICAS_CHECK_S = 5.0  # how long a count of connected replicas is trusted
 WAIT_MS = 1000  # how long an accepted POST waits for a replica before it is refused (503)
 
 
+def remember_written(key: str) -> None:
+    """Note a key this request wrote (a job, a batch): DURABLE_ACCEPT confirms it where it confirms."""
+    if has_request_context():
+        g.setdefault("durable_keys", []).append(key)
+
+
 class Durability:
     def __init__(self, client: redis.Redis):
         self.client = client
-        self.fsync_always = _fsync_always(client)
+        self.fsync_always = _fsync_always(client)  # at start-up: may it start at all
         self._replicas, self._checked, self._lock = 0, 0.0, threading.Lock()
 
     def replicas(self) -> int:
@@ -39,32 +51,48 @@ class Durability:
                 self._checked = time.monotonic()
             return self._replicas
 
-    def settle(self) -> None:
-        """Return once what this request wrote would survive a crash of the master, or raise 503."""
-        if not self.replicas():
-            if self.fsync_always is False:  # the replica it started with is gone, and no fsync
-                raise Unavailable("No replica is connected to confirm the job and the job store does not "
-                                  "fsync every write (DURABLE_ACCEPT); retry with the same Idempotency-Key.")
-            return  # fsync always (checked at start-up): the writes are on disk already
-        acked = self.client.pipeline(transaction=False).set(MARKER_KEY, time.time()).wait(1, WAIT_MS).execute()[1]
-        if acked >= 1:
-            return
+    def settle(self, keys: list[str] = ()) -> None:
+        """Return once ``keys`` (what this request wrote) would survive a crash of the master, or raise 503.
+
+        One round trip on one connection: the keys, that server's fsync setting, the marker and
+        ``WAIT`` all come from the same server, whichever the client follows now.
+        """
+        expected = 1 if self.replicas() else 0
+        keys = list(dict.fromkeys(keys))
+        pipe = self.client.pipeline(transaction=False)
+        if keys:
+            pipe.exists(*keys)
+        else:
+            pipe.ping()
+        pipe.config_get("append*").set(MARKER_KEY, time.time()).wait(expected, WAIT_MS if expected else 0)
+        present, config, marked, acked = pipe.execute(raise_on_error=False)
+        if (keys and present != len(keys)) or marked is not True:
+            raise Unavailable("The job store lost this request's job in a failover before confirming it; retry "
+                              "(with the same Idempotency-Key).")
+        fsync_always = _always(config)
+        if fsync_always or (isinstance(acked, int) and acked >= 1):
+            return  # on this server's disk, or on a replica of it too
+        if fsync_always is None and self.fsync_always is None and not expected:
+            return  # CONFIG refused (managed Redis) now and at start-up, no replica: trusted (a warning said so)
         with self._lock:
             self._checked = 0.0  # the replica may be gone: count again next time
-        if self.fsync_always:
-            log.warning("no replica acknowledged within %d ms; the job is on the master's disk", WAIT_MS)
-            return
-        raise Unavailable("The job was written but no replica confirmed it in time; retry with the same "
-                          "Idempotency-Key to get the same job.")
+        raise Unavailable("No replica confirmed the job in time and the job store does not fsync every write "
+                          "(DURABLE_ACCEPT); retry with the same Idempotency-Key to get the same job.")
+
+
+def _always(config) -> bool | None:
+    """Whether a CONFIG GET append* reply says appendonly with appendfsync always (None: refused)."""
+    if not isinstance(config, dict):
+        return None
+    return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
 
 
 def _fsync_always(client: redis.Redis) -> bool | None:
     """The main Redis's appendonly/appendfsync, or None where CONFIG is not allowed (managed Redis)."""
     try:
-        config = client.config_get("append*")
+        return _always(client.config_get("append*"))
     except redis.ResponseError:
         return None
-    return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
 
 
 def install(app: Flask, settings: Settings, client: redis.Redis) -> None:
@@ -82,7 +110,7 @@ def install(app: Flask, settings: Settings, client: redis.Redis) -> None:
     def settle(response):
         if request.method == "POST" and response.status_code in (200, 201, 202):
             try:
-                durability.settle()
+                durability.settle(g.get("durable_keys", []))
             except (Unavailable, redis.RedisError) as exc:  # after_request: answer, do not raise
                 error = exc if isinstance(exc, Unavailable) else Unavailable("The job store is unavailable; retry shortly.")
                 return error_response(error.status, error.code, error.message, {"Retry-After": str(RETRY_AFTER_S)})

@@ -3,8 +3,10 @@
 The first request with a key claims ``idem:<owner>:<sha256(key)>`` as pending with the request's
 fingerprint and the endpoint it was sent to (``job`` or ``batch``), then stores what it created. A
 replay with the same fingerprint on the same endpoint gets that back; otherwise it is refused (422);
-while the first is still being accepted, 409 with ``Retry-After``. A request that fails releases its
-claim, so the client can retry it. A request that dies (its process killed) cannot release it: the
+while the first is still being accepted, 409 with ``Retry-After``. A job and its key's answer are
+written in one step (the submit script stores the answer over the claim: ``JobStore.submit``'s
+``key``), so no job exists whose key does not name it; a batch's answer is stored once the batch is
+made. A request that fails releases its claim, so the client can retry it. A request that dies (its process killed) cannot release it: the
 pending claim has a lease of its own (IDEMPOTENCY_LEASE_S), after which the key may be used again;
 the finished record is kept IDEMPOTENCY_TTL_S.
 """
@@ -20,6 +22,7 @@ import secrets
 import redis
 
 from shared.errors import BadRequest, IdempotencyInProgress, IdempotencyKeyReused
+from shared.jobtypes import KeyRecord
 from shared.keys import idempotency_key
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,15 @@ return 1
 # Let go of the claim, only if it is still this request's.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Forget the answer this request stored (its token), for a job it made and then undid.
+_FORGET = """
+local held = redis.call('GET', KEYS[1])
+if not held then return 0 end
+local ok, record = pcall(cjson.decode, held)
+if ok and type(record) == 'table' and record['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -56,6 +68,10 @@ class Lease:
     name: str
     claim: str
 
+    @property
+    def token(self) -> str:
+        return json.loads(self.claim)["token"]
+
 
 def fingerprint(*parts: object) -> str:
     """Return a stable digest of what makes two requests the same request."""
@@ -75,6 +91,7 @@ class IdempotencyStore:
         self.redis, self.ttl_s, self.lease_s = client, ttl_s, lease_s
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
+        self._forget = client.register_script(_FORGET)
 
     def begin(self, owner: str, key: str, print_: str, kind: str = "job") -> Created | Lease:
         """Claim ``key`` for a new ``kind`` request (a Lease), or return what an earlier identical
@@ -102,11 +119,25 @@ class IdempotencyStore:
                                         f"retry in {retry_s} s (Retry-After).", retry_after_s=retry_s)
         return Created(record["kind"], record["id"], record["status"])
 
+    def record_for(self, lease: Lease, print_: str, job_id: str) -> KeyRecord:
+        """What the submit script stores over ``lease`` in the step that writes job ``job_id``."""
+        cached, queued = (self._record(lease, print_, Created("job", job_id, status)) for status in (200, 202))
+        return KeyRecord(lease.name, lease.claim, cached, queued, self.ttl_s)
+
+    @staticmethod
+    def _record(lease: Lease, print_: str, created: Created) -> str:
+        return json.dumps({"state": "done", "fingerprint": print_, "token": lease.token, **dataclasses.asdict(created)})
+
     def complete(self, lease: Lease, print_: str, created: Created) -> None:
-        record = {"state": "done", "fingerprint": print_, **dataclasses.asdict(created)}
-        if not self._complete(keys=[lease.name], args=[lease.claim, json.dumps(record), self.ttl_s]):
+        """Store what the request made over its claim (a batch; a job's answer is stored with the job)."""
+        record = self._record(lease, print_, created)
+        if not self._complete(keys=[lease.name], args=[lease.claim, record, self.ttl_s]):
             log.warning("%s %s was created after its Idempotency-Key's lease (IDEMPOTENCY_LEASE_S) ran out "
                         "and another request claimed the key", created.kind, created.id)
 
     def release(self, lease: Lease) -> None:
         self._release(keys=[lease.name], args=[lease.claim])
+
+    def forget(self, lease: Lease) -> None:
+        """Drop the answer stored for ``lease``: the job it names was undone (failed before it was queued)."""
+        self._forget(keys=[lease.name], args=[lease.token])

@@ -6,20 +6,21 @@ import logging
 import time
 
 import redis
-from flask import current_app, request
+from flask import current_app, g, request
 from kombu.exceptions import OperationalError
 from werkzeug.datastructures import MultiDict
 
 from shared import stats
 from shared.cards import ModelCard
-from shared.errors import (InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded, PayloadTooLarge,
-                           Unavailable)
-from shared.jobs import JobContext, Submission
-from shared.keys import Computation, OutputOptions, image_digest
+from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded,
+                           PayloadTooLarge, Unavailable)
+from shared.jobs import JobContext, Submission, new_job_id
+from shared.keys import Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
 from shared.tasks import inference_queue, send_inference
 from web import auth
-from web.idempotency import Created, check_key, fingerprint
+from web.durability import remember_written
+from web.idempotency import Created, Lease, check_key, fingerprint
 from web.upload import ImageInfo, inspect_image
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,16 @@ MAX_TOP_K = 20
 
 def services():
     return current_app.extensions["imgsvc"]
+
+
+@dataclasses.dataclass
+class KeyInUse:
+    """A job request's Idempotency-Key claim while the job is accepted (kept in ``flask.g``), and
+    whether the job's answer has been stored over it, in the step that wrote the job."""
+
+    lease: Lease
+    fingerprint: str
+    stored: bool = False
 
 
 def number_option(values, name: str, default: str, kind: type, low: float, high: float):
@@ -124,7 +135,10 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     comp = Computation(order.card.name, order.card.version, sha, order.options)
     model_info = {"name": order.card.name, "version": order.card.version}
     count = stats.SubmissionCount(order.card.name, time.time())  # the script counts the job it writes
-    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count)
+    in_use: KeyInUse | None = g.get("idempotent_job")  # POST /jobs with an Idempotency-Key (idempotent())
+    job_id = job_id or (new_job_id() if in_use else None)
+    key = svc.idempotency.record_for(in_use.lease, in_use.fingerprint, job_id) if in_use else None
+    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key)
     if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
         svc.pictures.keep(comp, data, order.card.resize)
     if submission.outcome == "miss":  # a hit or an attach needed neither the bytes nor their header check
@@ -132,13 +146,19 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
         submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id,
                                       count=count, queue=inference_queue(order.card.name),
                                       max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
-                                      max_queued_bytes=svc.max_queued_bytes if check_capacity else 0)
+                                      max_queued_bytes=svc.max_queued_bytes if check_capacity else 0, key=key)
         if submission.outcome == "overloaded":
             raise _overloaded(order.card.name)
         if submission.outcome == "overloaded_bytes":
             raise _too_many_bytes()
+    if submission.outcome == "key_lost":
+        raise IdempotencyInProgress("Another request holds this Idempotency-Key (this one's claim ran out, "
+                                    "IDEMPOTENCY_LEASE_S); retry shortly.", retry_after_s=1)
+    remember_written(job_key(submission.job_id))
+    if in_use:
+        in_use.stored = True
     if submission.outcome == "new":
-        enqueue_inference(comp)
+        enqueue_inference(comp, in_use)
     return submission
 
 
@@ -164,14 +184,17 @@ def _overloaded(model: str) -> Overloaded:
     return Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
 
 
-def enqueue_inference(comp: Computation) -> None:
-    """Send the inference task by name to the model's queue; undo the job if that fails."""
+def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None) -> None:
+    """Send the inference task by name to the model's queue; undo the job (and the answer stored for
+    its Idempotency-Key, so that a retry makes it again) if that fails."""
     svc = services()
     try:
         send_inference(svc.celery, comp)
     except OperationalError as exc:
         log.error("could not enqueue %s: %s", comp.suffix, exc)
         svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
+        if in_use:
+            svc.idempotency.forget(in_use.lease)
         raise Unavailable("The job queue is unavailable; retry shortly.") from exc
 
 
@@ -180,11 +203,12 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
     it is a replay. The key belongs to one endpoint: the same key on the other is refused (422)."""
     raw_key = request.headers.get("Idempotency-Key")
     if raw_key is None:
-        return create(), False
+        return _made(create()), False
     key, store = check_key(raw_key), services().idempotency
     lease = store.begin(auth.owner(), key, request_print, kind)
     if isinstance(lease, Created):
         return lease, True
+    in_use = g.idempotent_job = KeyInUse(lease, request_print) if kind == "job" else None
     try:
         created = create()
     except BaseException:
@@ -193,5 +217,14 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
         except redis.RedisError as exc:  # Redis failed the request too: the claim lapses with its lease
             log.warning("could not release an Idempotency-Key claim; it lapses in %d s: %s", store.lease_s, exc)
         raise
-    store.complete(lease, request_print, created)
-    return created, False
+    finally:
+        g.pop("idempotent_job", None)
+    if in_use is None or not in_use.stored:  # a batch: its answer is stored once it is made
+        store.complete(lease, request_print, created)
+    return _made(created), False
+
+
+def _made(created: Created) -> Created:
+    if created.kind == "batch":  # its jobs are noted as accept() writes them
+        remember_written(batch_key(created.id))
+    return created

@@ -4,9 +4,11 @@ Every computation in flight sits in the ``computations`` sorted set with a deadl
 claims it pushes the deadline out and names itself owner; finishing removes it. Every
 ``SWEEP_INTERVAL_S`` one worker (a Redis lock elects it) looks at every computation in flight:
 
-- its owner's heartbeat stopped (a child that died mid-batch): enqueued again now, not after the
-  visibility timeout brings its message back (that late copy then finds the result written);
-  and messages a dead child had taken but not yet claimed (``taken_by``) go back on their queue;
+- its owner's heartbeat stopped (a child that died mid-batch): the messages the dead child had
+  taken (``taken_by``) go back on their queue, and a computation whose message is then in no
+  queue (Celery's own delivery to a child of a worker that died whole) is enqueued again now, not
+  after the visibility timeout brings its message back (that late copy then finds the result
+  written). One crash, one message back, one attempt: never a second copy beside the first;
 - past its deadline with a live owner: more time;
 - past its deadline, its message still waiting in the queue, or taken from it moments ago (a
   backlog, not a loss): more time, and no second message, no attempt counted;
@@ -14,6 +16,10 @@ claims it pushes the deadline out and names itself owner; finishing removes it. 
   again if its bytes are there, else failed with ``image_expired``.
 
 Enqueuing again is safe: tasks are idempotent, so a duplicate costs a lookup.
+
+Each round also counts again the bytes of uploads waiting for workers (``queued:bytes``, what
+MAX_QUEUED_MB bounds) from the uploads really in Redis, so no bookkeeping slip can leave the
+service refusing uploads for good.
 """
 from __future__ import annotations
 
@@ -22,19 +28,23 @@ import json
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 import redis
 from celery import Celery
 
 from shared.errors import ImageExpired
-from shared.keys import COMPUTATIONS_KEY, TAKEN_BY_KEY, WORKERS_KEY, Computation
+from shared.jobscripts import RECONCILE_QUEUED_BYTES
+from shared.keys import (COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, TAKEN_BY_KEY, WORKERS_KEY,
+                         Computation)
 from shared.settings import Settings
-from shared.tasks import INFER_TASK, send_inference
+from shared.tasks import INFER_TASK, inference_queue, send_inference
 from shared.webhooks import announcing_store
 from worker.broker import restore_taken_by
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sweeper:lock"
+IMAGE_PREFIX = "image:"  # Computation.image_key: an upload waiting for a worker
 
 
 class Sweeper:
@@ -45,6 +55,7 @@ class Sweeper:
         self.settings, self.client, self.celery, self.name = settings, client, celery, name
         self.catalog_queues = queues  # the inference queues whose waiting messages count as a backlog
         self.store = announcing_store(client, settings, celery)  # failed jobs still get their events
+        self._reconcile = client.register_script(RECONCILE_QUEUED_BYTES)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 
@@ -76,24 +87,39 @@ class Sweeper:
         entries = [(Computation.from_suffix(raw.decode()), score)
                    for raw, score in self.client.zrange(COMPUTATIONS_KEY, 0, -1, withscores=True)]
         states = self._states([comp for comp, _ in entries])
+        queues = {*self.catalog_queues, *(inference_queue(comp.model) for comp, _ in entries)}
         queued = None  # suffixes whose message waits in a queue or the unacked set, read when needed
         for (comp, due), (in_flight, owner, has_image) in zip(entries, states):
             if not in_flight:
                 self.client.zrem(COMPUTATIONS_KEY, comp.suffix)
                 treatment = "gone"
             elif owner is not None and owner not in alive:
-                self.client.delete(comp.owner_key)  # once: the next sweep sees it queued again
-                treatment = self._enqueue_again(comp, has_image, now, "orphaned")
+                queued = self._waiting_messages(queues, now) if queued is None else queued
+                treatment = self._orphaned(comp, has_image, now, queued)
             elif due > now:
                 continue
             elif owner is not None:
                 treatment = self._extend(comp, now, "extended")
             else:
-                queued = self._waiting_messages(now) if queued is None else queued
-                treatment = (self._extend(comp, now, "waiting") if comp.suffix in queued
+                queued = self._waiting_messages(queues, now) if queued is None else queued
+                treatment = (self._extend(comp, now, "waiting") if comp.suffix in queued.recent
                              else self._enqueue_again(comp, has_image, now, "requeued"))
             counts[treatment] += 1
+        self._reconcile_queued_bytes()
         return counts
+
+    def _orphaned(self, comp: Computation, has_image: bool, now: float, queued: "Waiting") -> str:
+        """A computation whose owner died: its one message goes back, never a second beside it."""
+        self.client.delete(comp.owner_key)  # once: the next sweep sees it queued again
+        if comp.suffix in queued.in_queues:  # put back by restore_taken_by, or by Celery's own reject
+            log.warning("computation %s: its worker died; its message is back in its queue", comp.suffix)
+            return self._extend(comp, now, "orphaned")
+        return self._enqueue_again(comp, has_image, now, "orphaned")
+
+    def _reconcile_queued_bytes(self) -> None:
+        before, now = self._reconcile(keys=[QUEUED_BYTES_KEY, QUEUED_SIZES_KEY], args=[IMAGE_PREFIX])
+        if before != now:
+            log.warning("queued:bytes counted %d bytes of uploads waiting; %d really wait", before, now)
 
     def _extend(self, comp: Computation, now: float, treatment: str) -> str:
         self.client.zadd(COMPUTATIONS_KEY, {comp.suffix: now + self.settings.stuck_after_s})
@@ -118,7 +144,7 @@ class Sweeper:
         return [(bool(replies[i]), replies[i + 1].decode() if replies[i + 1] else None, bool(replies[i + 2]))
                 for i in range(0, len(replies), 3)]
 
-    def _waiting_messages(self, now: float) -> set[str]:
+    def _waiting_messages(self, queues: set[str], now: float) -> "Waiting":
         """The computations whose inference message waits in a queue, or was taken from it lately.
 
         A message a live child takes is claimed (it gets an owner) within milliseconds; one that sat
@@ -126,14 +152,21 @@ class Sweeper:
         would come back only at the visibility timeout: it does not count as waiting.
         """
         pipe = self.client.pipeline(transaction=False)
-        for queue in self.catalog_queues:
+        for queue in sorted(queues):
             pipe.lrange(queue, 0, -1)
         pipe.zrangebyscore("unacked_index", now - self.settings.stuck_after_s, "+inf")
-        *queued, recent_tags = pipe.execute()
-        raw_messages = [m for reply in queued for m in reply]
-        if recent_tags:
-            raw_messages += [m for m in self.client.hmget("unacked", recent_tags) if m]
-        return {suffix for raw in raw_messages if (suffix := _message_suffix(raw))}
+        *lists, recent_tags = pipe.execute()
+        in_queues = {suffix for raw in (m for reply in lists for m in reply) if (suffix := _message_suffix(raw))}
+        taken = [m for m in self.client.hmget("unacked", recent_tags) if m] if recent_tags else []
+        return Waiting(in_queues, in_queues | {suffix for raw in taken if (suffix := _message_suffix(raw))})
+
+
+class Waiting(NamedTuple):
+    """Computations whose message is in a queue list, and those plus the ones taken from it lately."""
+
+    in_queues: set[str]
+    recent: set[str]
+
 
 def _message_suffix(raw: bytes) -> str | None:
     """The computation an inference message names (in a queue, or kombu's unacked [message, ...])."""

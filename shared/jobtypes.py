@@ -1,0 +1,49 @@
+"""The small values JobStore takes and returns (shared/jobs.py): what a claim found, who submitted a
+job, and the Idempotency-Key record a submission writes in the same step as its job."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What a worker finds when it starts a computation."""
+
+    already_done: bool
+    image: bytes | None
+    attempt: int  # 1 on the first delivery; more after deliveries that crashed; 0: not in flight (not counted)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobContext:
+    """Who submitted a job and whom to tell when it settles."""
+
+    owner: str = ""  # API key id; "" for anonymous jobs (each key sees only its own jobs)
+    callback_url: str | None = None
+    batch_id: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
+        fields = {"owner": self.owner}
+        if self.callback_url:
+            fields["callback_url"] = self.callback_url
+        if self.batch_id:
+            fields["batch_id"] = self.batch_id
+        if self.callback_url or self.batch_id:
+            fields["announce"] = "1"
+        return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    """An Idempotency-Key's pending claim and the answer to store over it, in the step that writes the job.
+
+    The submit script stores ``cached`` (answered 200) or ``queued`` (202) under ``name`` only while
+    ``name`` still holds ``claim``: the job and its key's answer are written together, or neither.
+    """
+
+    name: str
+    claim: str
+    cached: str
+    queued: str
+    ttl_s: int
