@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import redis
@@ -18,6 +19,8 @@ bp = Blueprint("api", __name__)
 
 JOB_ID_LENGTH = 32
 MAX_WAIT_S = 30
+# RFC 7240: ``Prefer: wait=N`` (seconds); other preferences in the header are ignored, as the RFC allows.
+_PREFER_WAIT = re.compile(r'(?:^|[,;])\s*wait\s*=\s*"?(\d{1,6}(?:\.\d{1,3})?)"?\s*(?=$|[,;])', re.IGNORECASE)
 PUBLIC_ENDPOINTS = {"api.list_models", "api.healthz", "api.readyz"}
 
 
@@ -53,8 +56,46 @@ def submit_job():
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 
     created, replayed = idempotent("job", order.fingerprint(sha), create)
-    text = answered.get("json") or job_or_404(created.id)
-    return json_response(text, created.status, f"/api/v1/jobs/{created.id}", replayed)
+    return submitted(created, answered.get("json"), replayed)
+
+
+def submitted(created: Created, text: str | None, replayed: bool):
+    """Answer a submit: the job as accepted or, with ``Prefer: wait=N``, once it settles or N seconds pass."""
+    text = text or job_or_404(created.id)
+    location = f"/api/v1/jobs/{created.id}"
+    wait_s = preferred_wait()
+    if wait_s is None:
+        return json_response(text, created.status, location, replayed)
+    held = text if _settled(text) else hold(created.id, wait_s)
+    if held is None:
+        response = json_response(text, created.status, location, replayed)
+        response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
+        return response
+    response = json_response(held, 200 if _settled(held) else 202, location, replayed)
+    response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+    return response
+
+
+def preferred_wait() -> float | None:
+    """Return the seconds a ``Prefer: wait=N`` header asks for, held to MAX_WAIT_S; None without one
+    (or with N = 0, which asks for nothing)."""
+    match = _PREFER_WAIT.search(", ".join(request.headers.getlist("Prefer")))
+    if match is None or float(match.group(1)) <= 0:
+        return None
+    return min(float(match.group(1)), MAX_WAIT_S)
+
+
+def hold(job_id: str, wait_s: float) -> str | None:
+    """Block until the job settles or ``wait_s`` pass, then return it as JSON text; None (at once) when
+    MAX_WAITERS requests of this process already wait."""
+    svc = services()
+    if svc.waiters is None or not svc.waiters.acquire(blocking=False):
+        return None
+    try:
+        svc.store.wait(svc.blocking_redis, job_id, wait_s)
+    finally:
+        svc.waiters.release()
+    return job_or_404(job_id)
 
 
 def valid_id(job_id: str) -> bool:
@@ -83,16 +124,12 @@ def get_job(job_id: str):
     job = job_or_404(job_id)
     wait_s = number_option(request.args, "wait", "0", float, 0, MAX_WAIT_S)
     if wait_s > 0 and not _settled(job):
-        svc = services()
-        if svc.waiters is None or not svc.waiters.acquire(blocking=False):
+        held = hold(job_id, wait_s)
+        if held is None:
             response = json_response(job)
             response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
             return response
-        try:
-            svc.store.wait(svc.blocking_redis, job_id, wait_s)
-        finally:
-            svc.waiters.release()
-        job = job_or_404(job_id)
+        job = held
     return json_response(job)
 
 
