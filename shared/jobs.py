@@ -22,7 +22,7 @@ from redis.retry import Retry
 from shared import redisconn, stats
 from shared.jobscripts import CLAIM, FINISH, SUBMIT
 from shared.jobtypes import Claim, JobContext, KeyRecord
-from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STATS_KEY,
+from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY,
                          Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class JobStore:
         # scripts also list those jobs in ANNOUNCE_KEY, in the same step that settles them, so the
         # webhook worker catches up on any whose process died before announcing them.
         self.on_settled = None
+        self.on_started = None  # the same for claimed jobs that asked for a job.started event (STARTED_KEY)
         self.stuck_after_s = stuck_after_s
         self.job_ttl_s = job_ttl_s
         self.result_ttl_s = result_ttl_s
@@ -186,12 +187,15 @@ class JobStore:
         distinct = list(dict.fromkeys(comps))
         for comp in distinct:
             self._claim(keys=[COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key,
-                              comp.image_key, comp.attempts_key],
+                              comp.image_key, comp.attempts_key, STARTED_KEY],
                         args=[comp.suffix, deadline, owner, self.stuck_after_s, job_key(""), now,
                               self.inflight_ttl_s], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt) in zip(distinct, replies)}
+        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt, _) in zip(distinct, replies)}
+        started = [i.decode() for *_, ids in replies for i in ids]
+        if started and self.on_started is not None:
+            self.on_started(started)
         answers, seen = [], set()
         for comp in comps:
             answers.append(Claim(True, None, claims[comp].attempt) if comp in seen else claims[comp])

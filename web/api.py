@@ -9,7 +9,6 @@ import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from shared.errors import BadRequest, NotFound
-from shared.jobs import JobContext
 from shared.keys import WORKERS_KEY, image_digest
 from web import auth, heatmaps
 from web.idempotency import Created
@@ -51,7 +50,7 @@ def submit_job():
     answered = {}
 
     def create() -> Created:
-        submission = accept(images[0], order, JobContext(auth.owner(), order.callback_url), sha=sha)
+        submission = accept(images[0], order, order.context(auth.owner()), sha=sha)
         answered["json"] = submission.json()
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 

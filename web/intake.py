@@ -15,6 +15,7 @@ from shared.cards import ModelCard
 from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded,
                            PayloadTooLarge, Unavailable)
 from shared.jobs import JobContext, Submission, new_job_id
+from shared.jobtypes import WEBHOOK_EVENTS
 from shared.keys import Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
 from shared.tasks import inference_queue, send_inference
@@ -61,10 +62,16 @@ class Order:
     card: ModelCard
     options: OutputOptions
     callback_url: str | None
+    webhook_events: tuple[str, ...] = ("completed",)
 
     def fingerprint(self, *image_digests: str) -> str:
+        events = () if self.webhook_events == ("completed",) else self.webhook_events  # as before the option
         return fingerprint(self.card.name, self.card.version, self.options.to_dict(), self.callback_url,
-                           image_digests)
+                           image_digests, *events)
+
+    def context(self, owner: str) -> JobContext:
+        """Who submits the job and whom it calls back, for which events."""
+        return JobContext(owner, self.callback_url, webhook_events=self.webhook_events)
 
 
 def parse_order(values) -> Order:
@@ -79,7 +86,21 @@ def parse_order(values) -> Order:
     callback_url = values.get("callback_url", "").strip() or (key.webhook_url if key else None)
     if callback_url:
         callback_url = check_callback(callback_url)
-    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url)
+    events = parse_webhook_events(values.get("webhook_events", ""), callback_url)
+    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url, events)
+
+
+def parse_webhook_events(raw: str, callback_url: str | None) -> tuple[str, ...]:
+    """Read ``webhook_events`` (comma-separated ``started``, ``completed``; default ``completed``)."""
+    names = {part.strip().lower() for part in raw.split(",") if part.strip()}
+    if not names:
+        return ("completed",)
+    unknown = names - set(WEBHOOK_EVENTS)
+    if unknown:
+        raise InvalidOption(f"webhook_events may name {', '.join(WEBHOOK_EVENTS)}; got {', '.join(sorted(unknown))}.")
+    if not callback_url:
+        raise InvalidOption("webhook_events needs a callback_url (or an API key with a webhook URL) to call.")
+    return tuple(name for name in WEBHOOK_EVENTS if name in names)
 
 
 def check_callback(url: str) -> str:
