@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from shared.errors import BadRequest, NotFound
 from shared.keys import WORKERS_KEY, image_digest
-from web import auth, heatmaps
+from web import auth, byurl, heatmaps
 from web.idempotency import Created
 from web.intake import accept, check_size, idempotent, number_option, parse_order, read_images, services
 
@@ -40,8 +40,11 @@ def json_response(text: str, status: int = 200, location: str | None = None, rep
 
 @bp.post("/api/v1/jobs")
 def submit_job():
-    """Accept an image; answer from the cache, attach to identical work in flight, or enqueue."""
-    images, fields = read_images()
+    """Accept an image (or its URL); answer from the cache, attach to identical work in flight, or enqueue."""
+    by_url = byurl.read_image_url()
+    if by_url is not None and not byurl.is_data_url(by_url[0]):
+        return submit_by_url(*by_url)
+    images, fields = ([byurl.decode_data_url(by_url[0])], by_url[1]) if by_url else read_images()
     if len(images) != 1:
         raise BadRequest("Send one image per job; POST /api/v1/batches takes several.")
     order = parse_order(fields)
@@ -55,6 +58,20 @@ def submit_job():
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 
     created, replayed = idempotent("job", order.fingerprint(sha), create)
+    return submitted(created, answered.get("json"), replayed)
+
+
+def submit_by_url(url: str, fields):
+    """Accept an http(s) image_url: the job is queued at once, its image fetched by the webhook worker."""
+    order = parse_order(fields)
+    url = byurl.check_image_url(url)
+    answered = {}
+
+    def create() -> Created:
+        created, answered["json"] = byurl.accept_url(url, order)
+        return created
+
+    created, replayed = idempotent("job", order.fingerprint("url:" + url), create)
     return submitted(created, answered.get("json"), replayed)
 
 

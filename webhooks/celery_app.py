@@ -21,7 +21,7 @@ from shared.jobs import JobStore
 from shared.keys import WEBHOOK_WORKERS_KEY, webhook_worker_key
 from shared import tracing
 from shared.settings import Settings
-from shared.tasks import WEBHOOK_QUEUE, celery_config, send_webhook
+from shared.tasks import FETCH_QUEUE, WEBHOOK_QUEUE, celery_config, send_webhook
 from shared.webhooks import Announcer, EventStore
 
 settings = Settings.from_env()
@@ -33,7 +33,9 @@ tracing.configure(settings, "imgsvc-webhooks")  # off unless OTEL_* ask for trac
 app = Celery("imgsvc-webhooks")
 app.conf.update(celery_config(settings))
 app.conf.update(
-    task_queues=[Queue(WEBHOOK_QUEUE)], task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
+    # the fetches queue too (image_url downloads): outbound HTTP under the same SSRF guard; a worker of
+    # its own for them is this one started with ``-Q fetches``
+    task_queues=[Queue(WEBHOOK_QUEUE), Queue(FETCH_QUEUE)], task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
     worker_concurrency=settings.webhook_concurrency, include=["webhooks.tasks"],
     # Each attempt bounds itself (connect and total timeouts); thread pools have no time limits.
     task_soft_time_limit=None, task_time_limit=None,
