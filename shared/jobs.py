@@ -290,6 +290,19 @@ class JobStore:
         key = notify_key(job_id)
         blocking.blmove(key, key, timeout_s, "RIGHT", "LEFT")
 
+    def wait_json(self, blocking: redis.Redis, job_id: str, timeout_s: float, owner: str | None = None) -> str | None:
+        """``wait``, then ``get_json``, in one round trip: Redis answers the read the moment the wait ends."""
+        key = notify_key(job_id)
+        pipe = blocking.pipeline(transaction=False)
+        pipe.blmove(key, key, timeout_s, "RIGHT", "LEFT")
+        pipe.hgetall(job_key(job_id))
+        fields = {k.decode(): v.decode() for k, v in pipe.execute()[1].items()}
+        if not fields or (owner is not None and fields.get("owner", "") != owner):
+            return None
+        if "result_key" in fields and "result" not in fields:  # settled by an older version: read its result
+            return self.get_json(job_id, owner)
+        return job_json(fields, fields.get("result"))
+
     def get_json(self, job_id: str, owner: str | None = None) -> str | None:
         """Return the job as the contract's JSON text, or None when unknown, expired or (when
         ``owner`` is given) submitted by someone else."""

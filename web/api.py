@@ -82,7 +82,9 @@ def submitted(created: Created, text: str | None, replayed: bool):
     wait_s = preferred_wait()
     if wait_s is None:
         return json_response(text, created.status, location, replayed)
-    held = text if _settled(text) else hold(created.id, wait_s)
+    # a job accepted just now as new work is queued: no need to read that back (a replay may be settled)
+    fresh_queued = created.status == 202 and not replayed
+    held = hold(created.id, wait_s) if fresh_queued or not _settled(text) else text
     if held is None:
         response = json_response(text, created.status, location, replayed)
         response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
@@ -108,10 +110,12 @@ def hold(job_id: str, wait_s: float) -> str | None:
     if svc.waiters is None or not svc.waiters.acquire(blocking=False):
         return None
     try:
-        svc.store.wait(svc.blocking_redis, job_id, wait_s)
+        job = svc.store.wait_json(svc.blocking_redis, job_id, wait_s, owner=auth.owner())
     finally:
         svc.waiters.release()
-    return job_or_404(job_id)
+    if job is None:
+        raise NotFound(f"No job with id {job_id!r} (it may have expired).")
+    return job
 
 
 def valid_id(job_id: str) -> bool:
