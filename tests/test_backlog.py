@@ -91,6 +91,7 @@ def test_backlog_counts_live_children_of_active_nodes_per_model_queue(scratch):
     assert queues["inference.o"] == {"name": "inference.o", "depth": 1, "oldest_age_s": 4.0, "workers": 0,
                                      "backlog_per_worker": 1.0}
     assert queues["webhooks"]["workers"] == 1 and queues["webhooks"]["depth"] == 0
+    assert queues["fetches"]["workers"] == 1 and queues["fetches"]["depth"] == 0  # image_url downloads
 
 
 def test_backlog_gauges_on_the_metrics_exposition(scratch):
