@@ -5,6 +5,8 @@ the first tests show what happens without that allowance.
 """
 import base64
 import dataclasses
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests import images
-from tests.conftest import FETCH_TIMEOUT_S
+from shared.keys import image_digest
+from shared.settings import Settings
+from tests.conftest import ARTIFACTS, FETCH_TIMEOUT_S
+from tools import stack as services
 from tests.test_integrators import MODEL
 from webhooks.fetch import FetchError, fetch_image
 
@@ -27,6 +32,7 @@ class ImageServer:
 
     def __init__(self):
         self.streamed = 0  # bytes of the endless body written before the client hung up
+        self.once_asked = threading.Event()  # /once.png hangs on its first request, then answers
         self.stop = threading.Event()
         server = self
 
@@ -37,7 +43,7 @@ class ImageServer:
                 route = {"/good.png": self.good, "/again.png": self.good, "/missing.png": self.missing,
                          "/loop": self.loop, "/page.html": self.page, "/slow.png": self.slow,
                          "/endless.png": self.endless, "/declared.png": self.declared,
-                         "/moved.png": self.moved}.get(self.path, self.missing)
+                         "/moved.png": self.moved, "/once.png": self.once}.get(self.path, self.missing)
                 try:
                     route()
                 except (BrokenPipeError, ConnectionResetError):
@@ -69,6 +75,12 @@ class ImageServer:
 
             def slow(self):
                 server.stop.wait(FETCH_TIMEOUT_S + 5)
+                self.answer(200, GOOD)
+
+            def once(self):
+                if not server.once_asked.is_set():
+                    server.once_asked.set()
+                    server.stop.wait(60)
                 self.answer(200, GOOD)
 
             def declared(self):
@@ -210,3 +222,47 @@ def test_an_image_url_form_field_works_like_the_json_body(stack, server):
 def test_an_unusable_image_url_is_refused_at_submit(stack, url, status, code):
     answer = by_url(stack, url)
     assert (answer.status_code, answer.get_json()["error"]["code"]) == (status, code)
+
+
+def test_a_download_cut_short_by_a_webhook_worker_crash_is_made_again(tmp_path, cards_dir, server):
+    """At least once: the download message is acknowledged late, so the one a killed webhook worker
+    held comes back (after the visibility timeout) to the next, and the job gets its image."""
+    from web import create_app
+
+    redis_proc, url = services.start_redis(tmp_path)
+    own = Settings(redis_url=url, model_cards_dir=cards_dir, fetch_allow_private=True, fetch_timeout_s=40,
+                   visibility_timeout_s=12, job_soft_time_limit_s=5, job_time_limit_s=10, heartbeat_interval_s=1,
+                   worker_ttl_s=5, rate_limit="100000/minute")
+    procs = [redis_proc]
+    try:
+        app = create_app(own)
+        client, celery = app.test_client(), app.extensions["imgsvc"].celery
+        job_id = by_url(client, server.url + "/once.png").get_json()["id"]
+        first = services.start_webhook_worker(own, ARTIFACTS / "fetch-crash-1.log", name="fetch-crash-1")
+        procs.append(first)
+        assert server.once_asked.wait(20), "the first webhook worker never began the download"
+        os.killpg(first.pid, signal.SIGKILL)  # mid-download: nothing acknowledged, nothing written
+        first.wait(10)
+        assert client.get(f"/api/v1/jobs/{job_id}").get_json()["status"] == "queued"
+        procs.append(services.start_webhook_worker(own, ARTIFACTS / "fetch-crash-2.log", name="fetch-crash-2"))
+        time.sleep(own.visibility_timeout_s + 1)
+        with celery.connection_for_read() as connection:  # what consumers sweep periodically (kombu)
+            connection.default_channel.qos.restore_visible(num=100)
+
+        def joined():
+            job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+            return job if job["image"] else None
+
+        job = services.wait_for(joined, 60, "the download to be made again")
+        assert job["image"]["sha256"] == image_digest(GOOD) and job["status"] == "queued"  # no inference worker here
+    finally:
+        for proc in reversed(procs):
+            services.stop(proc)
+
+
+def test_delivery_messages_are_not_copied_to_the_fetches_queue(webhook_worker, redis_client):
+    """Each of the webhook worker's queues has its own exchange binding: a queue bound with the
+    defaults would share the webhooks exchange and key, and get a copy of every delivery message."""
+    bound = [entry.split(b"\x06\x16")[-1] for entry in redis_client.smembers("_kombu.binding.webhooks")]
+    assert bound == [b"webhooks"]
+    assert [entry.split(b"\x06\x16")[-1] for entry in redis_client.smembers("_kombu.binding.fetches")] == [b"fetches"]

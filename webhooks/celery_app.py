@@ -14,7 +14,7 @@ import time
 import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared import redisconn
 from shared.jobs import JobStore
@@ -35,7 +35,10 @@ app.conf.update(celery_config(settings))
 app.conf.update(
     # the fetches queue too (image_url downloads): outbound HTTP under the same SSRF guard; a worker of
     # its own for them is this one started with ``-Q fetches``
-    task_queues=[Queue(WEBHOOK_QUEUE), Queue(FETCH_QUEUE)], task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
+    # (each queue with its own exchange and key: a second queue left to the defaults would be bound to the
+    # webhooks exchange and key too, and receive a copy of every delivery message)
+    task_queues=[Queue(WEBHOOK_QUEUE), Queue(FETCH_QUEUE, Exchange(FETCH_QUEUE), routing_key=FETCH_QUEUE)],
+    task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
     worker_concurrency=settings.webhook_concurrency, include=["webhooks.tasks"],
     # Each attempt bounds itself (connect and total timeouts); thread pools have no time limits.
     task_soft_time_limit=None, task_time_limit=None,
