@@ -266,3 +266,20 @@ def test_delivery_messages_are_not_copied_to_the_fetches_queue(webhook_worker, r
     bound = [entry.split(b"\x06\x16")[-1] for entry in redis_client.smembers("_kombu.binding.webhooks")]
     assert bound == [b"webhooks"]
     assert [entry.split(b"\x06\x16")[-1] for entry in redis_client.smembers("_kombu.binding.fetches")] == [b"fetches"]
+
+
+def test_a_failed_fetch_calls_back_job_failed_signed(stack, server):
+    from standardwebhooks import Webhook
+
+    from tests.conftest import WEBHOOK_SECRET
+    from tests.receiver import Receiver
+
+    with Receiver() as receiver:
+        job = by_url(stack, server.url + "/missing.png", callback_url=receiver.url + "/failed",
+                     webhook_events="started,completed").get_json()
+        [call] = receiver.wait("/failed", 1)
+        payload = Webhook(WEBHOOK_SECRET).verify(call.body, call.headers)
+        assert (payload["type"], payload["data"]["id"]) == ("job.failed", job["id"])
+        assert payload["data"]["error"]["code"] == "fetch_failed"
+        time.sleep(1)
+        assert len(receiver.received) == 1  # no worker claimed it: no job.started
