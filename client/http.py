@@ -104,10 +104,11 @@ class ApiClient:
         ``wait_s`` (``Prefer: wait``) the server answers once the job settles or that many seconds pass."""
         fields = {name: str(value) for name, value in options.items() if value is not None}
         headers = {"Idempotency-Key": uuid.uuid4().hex}
+        wait_s = min(MAX_LONG_POLL_S, wait_s)
         if wait_s > 0:
-            headers["Prefer"] = f"wait={min(MAX_LONG_POLL_S, wait_s):g}"
+            headers["Prefer"] = f"wait={wait_s:g}"
         response = self.request("POST", "/api/v1/jobs", files={"image": (filename, data)}, data=fields,
-                                headers=headers, timeout=wait_s + self.request_timeout_s)
+                                headers=headers, timeout=max(0, wait_s) + self.request_timeout_s)
         return response.json()
 
     def submit_batch(self, images: list[tuple[str, bytes]], options: dict) -> dict:
