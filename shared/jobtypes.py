@@ -21,6 +21,7 @@ class JobContext:
     owner: str = ""  # API key id; "" for anonymous jobs (each key sees only its own jobs)
     callback_url: str | None = None
     batch_id: str | None = None
+    traceparent: str = ""  # the submit's trace (shared.tracing): the webhook attempts join it
 
     def fields(self) -> dict[str, str]:
         """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
@@ -31,6 +32,8 @@ class JobContext:
             fields["batch_id"] = self.batch_id
         if self.callback_url or self.batch_id:
             fields["announce"] = "1"
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
         return fields
 
 
