@@ -134,7 +134,8 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     sha = sha or image_digest(data)
     comp = Computation(order.card.name, order.card.version, sha, order.options)
     count = stats.SubmissionCount(order.card.name, time.time())  # the script counts the job it writes
-    in_use: KeyInUse | None = g.get("idempotent_job")  # POST /jobs with an Idempotency-Key (idempotent())
+    in_use: KeyInUse | None = g.get("idempotent_request")  # POST /jobs with an Idempotency-Key (idempotent())
+    in_use = in_use if context.batch_id is None else None  # a batch's key answers with the batch
     job_id = job_id or (new_job_id() if in_use else None)
     key = svc.idempotency.record_for(in_use.lease, in_use.fingerprint, job_id) if in_use else None
     traceparent = tracing.current_traceparent()  # the request's span: the job's trace from here on
@@ -225,7 +226,7 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
     lease = store.begin(auth.owner(), key, request_print, kind)
     if isinstance(lease, Created):
         return lease, True
-    in_use = g.idempotent_job = KeyInUse(lease, request_print) if kind == "job" else None
+    in_use = g.idempotent_request = KeyInUse(lease, request_print)
     try:
         created = create()
     except BaseException:
@@ -235,8 +236,8 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
             log.warning("could not release an Idempotency-Key claim; it lapses in %d s: %s", store.lease_s, exc)
         raise
     finally:
-        g.pop("idempotent_job", None)
-    if in_use is None or not in_use.stored:  # a batch: its answer is stored once it is made
+        g.pop("idempotent_request", None)
+    if not in_use.stored:  # a job that joined a batch's key: nothing; the step that made it stored the answer
         store.complete(lease, request_print, created)
     return _made(created), False
 
