@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from bench import ceiling, device_decode, micro, roles, submit_wait
+from bench import ceiling, device_decode, micro, roles, submit_wait, tracing_cost
 from bench.gpu import GpuBusy
 from bench.service import Service, distinct_jpegs
 from shared.cards import load_card
@@ -98,6 +98,9 @@ def main() -> None:
         print(f"redis per image by role, and DURABLE_ACCEPT ({roles.IMAGES} images each) ...", flush=True)
         (Path(tmp) / "roles").mkdir()
         results["roles"] = roles.run(Path(tmp) / "roles")
+        print("what tracing costs: the ceiling with traces off, at sampling 1.0 and 0.01 ...", flush=True)
+        (Path(tmp) / "tracing").mkdir()
+        results["tracing"] = tracing_cost.run(Path(tmp) / "tracing")
     limit = results["limit"]["limit_images_per_s"]
     results["e2e"]["ratio_to_limit"] = results["e2e"]["images_per_s"] / limit
     results["idle"]["overhead_ms_p50"] = results["idle"]["p50"] - results["gradcam"]["single_image_ms"]
@@ -163,6 +166,8 @@ def print_table(r: dict) -> None:
     submit_wait.print_submit_wait(r["submit_wait"])
     print()
     roles.print_roles(r["roles"])
+    print()
+    tracing_cost.print_cost(r["tracing"])
     print(f"\nidle stages (median ms): {json.dumps({k: round(v, 1) for k, v in idle['stages_ms_median'].items()})}")
     print(f"machine: {r['machine']}; total {r['seconds']:.0f} s; written to {RESULTS.relative_to(REPO_ROOT)}")
 

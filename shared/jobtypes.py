@@ -24,6 +24,7 @@ class JobContext:
     callback_url: str | None = None
     batch_id: str | None = None
     webhook_events: tuple[str, ...] = ("completed",)  # of WEBHOOK_EVENTS: which events call back
+    traceparent: str = ""  # the submit's trace (shared.tracing): the webhook attempts join it
 
     def fields(self) -> dict[str, str]:
         """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
@@ -38,6 +39,8 @@ class JobContext:
             fields["webhook_events"] = ",".join(self.webhook_events)
             if "started" in self.webhook_events:
                 fields["announce_started"] = "1"  # the claim lists it for a job.started event
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
         return fields
 
 

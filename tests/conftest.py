@@ -90,6 +90,16 @@ target_layer = "{layer}"
 """)
 
 
+def write_slow_card(directory: Path, name: str = "slow") -> Path:
+    """A cards folder (made here) serving only the test card with a known time per pass (tests/slow_model.py)."""
+    from tests.slow_model import Slow
+
+    (directory / "weights").mkdir(parents=True, exist_ok=True)
+    write_card(directory, Slow(len(TINY_LABELS)), name=name, description="test-only: a known time per forward pass",
+               architecture="python", variant="tests.slow_model:build", resize=64, input_size=64, layer="features")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def settings(redis_url, cards_dir) -> Settings:
     # A long batching wait makes "an idle job does not wait" observable in the tests.
