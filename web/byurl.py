@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 from urllib.parse import unquote_to_bytes
 
 from flask import request
 from werkzeug.datastructures import MultiDict
 
+from shared import tracing
 from shared.errors import BadRequest, InvalidImageUrl, MissingImage, PayloadTooLarge, Unavailable
 from shared.fetches import FetchStore
 from shared.jobs import job_json, new_job_id
@@ -97,8 +99,9 @@ def accept_url(url: str, order: Order) -> tuple[Created, str]:
     ensure_capacity(order.card.name)
     job_id = new_job_id()
     fetches = FetchStore(svc.redis, svc.settings.job_ttl_s)
+    context = dataclasses.replace(order.context(auth.owner()), traceparent=tracing.current_traceparent() or "")
     fields = fetches.create(job_id, url, {"name": order.card.name, "version": order.card.version},
-                            order.options.to_dict(), order.context(auth.owner()))
+                            order.options.to_dict(), context)
     remember_written(job_key(job_id))
     try:
         send_fetch(svc.celery, job_id)

@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from shared import stats
+from shared import stats, tracing
 from shared.errors import FetchFailed, Overloaded, ServiceError, Unavailable
 from shared.fetches import FetchStore
 from shared.jobs import JobStore
@@ -41,7 +41,9 @@ class ImageFetcher:
         if fields is None:
             return "not_waiting"  # a redelivered message whose step already ended, or an expired job
         try:
-            data = self.download(fields["image_url"])
+            with tracing.span("fetch image_url", parent=fields.get("traceparent") or None,
+                              attributes={"job.id": job_id}):
+                data = self.download(fields["image_url"])
             info = inspect_image(data, self.settings.max_image_pixels)
         except FetchError as exc:
             return self._fail(job_id, str(exc))
@@ -61,7 +63,9 @@ class ImageFetcher:
         sha = image_digest(data)
         comp = Computation(model["name"], model["version"], sha, OutputOptions(**json.loads(fields["options"])))
         events = tuple(fields.get("webhook_events", "completed").split(","))
-        context = JobContext(fields.get("owner", ""), fields.get("callback_url"), webhook_events=events)
+        traceparent = fields.get("traceparent", "")  # the submit's trace: the worker's spans join it
+        context = JobContext(fields.get("owner", ""), fields.get("callback_url"), webhook_events=events,
+                             traceparent=traceparent)
         submission = self.store.submit(comp, model, data, info.to_dict(sha), context=context, job_id=job_id,
                                        queue=inference_queue(comp.model),
                                        count=stats.SubmissionCount(comp.model, time.time()))
@@ -70,7 +74,7 @@ class ImageFetcher:
         self.fetches.joined(job_id, fields["created_at"], done=submission.outcome == "cached")
         if submission.outcome == "new":
             try:
-                send_inference(self.celery, comp)
+                send_inference(self.celery, comp, traceparent)
             except Exception:  # the job must not wait for a message that was never sent
                 log.exception("could not enqueue %s for job %s", comp.suffix, job_id)
                 self.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
