@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+
+import redis
 from concurrent.futures import ThreadPoolExecutor
 
 from shared import stats, tracing
@@ -49,6 +51,11 @@ class ImageFetcher:
             return self._fail(job_id, str(exc))
         except ServiceError as exc:  # the same checks as an upload: not an image, too many pixels, truncated
             return self._fail(job_id, f"not an image we accept ({exc.code}): {exc.message}")
+        except redis.RedisError:
+            raise  # the task tries the step again
+        except Exception as exc:  # a bug of ours must end the job, not leave it queued for ever
+            log.exception("job %s: fetching %s raised", job_id, fields["image_url"])
+            return self._fail(job_id, f"an error in the service ({type(exc).__name__})")
         return self.join(job_id, fields, data, info)
 
     def download(self, url: str) -> bytes:

@@ -1,6 +1,8 @@
 """The webhook worker's tasks: one attempt of one event, by id; the download of one job's image_url."""
 from __future__ import annotations
 
+import redis
+
 from shared.tasks import FETCH_TASK, WEBHOOK_TASK
 from shared.webhooks import announcing_store
 from webhooks.celery_app import app, client, settings
@@ -17,7 +19,8 @@ def deliver_webhook(message: dict) -> str:
     return deliverer.attempt(message["event_id"])
 
 
-@app.task(name=FETCH_TASK)
+# Redis away: the step is tried again (the job waits, queued); the download itself never raises.
+@app.task(name=FETCH_TASK, autoretry_for=(redis.RedisError,), retry_backoff=2, retry_backoff_max=60, max_retries=8)
 def fetch_image(message: dict) -> str:
     """Download a job's image_url and submit the image under the job's id, or fail the job."""
     return fetcher.run(message["job_id"])
