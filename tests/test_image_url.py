@@ -44,6 +44,8 @@ class ImageServer:
                          "/loop": self.loop, "/page.html": self.page, "/slow.png": self.slow,
                          "/endless.png": self.endless, "/declared.png": self.declared,
                          "/moved.png": self.moved, "/once.png": self.once}.get(self.path, self.missing)
+                if self.path.startswith("/hop/"):  # /hop/N redirects N times, then answers the image
+                    route = self.hop
                 try:
                     route()
                 except (BrokenPipeError, ConnectionResetError):
@@ -82,6 +84,13 @@ class ImageServer:
                     server.once_asked.set()
                     server.stop.wait(60)
                 self.answer(200, GOOD)
+
+            def hop(self):
+                left = int(self.path.rsplit("/", 1)[1])
+                if left:
+                    self.answer(307, Location=f"/hop/{left - 1}")
+                else:
+                    self.answer(200, GOOD)
 
             def declared(self):
                 self.send_response(200)
@@ -150,6 +159,14 @@ def test_the_fetch_step_checks_every_address_itself(server):
     with ThreadPoolExecutor(1) as lookups, pytest.raises(FetchError, match="refused address.*loopback"):
         fetch_image(server.url + "/moved.png", max_bytes=1 << 20, timeout_s=5, connect_timeout_s=2,
                     allow_private=False, lookups=lookups)
+
+
+def test_at_most_three_redirects_are_followed(server):
+    with ThreadPoolExecutor(1) as lookups:
+        fetch = dict(max_bytes=1 << 20, timeout_s=5, connect_timeout_s=2, allow_private=True, lookups=lookups)
+        assert fetch_image(server.url + "/hop/3", **fetch) == GOOD
+        with pytest.raises(FetchError, match="too many redirects: more than 3"):
+            fetch_image(server.url + "/hop/4", **fetch)
 
 
 def test_a_good_image_by_url_is_computed_and_the_same_image_again_is_a_cache_hit(stack, server):
