@@ -139,7 +139,7 @@ def test_two_lives_of_a_child_with_one_host_and_pid_have_different_names():
     import os
     import socket
 
-    from worker.runtime import child_name
+    from worker.heartbeat import child_name
 
     names = [child_name(), child_name()]
     assert names[0] != names[1]

@@ -273,3 +273,10 @@ def _pillow_weights(in_size: int, out_size: int, start: float, end: float, devic
 def _normalise(crops: list[torch.Tensor], card: ModelCard) -> torch.Tensor:
     """The batch as the model takes it, normalised like the CPU path's, where the crops are."""
     return normalise_on_device(torch.stack(crops).permute(0, 3, 1, 2), card)  # NHWC seen as NCHW: channels_last
+
+
+def warm(card: ModelCard, device: torch.device, stream=None) -> None:
+    """Decode one small JPEG as a batch would (nvJPEG's handles and buffers are made on first use)."""
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(out, "JPEG")
+    decode_batch([out.getvalue()], card, device, max_pixels=1 << 20, stream=stream)

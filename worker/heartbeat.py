@@ -10,6 +10,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from typing import Callable
@@ -21,6 +24,16 @@ from shared.keys import WORKERS_KEY, worker_key
 
 log = logging.getLogger(__name__)
 LATENCY_WINDOW = 200
+
+
+def child_name() -> str:
+    """This child's name in the live set, ``host:pid:boot``.
+
+    A restarted container reuses its hostname and, very likely, its PIDs: the boot part, new at
+    every start, keeps a new child from looking like the owner of a dead one's messages and
+    computations (which would then wait for the visibility timeout instead of the next sweep).
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Heartbeat:

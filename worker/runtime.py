@@ -16,10 +16,8 @@ memory, a broken CUDA context) is worker.forward.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
-import secrets
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +31,7 @@ from shared.cards import ModelCatalog
 from shared.errors import (ImageExpired, InferenceFailed, ModelVersionUnavailable, ServiceError,
                            WorkerCrashed)
 from shared.jobs import Claim, JobStore
-from shared.keys import TAKEN_BY_KEY, OutputOptions, drain_key
+from shared.keys import TAKEN_BY_KEY, drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
@@ -42,7 +40,7 @@ from worker.batch_loop import BatchLoop, StagedBatch
 from worker.batching import BatchSizer
 from worker.broker import BatchReceiver, Pending
 from worker.forward import exit_if_fatal, forward, make_sizer, warm_up
-from worker.heartbeat import Heartbeat
+from worker.heartbeat import Heartbeat, child_name
 from worker.models import LoadedModel, load_count, load_model
 from worker.pipeline import PipelineOutput, PixelBudget, Staged, stage_all, stage_on_device
 from worker.streams import DeviceInput, new_stream
@@ -124,12 +122,13 @@ class Runtime:
         return runtime
 
     def warm_device_decoder(self) -> None:
-        """Decode one small JPEG on the device the way batches will, so the first batch does not pay
+        """Decode a small JPEG on the device the way batches will, so the first batch does not pay
         for nvJPEG's start-up (its handles and buffers)."""
+        from worker.device_decode import warm
+
         for model in self.models.values():
             if self._decodes_on_device(model):
-                stage_on_device([(_TINY_JPEG, OutputOptions())], model, self.settings.max_image_pixels,
-                                stream=self.stage_stream)
+                warm(model.card, model.device, self.stage_stream)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -395,16 +394,6 @@ def _groups(runnable) -> list[list]:
     return list(groups.values()) + alone
 
 
-def child_name() -> str:
-    """This child's name in the live set, ``host:pid:boot``.
-
-    A restarted container reuses its hostname and, very likely, its PIDs: the boot part, new at
-    every start, keeps a new child from looking like the owner of a dead one's messages and
-    computations (which would then wait for the visibility timeout instead of the next sweep).
-    """
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
 def _probe(device: torch.device, sizers: dict[str, BatchSizer]) -> dict:
     """The heartbeat's live fields. A device that broke since the last batch ends the child here."""
     try:
@@ -412,14 +401,3 @@ def _probe(device: torch.device, sizers: dict[str, BatchSizer]) -> dict:
     except Exception as exc:
         exit_if_fatal(exc)
         raise
-
-
-def _tiny_jpeg() -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (32, 32), (120, 80, 40)).save(out, "JPEG")
-    return out.getvalue()
-
-
-_TINY_JPEG = _tiny_jpeg()
