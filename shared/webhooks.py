@@ -24,7 +24,7 @@ import redis
 
 from shared.batches import BatchStore
 from shared.jobs import JobStore, utc_now
-from shared.keys import (ANNOUNCE_KEY, WEBHOOK_DUE_KEY, batch_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
+from shared.keys import (ANNOUNCE_KEY, WEBHOOK_DUE_KEY, batch_key, job_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
                          webhook_lock_key)
 from shared.tasks import send_webhook
 
@@ -233,7 +233,11 @@ class Announcer:
         """Create and send the events the settled jobs call for; never raise into the caller."""
         try:
             self._announce(job_ids)
-            self.jobs.redis.zrem(ANNOUNCE_KEY, *job_ids)
+            pipe = self.jobs.redis.pipeline(transaction=False)
+            pipe.zrem(ANNOUNCE_KEY, *job_ids)
+            for job_id in job_ids:  # its events hold what they need: the job may leave the main server
+                pipe.expire(job_key(job_id), self.jobs.settled_ttl_s)
+            pipe.execute()
         except Exception:  # the job is settled either way; the webhook worker's catch-up retries it
             log.exception("could not announce settled jobs %s", job_ids)
 
