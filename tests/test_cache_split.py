@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
+import uuid
 
 import pytest
 import redis
@@ -12,6 +14,7 @@ import requests
 
 from shared.jobs import KEEP_UPLOAD, JobStore
 from shared.keys import Computation, OutputOptions
+from shared.retention import MAIN_TAIL_S, issued_at, new_job_id
 from shared.settings import Settings
 from tests.conftest import ARTIFACTS
 from tests.images import noise_png
@@ -149,3 +152,49 @@ def test_identical_uploads_share_one_computation_across_the_two_servers(split_se
     assert all(job["status"] == "done" for job in settled)
     assert len({json.dumps(job["result"]["predictions"]) for job in settled}) == 1
     assert sum(int(v) for v in main.hgetall("stats:computations").values()) - before == 1
+
+
+def test_a_settled_job_moves_whole_to_the_cache_and_leaves_a_short_tail(clients):
+    main, cache = clients
+    store = JobStore(main, job_ttl_s=3600, result_ttl_s=3600, inflight_ttl_s=60, image_ttl_s=60, cache=cache,
+                     job_result_ttl_s=7200)
+    comp = Computation("m", "1", "e" * 64, OutputOptions())
+    job = store.submit(comp, MODEL, b"upload", INFO)
+    main.hset(f"job:{job.job_id}", "traceparent", "00-abc-def-01")  # a field this version does not know
+    store.claim([comp])
+    store.finish(comp, RESULT, None)
+    assert 0 < main.ttl(f"job:{job.job_id}") <= MAIN_TAIL_S
+    assert 3600 < cache.ttl(f"job:{job.job_id}") <= 7200
+    assert cache.hget(f"job:{job.job_id}", "traceparent") == b"00-abc-def-01"
+    main.delete(f"job:{job.job_id}")  # the tail has passed: the job is answered from the cache role
+    assert store.get(job.job_id)["result"] == RESULT
+    hit = store.submit(comp, MODEL, b"upload", INFO)  # settled at once: moved the same way
+    assert hit.outcome == "cached" and 0 < main.ttl(f"job:{hit.job_id}") <= MAIN_TAIL_S
+    assert cache.hget(f"job:{hit.job_id}", "status") == b"done"
+    cache.flushall()  # evicted: gone, not wrong
+    assert store.get(job.job_id) is None
+
+
+def test_one_server_keeps_a_settled_job_for_its_retention(redis_client):
+    store = JobStore(redis_client, job_ttl_s=3600, result_ttl_s=3600, inflight_ttl_s=60, image_ttl_s=60,
+                     job_result_ttl_s=7200)
+    comp = Computation("m", "1", "f" * 64, OutputOptions())
+    job = store.submit(comp, MODEL, b"upload", INFO)
+    store.finish(comp, RESULT, None)
+    assert 3600 < redis_client.ttl(f"job:{job.job_id}") <= 7200
+    assert store.get(job.job_id)["result"] == RESULT
+
+
+def test_job_ids_tell_when_they_were_issued():
+    job_id = new_job_id()
+    assert len(job_id) == 32 and abs(issued_at(job_id) - time.time()) < 5
+    assert issued_at(uuid.uuid4().hex) is None  # ids from before carry no time
+    assert issued_at("f" * 32) is None
+
+
+def test_an_expired_job_is_told_apart_from_one_never_issued(client):
+    expired = client.get(f"/api/v1/jobs/{new_job_id()}")
+    assert expired.status_code == 404 and expired.json["error"]["code"] == "expired"
+    assert "JOB_RESULT_TTL_S" in expired.json["error"]["message"]
+    unknown = client.get(f"/api/v1/jobs/{uuid.uuid4().hex}")
+    assert unknown.status_code == 404 and unknown.json["error"]["code"] == "not_found"
