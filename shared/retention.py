@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # How long a settled job stays on the main server once its copy is on the cache role: enough for
 # the read right after it settles and for an upload racing the copy; short, so that the main server
 # holds settled work for seconds, not days (docs/scaling.md).
-MAIN_TAIL_S = 30
+MAIN_TAIL_S = 10
 CLOCK_SKEW_S = 300  # an id issued this far in the future (another host's clock) still counts as issued
 
 
