@@ -69,14 +69,17 @@ def settled_footprint(service: Service, images: list[bytes]) -> dict:
     warm_up = [body["id"] for _, body, _ in submit_all(service, images[:20], CLIENTS)]
     service.wait_all(warm_up)
     time.sleep(SETTLED_AFTER_S)  # the warm-up's own short tails have gone
-    before, count = _footprint(service), len(images) - 20
-    answers = submit_all(service, images[20:], CLIENTS)
-    if any(status not in (200, 202) for status, _, _ in answers):
-        raise RuntimeError(f"refused: {[a[:2] for a in answers if a[0] not in (200, 202)][:2]}")
-    service.wait_all([body["id"] for _, body, _ in answers])
+    before, count, job_ids = _footprint(service), len(images) - 20, []
+    for start in range(20, len(images), 500):  # in rounds, below MAX_QUEUE_DEPTH on a slow machine
+        answers = submit_all(service, images[start:start + 500], CLIENTS)
+        if any(status not in (200, 202) for status, _, _ in answers):
+            raise RuntimeError(f"refused: {[a[:2] for a in answers if a[0] not in (200, 202)][:2]}")
+        job_ids += [body["id"] for _, body, _ in answers]
+        service.wait_all(job_ids[-len(answers):])
     time.sleep(SETTLED_AFTER_S)
     after = _footprint(service)
-    return {"jobs": count, "after_s": SETTLED_AFTER_S,
+    sizes = [service.cache.memory_usage(f"job:{job_id}", samples=0) for job_id in job_ids[::40]]
+    return {"jobs": count, "after_s": SETTLED_AFTER_S, "job_record_bytes": sum(s or 0 for s in sizes) / len(sizes),
             "bytes_per_job": {role: (after[role][0] - before[role][0]) / count for role in after},
             "keys_per_job": {role: (after[role][1] - before[role][1]) / count for role in after}}
 
@@ -98,13 +101,14 @@ def run_settled(workdir: Path, cards: Path) -> dict:
 
 
 def print_settled(results: dict) -> None:
-    print(f"| setup | jobs | main bytes/job {SETTLED_AFTER_S} s after settling | cache bytes/job | keys/job (main, cache) |")
-    print("|---|---|---|---|---|")
+    print(f"| setup | jobs | main bytes/job {SETTLED_AFTER_S} s after settling | cache bytes/job | keys/job (main, cache) "
+          "| a settled job's record (cache) |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         size, keys = r["bytes_per_job"], r["keys_per_job"]
         print(f"| {name} | {r['jobs']} | {size['main']:.0f} | {size.get('cache', size['main']):.0f}"
               f"{' (the same server)' if 'cache' not in size else ''} | "
-              f"{', '.join(f'{v:.2f}' for v in keys.values())} |")
+              f"{', '.join(f'{v:.2f}' for v in keys.values())} | {r['job_record_bytes']:.0f} |")
 
 
 def run(workdir: Path) -> dict:
