@@ -65,9 +65,10 @@ def valid_id(job_id: str) -> bool:
 def job_or_404(job_id: str) -> str:
     """Return the caller's job as JSON text, or raise NotFound (also for someone else's job)."""
     job = services().store.get_json(job_id, owner=auth.owner()) if valid_id(job_id) else None
-    if job is None and valid_id(job_id) and issued_at(job_id) is not None:
-        days = services().settings.job_result_ttl_s / 86400
-        raise Expired(f"Job {job_id!r} is no longer kept: settled jobs are answered for {days:g} days "
+    gone = job is None and valid_id(job_id) and issued_at(job_id) is not None
+    if gone and services().store.get_json(job_id) is None:  # another key's job is not_found, not expired
+        hours = services().settings.job_result_ttl_s / 3600
+        raise Expired(f"Job {job_id!r} is no longer kept: settled jobs are answered for {hours:g} hours "
                       "(JOB_RESULT_TTL_S), or less if the result store had to evict it. A job submitted with a "
                       "callback_url had its result delivered in its webhook.")
     if job is None:
