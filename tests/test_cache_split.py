@@ -13,9 +13,10 @@ import redis
 import requests
 
 from shared.jobs import KEEP_UPLOAD, JobStore
-from shared.keys import Computation, OutputOptions
+from shared.keys import Computation, OutputOptions, webhook_attempts_key, webhook_event_key, webhook_events_key
 from shared.retention import MAIN_TAIL_S, issued_at, new_job_id
 from shared.settings import Settings
+from shared.webhooks import EventStore
 from tests.conftest import ARTIFACTS
 from tests.images import noise_png
 from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_for
@@ -198,3 +199,22 @@ def test_an_expired_job_is_told_apart_from_one_never_issued(client):
     assert "JOB_RESULT_TTL_S" in expired.json["error"]["message"]
     unknown = client.get(f"/api/v1/jobs/{uuid.uuid4().hex}")
     assert unknown.status_code == 404 and unknown.json["error"]["code"] == "not_found"
+
+
+def test_a_settled_webhook_event_moves_to_the_cache_and_can_still_be_redelivered(clients):
+    main, cache = clients
+    events = EventStore(main, 3600, cache, 7200)
+    event_id = events.create("job.completed", "job:e1", "https://hooks.example/x", "", '{"id": "e1"}', "00-ab-cd-01")
+    keys = [webhook_event_key(event_id), webhook_events_key("job:e1"), webhook_attempts_key("job:e1")]
+    assert events.begin_attempt(event_id, "token", 30) == "begun"
+    assert events.end_attempt(events.get(event_id), "token", {"status": 200}, "delivered")
+    assert all(0 < main.ttl(key) <= MAIN_TAIL_S and 3600 < cache.ttl(key) <= 7200 for key in keys)
+    main.delete(*keys)  # the tail has passed: read from the cache role
+    settled = events.get(event_id)
+    assert settled.state == "delivered" and settled.traceparent == "00-ab-cd-01"
+    assert [e.id for e in events.for_subject("job:e1")] == [event_id]
+    assert events.attempts("job:e1") == [{"status": 200}]
+    events.reopen(settled)  # a manual redelivery brings it back whole to the main server
+    assert main.hget(keys[0], "state") == b"pending" and main.hget(keys[0], "body") == settled.body
+    assert main.hget(keys[0], "traceparent") == b"00-ab-cd-01" and main.llen(keys[2]) == 1
+    assert events.begin_attempt(event_id, "again", 30) == "begun"
