@@ -290,6 +290,8 @@ class Announcer:
             batch_text = self.batches.get_json(batch_id)
             self.dispatch(self.events.create("batch.completed", f"batch:{batch_id}", fields["callback_url"],
                                              fields["owner"], batch_text))
+        if fields:  # opened, finished and announced: its record may leave the main server
+            self.batches.retire(batch_id)
 
     def dispatch(self, event_id: str | None) -> None:
         """Send a new event's first attempt now; if that fails the poller sends it after the lease."""

@@ -218,3 +218,19 @@ def test_a_settled_webhook_event_moves_to_the_cache_and_can_still_be_redelivered
     assert main.hget(keys[0], "state") == b"pending" and main.hget(keys[0], "body") == settled.body
     assert main.hget(keys[0], "traceparent") == b"00-ab-cd-01" and main.llen(keys[2]) == 1
     assert events.begin_attempt(event_id, "again", 30) == "begun"
+
+
+def test_a_finished_batch_moves_to_the_cache_and_is_still_answered(split_service):
+    url, main, cache = split_service
+    files = [("image", (f"{seed}.png", noise_png(seed, size=(64, 64)), "image/png")) for seed in (3000, 3001)]
+    batch = requests.post(f"{url}/api/v1/batches", files=files, timeout=30).json()
+    for job in batch["jobs"]:
+        _settled(url, job["id"])
+
+    def moved():
+        return cache.exists(f"batch:{batch['id']}") and 0 < main.ttl(f"batch:{batch['id']}") <= MAIN_TAIL_S
+
+    wait_for(moved, 60, "the finished batch's copy on the cache role")
+    main.delete(f"batch:{batch['id']}", *(f"job:{job['id']}" for job in batch["jobs"]))  # their tails passed
+    again = requests.get(f"{url}/api/v1/batches/{batch['id']}", timeout=10).json()
+    assert again["status"] == "done" and again["counts"]["done"] == 2
