@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from bench import ceiling, device_decode, micro, roles
+from bench import ceiling, device_decode, micro, roles, submit_wait, tracing_cost
 from bench.gpu import GpuBusy
 from bench.service import Service, distinct_jpegs
 from shared.cards import load_card
@@ -91,9 +91,16 @@ def main() -> None:
         with GpuBusy() as busy:
             results["ceiling"] = ceiling.run(Path(tmp) / "ceiling", web_processes=WEB_PROCESSES)
         results["ceiling"]["gpu"] = busy.summary()
+        print(f"submit-and-wait clients, with and without Prefer: wait ({submit_wait.IMAGES} images each) ...",
+              flush=True)
+        (Path(tmp) / "submit_wait").mkdir()
+        results["submit_wait"] = submit_wait.run(Path(tmp) / "submit_wait")
         print(f"redis per image by role, and DURABLE_ACCEPT ({roles.IMAGES} images each) ...", flush=True)
         (Path(tmp) / "roles").mkdir()
         results["roles"] = roles.run(Path(tmp) / "roles")
+        print("what tracing costs: the ceiling with traces off, at sampling 1.0 and 0.01 ...", flush=True)
+        (Path(tmp) / "tracing").mkdir()
+        results["tracing"] = tracing_cost.run(Path(tmp) / "tracing")
     limit = results["limit"]["limit_images_per_s"]
     results["e2e"]["ratio_to_limit"] = results["e2e"]["images_per_s"] / limit
     results["idle"]["overhead_ms_p50"] = results["idle"]["p50"] - results["gradcam"]["single_image_ms"]
@@ -132,6 +139,11 @@ def print_table(r: dict) -> None:
         _row("worker start to ready", f"{start['worker_ready_s']:.1f} s, RSS {start['worker_rss_mb']:.0f} MiB", "", None),
     ]
     rows += ceiling_rows(r["ceiling"])
+    waited = r["submit_wait"]
+    rows.append(_row("web CPU per image saved by Prefer: wait (8 submit-and-wait clients, null model)",
+                     f"{waited['web_cpu_saved']:.0%} ({waited['submit_then_long_poll']['cpu_ms_per_image']['web']:.2f}"
+                     f" -> {waited['prefer_wait']['cpu_ms_per_image']['web']:.2f} ms)", ">= 30%",
+                     waited["web_cpu_saved"] >= 0.3))
     if "gpu" in r:
         rows += [_row(f"GPU {r['gpu']['device']} {name}", f"{rate:.0f} img/s", "", None)
                  for name, rate in r["gpu"]["images_per_s"].items()]
@@ -151,7 +163,11 @@ def print_table(r: dict) -> None:
     print()
     ceiling.print_ceiling(r["ceiling"])
     print()
+    submit_wait.print_submit_wait(r["submit_wait"])
+    print()
     roles.print_roles(r["roles"])
+    print()
+    tracing_cost.print_cost(r["tracing"])
     print(f"\nidle stages (median ms): {json.dumps({k: round(v, 1) for k, v in idle['stages_ms_median'].items()})}")
     print(f"machine: {r['machine']}; total {r['seconds']:.0f} s; written to {RESULTS.relative_to(REPO_ROOT)}")
 

@@ -89,8 +89,8 @@ class Results:
 
 def classify(client: ApiClient, path: Path, options: dict, args, results: Results) -> bool:
     """Submit one file, wait for its job, save its heatmap; record the outcome. Return True if done."""
-    try:
-        job = client.submit(path.read_bytes(), path.name, options)
+    try:  # the server holds the answer until the job settles (Prefer: wait): usually one request per file
+        job = client.submit(path.read_bytes(), path.name, options, wait_s=max(1, int(args.timeout)))
     except ApiError as exc:
         results.refused(path, exc)
         return False

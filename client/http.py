@@ -99,11 +99,16 @@ class ApiClient:
         except (KeyError, ValueError):  # absent, or an HTTP date: fall back to exponential backoff
             return self._backoff(attempt)
 
-    def submit(self, data: bytes, filename: str, options: dict) -> dict:
-        """Upload one image (multipart field ``image``) with its options; return the job JSON."""
+    def submit(self, data: bytes, filename: str, options: dict, wait_s: float = 0) -> dict:
+        """Upload one image (multipart field ``image``) with its options; return the job JSON. With
+        ``wait_s`` (``Prefer: wait``) the server answers once the job settles or that many seconds pass."""
         fields = {name: str(value) for name, value in options.items() if value is not None}
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        wait_s = min(MAX_LONG_POLL_S, wait_s)
+        if wait_s > 0:
+            headers["Prefer"] = f"wait={wait_s:g}"
         response = self.request("POST", "/api/v1/jobs", files={"image": (filename, data)}, data=fields,
-                                headers={"Idempotency-Key": uuid.uuid4().hex})
+                                headers=headers, timeout=max(0, wait_s) + self.request_timeout_s)
         return response.json()
 
     def submit_batch(self, images: list[tuple[str, bytes]], options: dict) -> dict:

@@ -17,9 +17,10 @@ import secrets
 
 import redis
 
-from shared.errors import Unavailable
+from shared.errors import IdempotencyInProgress, Unavailable
 from shared.eventretention import EventRetention
 from shared.jobs import JobStore, utc_now
+from shared.jobtypes import KeyRecord
 from shared.keys import ANNOUNCE_KEY, batch_key, batch_settled_key, job_key
 from shared.retention import MAIN_TAIL_S
 
@@ -39,8 +40,12 @@ return remaining
 
 # Make the batch visible; 1 when all its jobs settled while it was opening (announce it now: the
 # job named is listed for the announcer's catch-up, in case this process dies first), -1 when gone.
+# Show the batch; with an Idempotency-Key (KEYS[3]), store its answer (ARGV[3]) over the request's
+# claim (ARGV[2]) in the same step, or change nothing when another request holds the key by now.
 _OPEN = """
+if KEYS[3] ~= '-' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return -2 end
 if redis.call('HDEL', KEYS[1], 'opening') == 0 then return -1 end
+if KEYS[3] ~= '-' then redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[4])) end
 if redis.call('HEXISTS', KEYS[1], 'finished_at') == 0 then return 0 end
 redis.call('ZADD', KEYS[2], redis.call('TIME')[1], ARGV[1])
 return 1
@@ -70,12 +75,17 @@ class BatchStore:
         pipe.expire(batch_key(batch_id), self.ttl_s)
         pipe.execute()
 
-    def open(self, batch_id: str, job_ids: list[str]) -> bool:
-        """Show the batch once every job is submitted; return True when it already finished (the
-        caller announces it, since the settle that finished it could not while it was opening)."""
-        opened = self._open(keys=[batch_key(batch_id), ANNOUNCE_KEY], args=[job_ids[0]])
+    def open(self, batch_id: str, job_ids: list[str], key: KeyRecord | None = None) -> bool:
+        """Show the batch once every job is submitted, and store its Idempotency-Key's answer (``key``,
+        its ``queued`` answer) in the same step; return True when it already finished (the caller
+        announces it, since the settle that finished it could not while it was opening)."""
+        opened = self._open(keys=[batch_key(batch_id), ANNOUNCE_KEY, key.name if key else "-"],
+                            args=[job_ids[0], *((key.claim, key.queued, key.ttl_s) if key else ("", "", 0))])
         if opened == -1:
             raise Unavailable(f"The record of batch {batch_id} was lost while its jobs were submitted; retry.")
+        if opened == -2:
+            raise IdempotencyInProgress("Another request holds this Idempotency-Key (this one's claim ran out, "
+                                        "IDEMPOTENCY_LEASE_S); retry shortly.", retry_after_s=1)
         return opened == 1
 
     def discard(self, batch_id: str, job_ids: list[str]) -> None:

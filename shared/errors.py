@@ -23,6 +23,7 @@
     ├── InvalidOption (422 invalid_option)
     │   ├── UnknownModel (422 unknown_model)
     │   ├── InvalidCallbackUrl (422 invalid_callback_url)
+    │   ├── InvalidImageUrl (422 invalid_image_url)
     │   └── IdempotencyKeyReused (422 idempotency_key_reused)
     ├── RateLimited (429 rate_limited)
     ├── Unavailable (503 unavailable)
@@ -33,6 +34,7 @@
         ├── WorkerCrashed (worker_crashed)
         ├── JobTimeout (timeout)
         ├── ImageExpired (image_expired)
+        ├── FetchFailed (fetch_failed)
         └── ModelVersionUnavailable (model_version_unavailable)
 
 ``code`` is stable: integrators match on it. ``message`` is a human sentence and may change.
@@ -154,6 +156,12 @@ class InvalidCallbackUrl(InvalidOption):
     code = "invalid_callback_url"
 
 
+class InvalidImageUrl(InvalidOption):
+    """An ``image_url`` that is not an http(s) or data: URL we may fetch (or decode)."""
+
+    code = "invalid_image_url"
+
+
 class IdempotencyKeyReused(InvalidOption):
     code = "idempotency_key_reused"
 
@@ -194,6 +202,12 @@ class JobTimeout(JobFailed):
 
 class ImageExpired(JobFailed):
     code = "image_expired"
+
+
+class FetchFailed(JobFailed):
+    """The job's ``image_url`` could not be fetched, or what came back is not an image we accept."""
+
+    code = "fetch_failed"
 
 
 class ModelVersionUnavailable(JobFailed):

@@ -12,7 +12,7 @@ import time
 import redis
 
 from shared.keys import WEBHOOK_WORKERS_KEY, WORKERS_KEY, drain_key, webhook_worker_key, worker_key
-from shared.tasks import WEBHOOK_QUEUE, inference_queue
+from shared.tasks import FETCH_QUEUE, WEBHOOK_QUEUE, inference_queue
 
 JSON_FIELDS = ("models", "max_batch", "gpu_memory", "latency_ms")
 NUMBER_FIELDS = ("pid", "child_index", "threads", "model_loads", "started_at", "jobs_done", "jobs_failed",
@@ -84,8 +84,8 @@ def webhook_nodes(client: redis.Redis, ttl_s: int) -> list[dict]:
 
 
 def known_queues(model_names) -> list[str]:
-    """Return the queues to watch: one per model, then the webhooks queue."""
-    return sorted({inference_queue(name) for name in model_names}) + [WEBHOOK_QUEUE]
+    """Return the queues to watch: one per model, then the webhooks and fetches queues (webhook workers')."""
+    return sorted({inference_queue(name) for name in model_names}) + [WEBHOOK_QUEUE, FETCH_QUEUE]
 
 
 def _enqueued_at(raw: bytes | None) -> float | None:
@@ -151,7 +151,7 @@ def queues(client: redis.Redis, names: list[str], *, ttl_s: int, now: float | No
     for name, (depth, oldest) in zip(names, replies):
         oldest = _enqueued_at(oldest)
         age = round(max(0.0, now - oldest), 3) if oldest is not None and depth else None
-        workers = int(webhook_workers) if name == WEBHOOK_QUEUE else serving.get(name, 0)
+        workers = int(webhook_workers) if name in (WEBHOOK_QUEUE, FETCH_QUEUE) else serving.get(name, 0)
         result.append({"name": name, "depth": int(depth), "oldest_age_s": age, "workers": workers,
                        "backlog_per_worker": round(int(depth) / max(workers, 1), 3)})
     return result

@@ -24,7 +24,7 @@ from shared.jobscripts import CLAIM, FINISH, SUBMIT
 from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
-from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STATS_KEY,
+from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY,
                          Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class JobStore:
         # scripts also list those jobs in ANNOUNCE_KEY, in the same step that settles them, so the
         # webhook worker catches up on any whose process died before announcing them.
         self.on_settled = None
+        self.on_started = None  # the same for claimed jobs that asked for a job.started event (STARTED_KEY)
         self.stuck_after_s = stuck_after_s
         self.job_ttl_s = job_ttl_s  # a job in flight (and one whose events are not made yet)
         self.job_result_ttl_s = job_result_ttl_s  # a settled job, on the cache role
@@ -191,12 +192,15 @@ class JobStore:
         distinct = list(dict.fromkeys(comps))
         for comp in distinct:
             self._claim(keys=[COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key,
-                              comp.image_key, comp.attempts_key],
+                              comp.image_key, comp.attempts_key, STARTED_KEY],
                         args=[comp.suffix, deadline, owner, self.stuck_after_s, job_key(""), now,
                               self.inflight_ttl_s], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt) in zip(distinct, replies)}
+        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt, _) in zip(distinct, replies)}
+        started = [i.decode() for *_, ids in replies for i in ids]
+        if started and self.on_started is not None:
+            self.on_started(started)
         answers, seen = [], set()
         for comp in comps:
             answers.append(Claim(True, None, claims[comp].attempt) if comp in seen else claims[comp])
@@ -294,6 +298,19 @@ class JobStore:
         """
         key = notify_key(job_id)
         blocking.blmove(key, key, timeout_s, "RIGHT", "LEFT")
+
+    def wait_json(self, blocking: redis.Redis, job_id: str, timeout_s: float, owner: str | None = None) -> str | None:
+        """``wait``, then ``get_json``, in one round trip: Redis answers the read the moment the wait ends."""
+        key = notify_key(job_id)
+        pipe = blocking.pipeline(transaction=False)
+        pipe.blmove(key, key, timeout_s, "RIGHT", "LEFT")
+        pipe.hgetall(job_key(job_id))
+        fields = {k.decode(): v.decode() for k, v in pipe.execute()[1].items()}
+        if not fields or (owner is not None and fields.get("owner", "") != owner):
+            return None
+        if "result_key" in fields and "result" not in fields:  # settled by an older version: read its result
+            return self.get_json(job_id, owner)
+        return job_json(fields, fields.get("result"))
 
     def get_json(self, job_id: str, owner: str | None = None) -> str | None:
         """Return the job as the contract's JSON text, or None when unknown, expired or (when

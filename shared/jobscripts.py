@@ -2,7 +2,8 @@
 
 - ``SUBMIT``: answer an upload from the cache, attach it to the identical computation in flight, or
   start a new computation (job record, upload, single-flight keys, queued-bytes bound), in one step.
-- ``CLAIM``: a worker starts a computation: its jobs running, its owner, one more attempt.
+- ``CLAIM``: a worker starts a computation: its jobs running (those that asked for ``job.started``
+  listed for the announcer), its owner, one more attempt.
 - ``FINISH``: settle every attached job of a computation (done with its result, or failed), keep the
   result (the first written stands), and release the single-flight and queued-bytes bookkeeping.
 - ``RECONCILE_QUEUED_BYTES``: the sweeper's recount of the uploads waiting for workers.
@@ -102,8 +103,9 @@ redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
 return {'new', image_json}
 """
 
-# KEYS: computations, owner, attached, result, image, attempts. ARGV: suffix, deadline, owner,
-# owner TTL, job key prefix, now, attempts TTL. Returns {already done, the upload's bytes, attempt}.
+# KEYS: computations, owner, attached, result, image, attempts, started. ARGV: suffix, deadline, owner,
+# owner TTL, job key prefix, now, attempts TTL. Returns {already done, the upload's bytes, attempt,
+# the jobs that asked for a job.started event (also listed in ``started`` until their event exists)}.
 # Only a computation still in flight (jobs attached, no result yet) gets an owner and counts an
 # attempt: a late copy of a finished computation's message changes nothing (attempt 0), so it
 # cannot recreate ``attempts:`` for the next upload of the same image.
@@ -111,18 +113,23 @@ CLAIM = """
 redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
 local done = redis.call('EXISTS', KEYS[4]) == 1
 local attempt = 0
+local started = {}
 if not done and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
   for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
     local job = ARGV[5] .. id
     if redis.call('HGET', job, 'status') == 'queued' then
       redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[6])
+      if redis.call('HGET', job, 'announce_started') == '1' then
+        table.insert(started, id)
+        redis.call('ZADD', KEYS[7], redis.call('TIME')[1], id)
+      end
     end
   end
   attempt = redis.call('INCR', KEYS[6])
   redis.call('EXPIRE', KEYS[6], ARGV[7])
 end
-return {done and 1 or 0, redis.call('GET', KEYS[5]) or false, attempt}
+return {done and 1 or 0, redis.call('GET', KEYS[5]) or false, attempt, started}
 """
 
 FINISH = """

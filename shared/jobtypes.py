@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+WEBHOOK_EVENTS = ("started", "completed")  # what ``webhook_events`` may name, in the order they happen
+
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
@@ -21,6 +23,8 @@ class JobContext:
     owner: str = ""  # API key id; "" for anonymous jobs (each key sees only its own jobs)
     callback_url: str | None = None
     batch_id: str | None = None
+    webhook_events: tuple[str, ...] = ("completed",)  # of WEBHOOK_EVENTS: which events call back
+    traceparent: str = ""  # the submit's trace (shared.tracing): the webhook attempts join it
 
     def fields(self) -> dict[str, str]:
         """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
@@ -31,6 +35,12 @@ class JobContext:
             fields["batch_id"] = self.batch_id
         if self.callback_url or self.batch_id:
             fields["announce"] = "1"
+        if self.callback_url and self.webhook_events != ("completed",):
+            fields["webhook_events"] = ",".join(self.webhook_events)
+            if "started" in self.webhook_events:
+                fields["announce_started"] = "1"  # the claim lists it for a job.started event
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
         return fields
 
 

@@ -8,6 +8,7 @@ WORKERS_KEY = "workers"  # sorted set: worker name -> last heartbeat (unix secon
 WEBHOOK_WORKERS_KEY = "webhook_workers"  # sorted set: webhook worker node -> last heartbeat (not in readyz)
 COMPUTATIONS_KEY = "computations"  # sorted set: suffix of each computation in flight -> deadline
 ANNOUNCE_KEY = "announce:pending"  # sorted set: settled job awaiting its events -> settle time
+STARTED_KEY = "announce:started"  # sorted set: claimed job awaiting its job.started event -> claim time
 TAKEN_BY_KEY = "taken_by"  # hash: broker delivery tag a worker child took into a batch -> that child
 QUEUED_BYTES_KEY = "queued:bytes"  # bytes of uploads waiting for a worker (MAX_QUEUED_MB bounds it)
 QUEUED_SIZES_KEY = "queued:sizes"  # hash: suffix of each computation waiting -> its upload's bytes

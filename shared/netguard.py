@@ -34,6 +34,11 @@ class Target:
     address: str
 
 
+def about(exc: RefusedUrl, field: str) -> str:
+    """The refusal's message, naming ``field`` (e.g. image_url) where it names callback_url."""
+    return str(exc).replace("callback_url", field).replace("callbacks may", f"{field} may")
+
+
 def normalise_url(url: str) -> str:
     """Return ``url`` as a browser sends it: IDNA host, non-ASCII path and query percent-encoded
     (UTF-8), the fragment dropped; or raise RefusedUrl. ``https://bücher.example/café`` becomes

@@ -209,6 +209,9 @@ class Settings:
     webhook_connect_timeout_s: float = 5.0
     webhook_timeout_s: float = 15.0
     webhook_concurrency: int = 16  # deliveries in flight per webhook worker
+    # Images by URL (image_url): fetched by the webhook worker under the callbacks' SSRF rules.
+    fetch_timeout_s: float = 15.0  # the whole fetch (name lookups, redirects, body) of one image_url
+    fetch_allow_private: bool = False  # DEVELOPMENT ONLY: lets image_url reach loopback/private addresses
     # Admins: admin API and page, worker metrics endpoint.
     admin_token: str = ""  # Bearer token for /api/v1/admin/ and /admin (and /metrics); empty disables both (404)
     metrics_token: str = ""  # Bearer token for the web tier's /metrics; without it or ADMIN_TOKEN: 404
@@ -294,6 +297,8 @@ class Settings:
             webhook_connect_timeout_s=_float(env, "WEBHOOK_CONNECT_TIMEOUT_S", d.webhook_connect_timeout_s),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),
             webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", d.webhook_concurrency, minimum=1),
+            fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", d.fetch_timeout_s),
+            fetch_allow_private=_bool(env, "FETCH_ALLOW_PRIVATE", d.fetch_allow_private),
             admin_token=_token(env, "ADMIN_TOKEN"),
             metrics_token=_token(env, "METRICS_TOKEN"),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", d.worker_metrics_port),

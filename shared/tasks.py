@@ -11,6 +11,8 @@ INFER_TASK = "imgsvc.infer"
 INFERENCE_QUEUE_PREFIX = "inference."
 WEBHOOK_TASK = "imgsvc.deliver_webhook"
 WEBHOOK_QUEUE = "webhooks"  # consumed by the webhook worker (webhooks.celery_app), never by inference
+FETCH_TASK = "imgsvc.fetch_image"
+FETCH_QUEUE = "fetches"  # image_url downloads; the webhook worker consumes it too (outbound HTTP, SSRF-guarded)
 
 
 def inference_queue(model_name: str) -> str:
@@ -31,6 +33,11 @@ def send_webhook(celery, event_id: str) -> None:
     """Send one delivery attempt of a webhook event to the webhooks queue."""
     message = {"event_id": event_id, "enqueued_at": time.time()}  # the admin queue view reads enqueued_at
     celery.send_task(WEBHOOK_TASK, args=[message], queue=WEBHOOK_QUEUE)
+
+
+def send_fetch(celery, job_id: str) -> None:
+    """Send the download of a job's ``image_url`` to the fetches queue."""
+    celery.send_task(FETCH_TASK, args=[{"job_id": job_id, "enqueued_at": time.time()}], queue=FETCH_QUEUE)
 
 
 def celery_config(settings: Settings) -> dict:

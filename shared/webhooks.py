@@ -25,8 +25,8 @@ import redis
 from shared import redisconn
 from shared.batches import BatchStore
 from shared.eventretention import EventRetention
-from shared.jobs import JobStore, utc_now
-from shared.keys import (ANNOUNCE_KEY, WEBHOOK_DUE_KEY, batch_key, job_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
+from shared.jobs import JobStore, job_json, utc_now
+from shared.keys import (ANNOUNCE_KEY, STARTED_KEY, WEBHOOK_DUE_KEY, batch_key, job_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
                          webhook_lock_key)
 from shared.tasks import send_webhook
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FINAL_STATES = ("delivered", "failed", "endpoint_gone")
 DISPATCH_LEASE_S = 60  # an event sent to the queue is due again after this, in case the message is lost
 MAX_ATTEMPT_LOG = 200
+STARTED_TAG = "started"  # a job.started event's id is msg_<job id>_started; its other event's, msg_<job id>
 
 # Claim due events: mark each one dispatched and push its due time ahead by the lease, so another
 # poller skips it; an event that expired with its job leaves the schedule.
@@ -107,6 +108,7 @@ class Event:
     created_at: str
     next_attempt_at: float | None
     traceparent: str = ""  # the job's trace: each attempt is a span in it
+    after: str = ""  # an earlier event of the same job (its job.started): this one waits until that one ends
 
     def public(self) -> dict:
         next_at = self.next_attempt_at if self.state == "pending" else None
@@ -123,7 +125,7 @@ class Event:
                    attempts=int(text.get("attempts", 0)), round_start=int(text.get("round_start", 0)),
                    created_at=text["created_at"],
                    next_attempt_at=float(text["next_attempt_at"]) if text.get("next_attempt_at") else None,
-                   traceparent=text.get("traceparent", ""))
+                   traceparent=text.get("traceparent", ""), after=text.get("after", ""))
 
 
 class EventStore:
@@ -138,7 +140,7 @@ class EventStore:
         self._end = client.register_script(_END_ATTEMPT)
 
     def create(self, event_type: str, subject: str, url: str, owner: str, data_json: str,
-               traceparent: str = "") -> str | None:
+               traceparent: str = "", *, tag: str = "", after: str = "") -> str | None:
         """Store the subject's pending event whose body wraps ``data_json``, dispatched for its first
         attempt; return its id, or None when it already exists.
 
@@ -146,9 +148,10 @@ class EventStore:
         twice (a catch-up racing the original announcer) cannot make a second event. The event is
         written in one transaction: a crash or a refused write leaves no trace, and the announcer's
         catch-up makes it later. (A hash without ``state`` is what an older, non-atomic version left
-        when it died half-way; it is made whole now.)
+        when it died half-way; it is made whole now.) A subject's second kind of event (a job's
+        ``job.started``) has its own ``tag`` in its id; ``after`` names the event it must follow.
         """
-        event_id, now = "msg_" + subject.split(":", 1)[1], utc_now()
+        event_id, now = "msg_" + subject.split(":", 1)[1] + (f"_{tag}" if tag else ""), utc_now()
         key = webhook_event_key(event_id)
         body = f'{{"type": {json.dumps(event_type)}, "timestamp": "{now}", "data": {data_json}}}'
         with self.redis.pipeline() as pipe:
@@ -160,7 +163,7 @@ class EventStore:
                 pipe.hset(key, mapping={
                     "id": event_id, "type": event_type, "subject": subject, "url": url, "owner": owner,
                     "body": body, "state": "pending", "attempts": 0, "created_at": now, "dispatched": "1",
-                    **({"traceparent": traceparent} if traceparent else {})})
+                    **({"traceparent": traceparent} if traceparent else {}), **({"after": after} if after else {})})
                 pipe.expire(key, self.ttl_s)
                 pipe.rpush(webhook_events_key(subject), event_id)
                 pipe.expire(webhook_events_key(subject), self.ttl_s)
@@ -243,9 +246,28 @@ class Announcer:
         self.batches = BatchStore(store.redis, store, settings.job_ttl_s)
 
     def install(self) -> "Announcer":
-        """Have the job store call this announcer whenever jobs it marks settled await an event."""
+        """Have the job store call this announcer whenever jobs it marks settled (or claims) await an event."""
         self.jobs.on_settled = self.jobs_settled
+        self.jobs.on_started = self.jobs_started
         return self
+
+    def jobs_started(self, job_ids: list[str]) -> None:
+        """Create and send the job.started events of claimed jobs; never raise into the caller (the
+        worker's claim): the webhook worker's catch-up retries them."""
+        try:
+            for job_id, read in zip(job_ids, self.jobs.read_many(job_ids)):
+                if read is not None:
+                    self.dispatch(self._started_event(job_id, read[0]))
+            self.jobs.redis.zrem(STARTED_KEY, *job_ids)
+        except Exception:
+            log.exception("could not announce started jobs %s", job_ids)
+
+    def _started_event(self, job_id: str, fields: dict) -> str | None:
+        """Make the job's job.started event (the job as it was when a worker claimed it); None when it exists."""
+        running = {k: v for k, v in fields.items() if k not in ("finished_at", "error", "result", "result_key")}
+        running["status"] = "running"
+        return self.events.create("job.started", f"job:{job_id}", fields["callback_url"], fields.get("owner", ""),
+                                  job_json(running, None), fields.get("traceparent", ""), tag=STARTED_TAG)
 
     def jobs_settled(self, job_ids: list[str]) -> None:
         """Create and send the events the settled jobs call for; never raise into the caller."""
@@ -261,11 +283,15 @@ class Announcer:
 
     def catch_up(self, older_than_s: float = 30, limit: int = 100) -> int:
         """Announce jobs settled more than ``older_than_s`` ago whose announcer never finished."""
+        started = self.jobs.redis.zrangebyscore(STARTED_KEY, "-inf", time.time() - older_than_s, 0, limit)
+        if started:
+            log.warning("announcing %d started jobs their own process did not", len(started))
+            self.jobs_started([job_id.decode() for job_id in started])
         stale = self.jobs.redis.zrangebyscore(ANNOUNCE_KEY, "-inf", time.time() - older_than_s, 0, limit)
         if stale:
             log.warning("announcing %d settled jobs their own process did not", len(stale))
             self.jobs_settled([job_id.decode() for job_id in stale])
-        return len(stale)
+        return len(stale) + len(started)
 
     def _announce(self, job_ids: list[str]) -> None:
         for job_id, read in zip(job_ids, self.jobs.read_many(job_ids)):
@@ -273,10 +299,17 @@ class Announcer:
                 continue
             fields, job_text = read
             job, owner = json.loads(job_text), fields.get("owner", "")
-            if job["callback_url"]:
+            events = fields.get("webhook_events", "completed").split(",")
+            if job["callback_url"] and "completed" in events:
+                after = ""
+                if fields.get("announce_started") == "1" and fields.get("started_at"):
+                    # its job.started first (made now if its announcer has not yet), so that it is
+                    # listed, and delivered, before this one
+                    self.dispatch(self._started_event(job_id, fields))
+                    after = f"msg_{job_id}_{STARTED_TAG}"
                 kind = "job.completed" if job["status"] == "done" else "job.failed"
                 self.dispatch(self.events.create(kind, f"job:{job_id}", job["callback_url"], owner, job_text,
-                                                 fields.get("traceparent", "")))
+                                                 fields.get("traceparent", ""), after=after))
             batch_id = job["batch_id"]
             # A job counted before is an announcer that died after counting (the catch-up retries it):
             # a finished batch then still needs its event. Creating it twice makes one event.

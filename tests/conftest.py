@@ -21,6 +21,7 @@ SOFT_TIME_LIMIT_S = 8
 TINY_LABELS = [f"tiny-class-{i}" for i in range(10)]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 WEBHOOK_SECRET = "whsec_" + "dGVzdC13ZWJob29rLXNlY3JldC0zMi1ieXRlcyEhISE="  # base64 of 32 test bytes
+FETCH_TIMEOUT_S = 3
 METRICS_TOKEN = "test-metrics-token-1f6b0c9e2d7a4835"  # the session app's /metrics (32+ characters)
 
 
@@ -89,17 +90,29 @@ target_layer = "{layer}"
 """)
 
 
+def write_slow_card(directory: Path, name: str = "slow") -> Path:
+    """A cards folder (made here) serving only the test card with a known time per pass (tests/slow_model.py)."""
+    from tests.slow_model import Slow
+
+    (directory / "weights").mkdir(parents=True, exist_ok=True)
+    write_card(directory, Slow(len(TINY_LABELS)), name=name, description="test-only: a known time per forward pass",
+               architecture="python", variant="tests.slow_model:build", resize=64, input_size=64, layer="features")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def settings(redis_url, cards_dir) -> Settings:
     # A long batching wait makes "an idle job does not wait" observable in the tests.
-    # Callbacks go to receivers on loopback (WEBHOOK_ALLOW_PRIVATE), retries come after a second, and
+    # Callbacks go to receivers on loopback (WEBHOOK_ALLOW_PRIVATE), image URLs too (FETCH_ALLOW_PRIVATE),
+    # retries come after a second, and
     # the rate limit is out of the way of the load tests (test_integrators sets a key's own limit).
     return Settings(redis_url=redis_url, model_cards_dir=cards_dir, heartbeat_interval_s=1,
                     worker_ttl_s=5, worker_concurrency=WORKER_CHILDREN, torch_threads=1,
                     max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, job_soft_time_limit_s=SOFT_TIME_LIMIT_S,
                     job_time_limit_s=SOFT_TIME_LIMIT_S + 10, secret_key="test-secret-key",
                     webhook_secret=WEBHOOK_SECRET, webhook_allow_private=True, webhook_retry_schedule=(1, 1, 1),
-                    webhook_timeout_s=3, rate_limit="100000/minute", metrics_token=METRICS_TOKEN)
+                    webhook_timeout_s=3, rate_limit="100000/minute", metrics_token=METRICS_TOKEN,
+                    fetch_allow_private=True, fetch_timeout_s=FETCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")

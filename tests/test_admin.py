@@ -196,7 +196,7 @@ def test_queues_show_depth_and_oldest_age_while_every_worker_is_drained(fleet):
             return queues if queue["depth"] == 2 and queue["oldest_age_s"] >= 1.0 else None
 
         queues = wait_for(aged, 10, "two waiting jobs at least a second old", interval=0.2)
-        assert [q["name"] for q in queues] == [f"inference.{MODEL}", "webhooks"]
+        assert [q["name"] for q in queues] == [f"inference.{MODEL}", "webhooks", "fetches"]
     finally:
         for name in names:
             requests.post(f"{fleet.url}/api/v1/admin/workers/{name}/resume", headers=AUTH, timeout=30)

@@ -22,8 +22,7 @@ from shared.metrics import exposition, registry_for
 from shared.settings import Settings
 from shared.tasks import INFER_TASK, celery_config
 from tests import images
-from tests.conftest import ARTIFACTS, write_card
-from tests.slow_model import Slow
+from tests.conftest import ARTIFACTS, write_slow_card
 from tests.test_metrics import samples
 from tools.stack import start_redis, start_web, start_worker, stop, wait_for
 
@@ -91,6 +90,7 @@ def test_backlog_counts_live_children_of_active_nodes_per_model_queue(scratch):
     assert queues["inference.o"] == {"name": "inference.o", "depth": 1, "oldest_age_s": 4.0, "workers": 0,
                                      "backlog_per_worker": 1.0}
     assert queues["webhooks"]["workers"] == 1 and queues["webhooks"]["depth"] == 0
+    assert queues["fetches"]["workers"] == 1 and queues["fetches"]["depth"] == 0  # image_url downloads
 
 
 def test_backlog_gauges_on_the_metrics_exposition(scratch):
@@ -108,11 +108,7 @@ def test_backlog_gauges_on_the_metrics_exposition(scratch):
 
 @pytest.mark.integration
 def test_jobs_waiting_with_no_worker_show_a_growing_backlog_until_a_worker_starts(tmp_path_factory):
-    cards = tmp_path_factory.mktemp("backlog-cards")
-    (cards / "weights").mkdir()
-    write_card(cards, Slow(10), name="slow", description="test-only: a known time per forward pass",
-               architecture="python", variant="tests.slow_model:build", resize=64, input_size=64,
-               layer="features")
+    cards = write_slow_card(tmp_path_factory.mktemp("backlog-cards"))
     redis_proc, url = start_redis(tmp_path_factory.mktemp("backlog-redis"))
     settings = Settings(redis_url=url, model_cards_dir=cards, models=("slow",), default_model="slow",
                         worker_devices="cpu", worker_concurrency=1, torch_threads=1, max_batch=4,

@@ -179,7 +179,7 @@ def test_a_settled_job_moves_whole_to_the_cache_and_leaves_a_short_tail(clients)
 def test_one_server_keeps_a_settled_job_for_its_retention(redis_client):
     store = JobStore(redis_client, job_ttl_s=3600, result_ttl_s=3600, inflight_ttl_s=60, image_ttl_s=60,
                      job_result_ttl_s=7200)
-    comp = Computation("m", "1", "f" * 64, OutputOptions())
+    comp = Computation("m", "1", "9a" * 32, OutputOptions())  # its own image: the session Redis is shared
     job = store.submit(comp, MODEL, b"upload", INFO)
     store.finish(comp, RESULT, None)
     assert 3600 < redis_client.ttl(f"job:{job.job_id}") <= 7200

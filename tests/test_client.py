@@ -107,15 +107,17 @@ class Flaky(BaseHTTPRequestHandler):
 
     answers: list[int] = []
     keys: list[str] = []
+    prefers: list[str | None] = []
     skips, reads = 0, []
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         Flaky.keys.append(self.headers["Idempotency-Key"])
+        Flaky.prefers.append(self.headers["Prefer"])
         status = Flaky.answers.pop(0)
         code = {409: "idempotency_in_progress", 422: "idempotency_key_reused"}.get(status, "overloaded")
         body = {"error": {"code": code, "message": "busy"}} if status >= 400 else {
-            "id": "a" * 32, "status": "queued"}
+            "id": "a" * 32, "status": "done" if status == 200 else "queued"}
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Retry-After", "0")
@@ -182,3 +184,16 @@ def test_a_skipped_long_poll_is_retried_after_retry_after_not_at_once(flaky_serv
     job = ApiClient(flaky_server).wait_job({"id": "a" * 32, "status": "queued"}, timeout_s=10)
     assert job["status"] == "done" and len(Flaky.reads) == 3
     assert all(later - earlier >= 0.95 for earlier, later in zip(Flaky.reads, Flaky.reads[1:]))
+
+
+def test_imgsvc_submit_asks_the_server_to_hold_the_answer_and_needs_no_poll_then(flaky_server, tmp_path):
+    Flaky.answers, Flaky.keys, Flaky.prefers, Flaky.reads = [200], [], [], []
+    (tmp_path / "one.png").write_bytes(images.noise_png(seed=21_601))
+    from shared.settings import REPO_ROOT
+
+    # this checkout's client (an installed script may be another checkout's)
+    result = subprocess.run([sys.executable, "-m", "client.cli", "submit", str(tmp_path / "one.png"), "--quiet",
+                             "--timeout", "60", "--url", flaky_server], capture_output=True, text=True, timeout=60,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert Flaky.prefers == ["wait=20"] and Flaky.reads == []  # one request: no long-poll after it

@@ -143,7 +143,7 @@ def test_a_child_whose_device_breaks_is_replaced_and_the_job_that_broke_it_fails
     green = images.encode(Image.new("RGB", (80, 60), (0, 255, 0)), "PNG")
     breaker = submit(client, green, model="misbehaving")
     assert breaker.status_code == 202
-    others = [submit(client, images.noise_png(seed=9100 + i)).get_json()["id"] for i in range(4)]
+    others = [submit(client, images.noise_png(seed=97_100 + i)).get_json()["id"] for i in range(4)]
     for job_id in others:
         job = wait_done(client, job_id)
         assert job["status"] == "done"  # other jobs keep flowing
@@ -155,7 +155,7 @@ def test_a_child_whose_device_breaks_is_replaced_and_the_job_that_broke_it_fails
     from tests.conftest import ARTIFACTS
 
     assert "fatal device error, this child exits" in (ARTIFACTS / "worker.log").read_text()
-    fine = wait_done(client, submit(client, images.noise_png(seed=9200), model="misbehaving").get_json()["id"])
+    fine = wait_done(client, submit(client, images.noise_png(seed=97_200), model="misbehaving").get_json()["id"])
     assert fine["status"] == "done"
 
 

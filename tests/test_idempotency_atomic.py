@@ -11,6 +11,7 @@ import io
 
 import pytest
 import redis
+from werkzeug.datastructures import MultiDict
 
 from shared.keys import idempotency_key
 from tests import images
@@ -65,3 +66,33 @@ def test_a_refused_answer_record_leaves_no_job_behind_and_the_retry_makes_exactl
         assert first.get_json()["id"] == retry.get_json()["id"]
     else:
         assert not made_by_first, "a request answered with an error left a job running"
+
+
+def _post_batch(client, uploads: list[bytes], key: str | None = None):
+    headers = {"Idempotency-Key": key} if key else {}
+    form = MultiDict([("image", (io.BytesIO(data), f"{i}.png")) for i, data in enumerate(uploads)])
+    return client.post("/api/v1/batches", data=form, content_type="multipart/form-data", headers=headers)
+
+
+def _batches(admin) -> set[str]:
+    return {key.decode().removeprefix("batch:") for key in admin.scan_iter("batch:*") if b":settled" not in key}
+
+
+def test_a_batch_and_its_keys_answer_appear_in_one_step(own_stack):
+    """The same for a batch: before, its answer was stored after the batch was shown, and when Redis
+    refused that, the client got 503 while the batch ran and a retry made a second batch."""
+    admin, client = own_stack
+    assert _post_batch(client, [images.noise_png(seed=84_100)]).status_code == 202  # loads the batch's scripts
+    before = _batches(admin)
+    admin.execute_command("ACL", "SETUSER", "web", "-script")
+    uploads = [images.noise_png(seed=84_101 + i) for i in range(2)]
+    first = _post_batch(client, uploads, "batch-0815")
+    made_by_first = _batches(admin) - before
+    admin.execute_command("ACL", "SETUSER", "web", "+@all")
+    record = idempotency_key("", "batch-0815")
+    stack.wait_for(lambda: b'"pending"' not in (admin.get(record) or b""), 10, "the first request's lease to end")
+    retry = _post_batch(client, uploads, "batch-0815")
+    assert first.status_code == 202, first.get_json()
+    assert retry.status_code == 202 and retry.headers.get("Idempotent-Replayed") == "true"
+    assert retry.get_json()["id"] == first.get_json()["id"]
+    assert _batches(admin) - before == made_by_first == {first.get_json()["id"]}

@@ -25,8 +25,7 @@ import yaml
 
 from shared.settings import REPO_ROOT, Settings
 from shared.tasks import inference_queue
-from tests.conftest import ARTIFACTS, write_card
-from tests.slow_model import Slow
+from tests.conftest import ARTIFACTS, write_slow_card
 from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_for
 
 K8S = REPO_ROOT / "deploy" / "kubernetes"
@@ -221,11 +220,7 @@ def run_script(name: str, *args: str, env: dict[str, str]) -> subprocess.Complet
 
 @pytest.mark.integration
 def test_heartbeat_probe_and_drain_hook_on_a_real_worker(tmp_path_factory):
-    cards = tmp_path_factory.mktemp("k8s-cards")
-    (cards / "weights").mkdir()
-    write_card(cards, Slow(10), name="slow", description="test-only: a known time per forward pass",
-               architecture="python", variant="tests.slow_model:build", resize=64, input_size=64,
-               layer="features")
+    cards = write_slow_card(tmp_path_factory.mktemp("k8s-cards"))
     redis_proc, url = start_redis(tmp_path_factory.mktemp("k8s-redis"))
     settings = Settings(redis_url=url, model_cards_dir=cards, models=("slow",), default_model="slow",
                         worker_devices="cpu", worker_concurrency=1, torch_threads=1, heartbeat_interval_s=1,

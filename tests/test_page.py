@@ -249,3 +249,19 @@ def test_the_page_fits_a_phone(browser, base_url, tmp_path):
         phone.screenshot(path=str(ARTIFACTS / "upload-page-phone.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_an_image_by_its_address_is_classified_from_the_url_field(tab, webhook_worker):
+    from tests.test_image_url import ImageServer
+
+    server = ImageServer()
+    try:
+        tab.fill("#image-url", server.url + "/good.png")
+        tab.click("#url-form button[type=submit]")
+        tab.wait_for_function("document.querySelectorAll('.job[data-status=done]').length == 1", timeout=60_000)
+        card = tab.locator(".job[data-status=done]")
+        assert "/good.png" in card.locator(".file-name").text_content()
+        assert card.locator(".predictions li").count() == 5
+        assert tab.input_value("#image-url") == ""
+    finally:
+        server.close()

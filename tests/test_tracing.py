@@ -63,7 +63,7 @@ def traced(tmp_path, monkeypatch, cards_dir):
         redis_proc, url = stack.start_redis(tmp_path)
         settings = Settings(redis_url=url, model_cards_dir=cards_dir, worker_concurrency=1, torch_threads=1,
                             max_batch=4, heartbeat_interval_s=1, worker_ttl_s=5, webhook_secret=WEBHOOK_SECRET,
-                            webhook_allow_private=True, rate_limit="100000/minute")
+                            webhook_allow_private=True, fetch_allow_private=True, rate_limit="100000/minute")
         ARTIFACTS.mkdir(exist_ok=True)
         procs = [redis_proc]
         try:
@@ -131,6 +131,27 @@ def test_a_failed_job_is_traced_to_its_failure(traced):
     spans = _trace(collector, trace_id, {"cache lookup", "queue wait", "batch", "decode and preprocess"})
     assert "forward and gradcam" not in {s["name"] for s in spans}  # it failed decoding: no forward pass
     (ARTIFACTS / "trace-failed.txt").write_text(tree(spans) + "\n")
+
+
+@pytest.mark.integration
+def test_an_image_url_job_is_one_trace_through_its_fetch(traced):
+    from tests.test_image_url import ImageServer
+
+    base, collector, _ = traced
+    server = ImageServer()
+    try:
+        trace_id = secrets.token_hex(16)
+        answer = requests.post(f"{base}/api/v1/jobs", json={"image_url": server.url + "/good.png"}, timeout=30,
+                               headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        assert answer.status_code == 202, answer.text
+        spans = _trace(collector, trace_id, {"fetch image_url", *WORKER_HOPS})
+    finally:
+        server.close()
+    by_name = {span["name"]: span for span in spans}
+    request = next(s for s in spans if s["service"] == "imgsvc-web" and s["name"].startswith("POST"))
+    assert by_name["fetch image_url"]["parent"] == request["id"]
+    assert by_name["fetch image_url"]["service"] == "imgsvc-webhooks"
+    assert by_name["queue wait"]["parent"] == request["id"]  # the job's trace went on to the worker
 
 
 @pytest.mark.parametrize("env, on", [

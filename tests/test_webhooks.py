@@ -221,3 +221,49 @@ def test_the_admin_api_lists_the_webhook_worker_with_its_deliveries(stack, recei
     assert node["name"].startswith("webhooks@") and node["concurrency"] == settings.webhook_concurrency
     assert node["name"] not in {n["name"] for n in admin.get(
         "/api/v1/admin/workers", headers={"Authorization": f"Bearer {token}"}).get_json()["workers"]}
+
+
+def test_started_and_completed_events_arrive_in_order_signed(stack, receiver):
+    job = submit(stack, images.noise_png(seed=1101), model=MODEL, callback_url=receiver.url + "/both",
+                 webhook_events="started,completed").get_json()
+    calls = receiver.wait("/both", 2)
+    payloads = [verify(call) for call in calls]
+    assert [p["type"] for p in payloads] == ["job.started", "job.completed"]
+    assert [p["data"]["status"] for p in payloads] == ["running", "done"]
+    assert [c.headers["webhook-id"] for c in calls] == [f"msg_{job['id']}_started", f"msg_{job['id']}"]
+    log = deliveries(stack, job["id"], "delivered")
+    assert [(e["type"], e["state"]) for e in log["events"]] == [("job.started", "delivered"),
+                                                               ("job.completed", "delivered")]
+
+
+def test_a_completed_event_waits_for_its_started_event_to_be_delivered(stack, receiver):
+    receiver.answer((503, {}), (503, {}))  # the started event fails twice, retried a second apart each time
+    job = submit(stack, images.noise_png(seed=1102), model=MODEL, callback_url=receiver.url + "/ordered",
+                 webhook_events="completed,started").get_json()
+    wait_done(stack, job["id"])
+    calls = receiver.wait("/ordered", 4)
+    assert [verify(c)["type"] for c in calls] == ["job.started"] * 3 + ["job.completed"]
+    assert calls[3].at >= calls[2].finished, "the completed event was sent before its started event was delivered"
+    log = deliveries(stack, job["id"], "delivered")
+    assert [e["attempts"] for e in log["events"]] == [3, 1]  # waiting for its turn is not an attempt
+
+
+def test_only_the_events_asked_for_are_sent(stack, receiver):
+    job = submit(stack, images.noise_png(seed=1103), model=MODEL, callback_url=receiver.url + "/started-only",
+                 webhook_events="started").get_json()
+    wait_done(stack, job["id"])
+    [call] = receiver.wait("/started-only", 1)
+    assert verify(call)["type"] == "job.started"
+    time.sleep(2)  # a completed event would have been sent by now
+    assert len(receiver.on("/started-only")) == 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"webhook_events": "started,finished"}, "finished"),
+    ({"webhook_events": "started", "callback_url": ""}, "needs a callback_url"),
+])
+def test_webhook_events_are_checked_at_submit(stack, receiver, fields, message):
+    answer = submit(stack, images.noise_png(seed=1104), model=MODEL,
+                    **{"callback_url": receiver.url + "/never", **fields})
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (422, "invalid_option")
+    assert message in answer.get_json()["error"]["message"]

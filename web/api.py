@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from shared.errors import BadRequest, Expired, NotFound
-from shared.jobs import JobContext
 from shared.keys import WORKERS_KEY, image_digest
 from shared.retention import issued_at
-from web import auth, heatmaps
+from web import auth, byurl, heatmaps
 from web.idempotency import Created
 from web.intake import accept, check_size, idempotent, number_option, parse_order, read_images, services
 
@@ -19,6 +19,8 @@ bp = Blueprint("api", __name__)
 
 JOB_ID_LENGTH = 32
 MAX_WAIT_S = 30
+# RFC 7240: ``Prefer: wait=N`` (seconds); other preferences in the header are ignored, as the RFC allows.
+_PREFER_WAIT = re.compile(r'(?:^|[,;])\s*wait\s*=\s*"?(\d{1,6}(?:\.\d{1,3})?)"?\s*(?=$|[,;])', re.IGNORECASE)
 PUBLIC_ENDPOINTS = {"api.list_models", "api.healthz", "api.readyz"}
 
 
@@ -39,8 +41,11 @@ def json_response(text: str, status: int = 200, location: str | None = None, rep
 
 @bp.post("/api/v1/jobs")
 def submit_job():
-    """Accept an image; answer from the cache, attach to identical work in flight, or enqueue."""
-    images, fields = read_images()
+    """Accept an image (or its URL); answer from the cache, attach to identical work in flight, or enqueue."""
+    by_url = byurl.read_image_url()
+    if by_url is not None and not byurl.is_data_url(by_url[0]):
+        return submit_by_url(*by_url)
+    images, fields = ([byurl.decode_data_url(by_url[0])], by_url[1]) if by_url else read_images()
     if len(images) != 1:
         raise BadRequest("Send one image per job; POST /api/v1/batches takes several.")
     order = parse_order(fields)
@@ -49,13 +54,69 @@ def submit_job():
     answered = {}
 
     def create() -> Created:
-        submission = accept(images[0], order, JobContext(auth.owner(), order.callback_url), sha=sha)
+        submission = accept(images[0], order, order.context(auth.owner()), sha=sha)
         answered["json"] = submission.json()
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 
     created, replayed = idempotent("job", order.fingerprint(sha), create)
-    text = answered.get("json") or job_or_404(created.id)
-    return json_response(text, created.status, f"/api/v1/jobs/{created.id}", replayed)
+    return submitted(created, answered.get("json"), replayed)
+
+
+def submit_by_url(url: str, fields):
+    """Accept an http(s) image_url: the job is queued at once, its image fetched by the webhook worker."""
+    order = parse_order(fields)
+    url = byurl.check_image_url(url)
+    answered = {}
+
+    def create() -> Created:
+        created, answered["json"] = byurl.accept_url(url, order)
+        return created
+
+    created, replayed = idempotent("job", order.fingerprint("url:" + url), create)
+    return submitted(created, answered.get("json"), replayed)
+
+
+def submitted(created: Created, text: str | None, replayed: bool):
+    """Answer a submit: the job as accepted or, with ``Prefer: wait=N``, once it settles or N seconds pass."""
+    text = text or job_or_404(created.id)
+    location = f"/api/v1/jobs/{created.id}"
+    wait_s = preferred_wait()
+    if wait_s is None:
+        return json_response(text, created.status, location, replayed)
+    # a job accepted just now as new work is queued: no need to read that back (a replay may be settled)
+    fresh_queued = created.status == 202 and not replayed
+    held = hold(created.id, wait_s) if fresh_queued or not _settled(text) else text
+    if held is None:
+        response = json_response(text, created.status, location, replayed)
+        response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
+        return response
+    response = json_response(held, 200 if _settled(held) else 202, location, replayed)
+    response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+    return response
+
+
+def preferred_wait() -> float | None:
+    """Return the seconds a ``Prefer: wait=N`` header asks for, held to MAX_WAIT_S; None without one
+    (or with N = 0, which asks for nothing)."""
+    match = _PREFER_WAIT.search(", ".join(request.headers.getlist("Prefer")))
+    if match is None or float(match.group(1)) <= 0:
+        return None
+    return min(float(match.group(1)), MAX_WAIT_S)
+
+
+def hold(job_id: str, wait_s: float) -> str | None:
+    """Block until the job settles or ``wait_s`` pass, then return it as JSON text; None (at once) when
+    MAX_WAITERS requests of this process already wait."""
+    svc = services()
+    if svc.waiters is None or not svc.waiters.acquire(blocking=False):
+        return None
+    try:
+        job = svc.store.wait_json(svc.blocking_redis, job_id, wait_s, owner=auth.owner())
+    finally:
+        svc.waiters.release()
+    if job is None:
+        raise NotFound(f"No job with id {job_id!r} (it may have expired).")
+    return job
 
 
 def valid_id(job_id: str) -> bool:
@@ -90,16 +151,12 @@ def get_job(job_id: str):
     job = job_or_404(job_id)
     wait_s = number_option(request.args, "wait", "0", float, 0, MAX_WAIT_S)
     if wait_s > 0 and not _settled(job):
-        svc = services()
-        if svc.waiters is None or not svc.waiters.acquire(blocking=False):
+        held = hold(job_id, wait_s)
+        if held is None:
             response = json_response(job)
             response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
             return response
-        try:
-            svc.store.wait(svc.blocking_redis, job_id, wait_s)
-        finally:
-            svc.waiters.release()
-        job = job_or_404(job_id)
+        job = held
     return json_response(job)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 
 from shared.batches import new_batch_id
 from shared.errors import BadRequest, NotFound, ServiceError
@@ -49,8 +49,12 @@ def create_batch():
         try:
             for data, sha, info, job_id in zip(images, digests, infos, job_ids):
                 accept(data, order, context, sha=sha, info=info, job_id=job_id, check_capacity=False)
-            if svc.batches.open(batch_id, job_ids):
+            in_use = g.get("idempotent_request")  # the batch and its key's answer appear in one step
+            key = svc.idempotency.record_for_batch(in_use.lease, in_use.fingerprint, batch_id) if in_use else None
+            if svc.batches.open(batch_id, job_ids, key):
                 svc.announcer.jobs_settled(job_ids[:1])  # every job was a cache hit: the batch is done
+            if in_use:
+                in_use.stored = True
         except BaseException:
             _discard(batch_id, job_ids)
             raise

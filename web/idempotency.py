@@ -5,8 +5,8 @@ fingerprint and the endpoint it was sent to (``job`` or ``batch``), then stores 
 replay with the same fingerprint on the same endpoint gets that back; otherwise it is refused (422);
 while the first is still being accepted, 409 with ``Retry-After``. A job and its key's answer are
 written in one step (the submit script stores the answer over the claim: ``JobStore.submit``'s
-``key``), so no job exists whose key does not name it; a batch's answer is stored once the batch is
-made. A request that fails releases its claim, so the client can retry it. A request that dies (its process killed) cannot release it: the
+``key``), so no job exists whose key does not name it; a batch's answer is stored by the step that
+shows the batch (``BatchStore.open``). A request that fails releases its claim, so the client can retry it. A request that dies (its process killed) cannot release it: the
 pending claim has a lease of its own (IDEMPOTENCY_LEASE_S), after which the key may be used again;
 the finished record is kept IDEMPOTENCY_TTL_S.
 """
@@ -123,6 +123,11 @@ class IdempotencyStore:
         """What the submit script stores over ``lease`` in the step that writes job ``job_id``."""
         cached, queued = (self._record(lease, print_, Created("job", job_id, status)) for status in (200, 202))
         return KeyRecord(lease.name, lease.claim, cached, queued, self.ttl_s)
+
+    def record_for_batch(self, lease: Lease, print_: str, batch_id: str) -> KeyRecord:
+        """What the script that shows batch ``batch_id`` stores over ``lease`` (its 202 answer)."""
+        answer = self._record(lease, print_, Created("batch", batch_id, 202))
+        return KeyRecord(lease.name, lease.claim, answer, answer, self.ttl_s)
 
     @staticmethod
     def _record(lease: Lease, print_: str, created: Created) -> str:

@@ -10,11 +10,12 @@ from flask import current_app, g, request
 from kombu.exceptions import OperationalError
 from werkzeug.datastructures import MultiDict
 
-from shared import stats
+from shared import stats, tracing
 from shared.cards import ModelCard
 from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded,
                            PayloadTooLarge, Unavailable)
 from shared.jobs import JobContext, Submission, new_job_id
+from shared.jobtypes import WEBHOOK_EVENTS
 from shared.keys import Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
 from shared.tasks import inference_queue, send_inference
@@ -61,10 +62,16 @@ class Order:
     card: ModelCard
     options: OutputOptions
     callback_url: str | None
+    webhook_events: tuple[str, ...] = ("completed",)
 
     def fingerprint(self, *image_digests: str) -> str:
+        events = () if self.webhook_events == ("completed",) else self.webhook_events  # as before the option
         return fingerprint(self.card.name, self.card.version, self.options.to_dict(), self.callback_url,
-                           image_digests)
+                           image_digests, *events)
+
+    def context(self, owner: str) -> JobContext:
+        """Who submits the job and whom it calls back, for which events."""
+        return JobContext(owner, self.callback_url, webhook_events=self.webhook_events)
 
 
 def parse_order(values) -> Order:
@@ -79,7 +86,21 @@ def parse_order(values) -> Order:
     callback_url = values.get("callback_url", "").strip() or (key.webhook_url if key else None)
     if callback_url:
         callback_url = check_callback(callback_url)
-    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url)
+    events = parse_webhook_events(values.get("webhook_events", ""), callback_url)
+    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url, events)
+
+
+def parse_webhook_events(raw: str, callback_url: str | None) -> tuple[str, ...]:
+    """Read ``webhook_events`` (comma-separated ``started``, ``completed``; default ``completed``)."""
+    names = {part.strip().lower() for part in raw.split(",") if part.strip()}
+    if not names:
+        return ("completed",)
+    unknown = names - set(WEBHOOK_EVENTS)
+    if unknown:
+        raise InvalidOption(f"webhook_events may name {', '.join(WEBHOOK_EVENTS)}; got {', '.join(sorted(unknown))}.")
+    if not callback_url:
+        raise InvalidOption("webhook_events needs a callback_url (or an API key with a webhook URL) to call.")
+    return tuple(name for name in WEBHOOK_EVENTS if name in names)
 
 
 def check_callback(url: str) -> str:
@@ -133,24 +154,19 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     svc = services()
     sha = sha or image_digest(data)
     comp = Computation(order.card.name, order.card.version, sha, order.options)
-    model_info = {"name": order.card.name, "version": order.card.version}
     count = stats.SubmissionCount(order.card.name, time.time())  # the script counts the job it writes
-    in_use: KeyInUse | None = g.get("idempotent_job")  # POST /jobs with an Idempotency-Key (idempotent())
+    in_use: KeyInUse | None = g.get("idempotent_request")  # POST /jobs with an Idempotency-Key (idempotent())
+    in_use = in_use if context.batch_id is None else None  # a batch's key answers with the batch
     job_id = job_id or (new_job_id() if in_use else None)
     key = svc.idempotency.record_for(in_use.lease, in_use.fingerprint, job_id) if in_use else None
-    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key)
-    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
-        svc.pictures.keep(comp, data, order.card.resize)
-    if submission.outcome == "miss":  # a hit or an attach needed neither the bytes nor their header check
-        info = info or inspect_image(data, svc.settings.max_image_pixels)
-        submission = svc.store.submit(comp, model_info, data, info.to_dict(sha), context=context, job_id=job_id,
-                                      count=count, queue=inference_queue(order.card.name),
-                                      max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
-                                      max_queued_bytes=svc.max_queued_bytes if check_capacity else 0, key=key)
-        if submission.outcome == "overloaded":
-            raise _overloaded(order.card.name)
-        if submission.outcome == "overloaded_bytes":
-            raise _too_many_bytes()
+    traceparent = tracing.current_traceparent()  # the request's span: the job's trace from here on
+    if traceparent:
+        context = dataclasses.replace(context, traceparent=traceparent)
+    with tracing.span("cache lookup") as lookup:
+        submission = _submit(data, order, comp, context, job_id=job_id, count=count, key=key, info=info,
+                             check_capacity=check_capacity)
+        if lookup is not None:
+            lookup.set_attribute("imgsvc.outcome", submission.outcome)
     if submission.outcome == "key_lost":
         raise IdempotencyInProgress("Another request holds this Idempotency-Key (this one's claim ran out, "
                                     "IDEMPOTENCY_LEASE_S); retry shortly.", retry_after_s=1)
@@ -158,7 +174,30 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     if in_use:
         in_use.stored = True
     if submission.outcome == "new":
-        enqueue_inference(comp, in_use)
+        enqueue_inference(comp, in_use, traceparent)
+    return submission
+
+
+def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *, job_id, count, key, info,
+            check_capacity: bool) -> Submission:
+    """One lookup without the bytes (a hit or an attach needs neither them nor their header check);
+    on a miss, the header check and the submit that stores the bytes and starts the computation."""
+    svc = services()
+    model_info = {"name": order.card.name, "version": order.card.version}
+    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key)
+    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
+        svc.pictures.keep(comp, data, order.card.resize)
+    if submission.outcome != "miss":
+        return submission
+    info = info or inspect_image(data, svc.settings.max_image_pixels)
+    submission = svc.store.submit(comp, model_info, data, info.to_dict(comp.sha256), context=context, job_id=job_id,
+                                  count=count, queue=inference_queue(order.card.name),
+                                  max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
+                                  max_queued_bytes=svc.max_queued_bytes if check_capacity else 0, key=key)
+    if submission.outcome == "overloaded":
+        raise _overloaded(order.card.name)
+    if submission.outcome == "overloaded_bytes":
+        raise _too_many_bytes()
     return submission
 
 
@@ -184,12 +223,12 @@ def _overloaded(model: str) -> Overloaded:
     return Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
 
 
-def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None) -> None:
+def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, traceparent: str = "") -> None:
     """Send the inference task by name to the model's queue; undo the job (and the answer stored for
     its Idempotency-Key, so that a retry makes it again) if that fails."""
     svc = services()
     try:
-        send_inference(svc.celery, comp)
+        send_inference(svc.celery, comp, traceparent)
     except (OperationalError, AttributeError) as exc:  # AttributeError: kombu's channel, closed by another
         # thread's publish that Redis refused (a full Redis), has no connection left
         log.error("could not enqueue %s: %s", comp.suffix, exc)
@@ -209,7 +248,7 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
     lease = store.begin(auth.owner(), key, request_print, kind)
     if isinstance(lease, Created):
         return lease, True
-    in_use = g.idempotent_job = KeyInUse(lease, request_print) if kind == "job" else None
+    in_use = g.idempotent_request = KeyInUse(lease, request_print)
     try:
         created = create()
     except BaseException:
@@ -219,8 +258,8 @@ def idempotent(kind: str, request_print: str, create) -> tuple[Created, bool]:
             log.warning("could not release an Idempotency-Key claim; it lapses in %d s: %s", store.lease_s, exc)
         raise
     finally:
-        g.pop("idempotent_job", None)
-    if in_use is None or not in_use.stored:  # a batch: its answer is stored once it is made
+        g.pop("idempotent_request", None)
+    if not in_use.stored:  # a job that joined a batch's key: nothing; the step that made it stored the answer
         store.complete(lease, request_print, created)
     return _made(created), False
 

@@ -59,6 +59,10 @@ RATE_LIMIT_HEADERS = {  # sent by every rate-limited endpoint, per API key (or c
                                     {"type": "string", "pattern": "^[0-9]+$"}),
     "X-RateLimit-Reset": header("When the window resets (Unix time).", {"type": "string"}),
 }
+PREFER_WAIT = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+               "examples": {"wait": {"value": "wait=10"}},
+               "description": f"RFC 7240. `wait=N`: hold the answer until the job settles or N seconds pass "
+                              f"(at most {MAX_WAIT_S}); other preferences are ignored."}
 BATCH_ID = {"type": "string", "pattern": "^b[0-9a-f]{30}$", "description": "b and 30 lowercase hex digits"}
 
 # status -> (component name, description listing the stable ``error.code`` values, extra headers)
@@ -81,12 +85,13 @@ ERROR_RESPONSES = {
                                    "lapses (IDEMPOTENCY_LEASE_S) at most; retry then.",
                                    {"type": "string", "pattern": "^[0-9]+$"})}),
     "413": ("PayloadTooLarge", "Upload too large. Codes: `payload_too_large` (bytes over MAX_UPLOAD_MB), "
-                               "`too_many_pixels` (declared size over MAX_IMAGE_PIXELS).", {}),
+                               "`too_many_pixels` (declared size over MAX_IMAGE_PIXELS); a `data:` image_url over 1 MiB.", {}),
     "415": ("UnsupportedImage", "Not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF). "
                                 "Code: `unsupported_image`.", {}),
     "422": ("UnprocessableEntity", "An option is invalid. Codes: `invalid_option`, `unknown_model`, "
-                                   "`invalid_callback_url`, `idempotency_key_reused` (the key was used "
-                                   "before with a different request).", {}),
+                                   "`invalid_callback_url`, `invalid_image_url` (not an http(s) or data: URL, "
+                                   "or its host resolves to a non-public address), `idempotency_key_reused` "
+                                   "(the key was used before with a different request).", {}),
     "429": ("TooManyRequests", "Rate limit (RATE_LIMIT, or the API key's own) exceeded; on the admin API "
                                "and /metrics: more than 10 failed token attempts from this address this "
                                "minute (even the right token waits for Retry-After). Code: `rate_limited`.",
@@ -148,7 +153,9 @@ def job_schemas() -> dict:
                     "id": JOB_ID, "status": ref("JobStatus"),
                     "cached": {"type": "boolean", "description": "answered from the result cache"},
                     "created_at": ISO_TIME, "finished_at": NULLABLE_TIME,
-                    "image": ref("ImageInfo"), "model": ref("ModelRef"), "options": ref("JobOptions"),
+                    "image": {"oneOf": [ref("ImageInfo"), {"type": "null"}],
+                              "description": "null while the image of an image_url job is being fetched"},
+                    "model": ref("ModelRef"), "options": ref("JobOptions"),
                     "callback_url": {"type": ["string", "null"]},
                     "batch_id": {"oneOf": [BATCH_ID, {"type": "null"}]},
                     "result": {"oneOf": [ref("Result"), {"type": "null"}],
@@ -156,7 +163,9 @@ def job_schemas() -> dict:
                     "error": {"oneOf": [ref("ErrorDetail"), {"type": "null"}],
                               "description": "set when status is failed; codes include decode_failed, "
                                              "inference_failed, worker_crashed, timeout, image_expired, "
-                                             "model_version_unavailable, result_expired"}}},
+                                             "model_version_unavailable, result_expired, fetch_failed "
+                                             "(the image_url could not be fetched, or is not an image: "
+                                             "the message says why)"}}},
     }
 
 
@@ -167,7 +176,8 @@ def batch_and_delivery_schemas() -> dict:
              "required": ["id", "type", "url", "state", "attempts", "next_attempt_at", "created_at"],
              "properties": {
                  "id": {"type": "string", "pattern": "^msg_"},
-                 "type": {"type": "string", "enum": ["job.completed", "job.failed", "batch.completed"]},
+                 "type": {"type": "string", "enum": ["job.started", "job.completed", "job.failed",
+                                                     "batch.completed"]},
                  "url": {"type": "string"},
                  "state": {"type": "string", "enum": ["pending", "delivered", "failed", "endpoint_gone"]},
                  "attempts": count, "next_attempt_at": NULLABLE_TIME, "created_at": ISO_TIME}}
@@ -255,33 +265,57 @@ def option_fields() -> dict:
         "callback_url": {"type": "string", "format": "uri", "description":
                          "https URL to POST signed job.completed / job.failed webhooks to "
                          "(Standard Webhooks)."},
+        "webhook_events": {"type": "string", "pattern": "^(started|completed)(,(started|completed))?$",
+                           "default": "completed", "description":
+                           "which events call callback_url back: `started` (job.started, when a worker "
+                           "claims the job), `completed` (job.completed or job.failed); comma-separated. "
+                           "A job's events arrive in order. Needs a callback_url."},
     }
+
+
+def image_url_field() -> dict:
+    return {"type": "string", "maxLength": 2 * 1024 * 1024, "description":
+            "the image's address instead of the image: an http(s) URL on the public internet (fetched by "
+            "the service within FETCH_TIMEOUT_S, at most 3 redirects, at most MAX_UPLOAD_MB; the job is "
+            "`queued` meanwhile, `failed` with `fetch_failed` if that fails) or a `data:` URL of at most 1 MiB"}
 
 
 def job_paths(settings: Settings) -> dict:
     fields = option_fields()
-    multipart = {"type": "object", "required": ["image"], "properties": {
+    multipart = {"type": "object", "properties": {
         "image": {"type": "string", "contentMediaType": "application/octet-stream",
-                  "description": f"the image, at most {settings.max_upload_bytes} bytes"}, **fields}}
+                  "description": f"the image, at most {settings.max_upload_bytes} bytes (or send image_url)"},
+        "image_url": image_url_field(), **fields}}
+    by_url = {"type": "object", "required": ["image_url"], "properties": {"image_url": image_url_field(), **fields}}
     raw = {"type": "string", "contentMediaType": "application/octet-stream"}
     query = [{"name": name, "in": "query", "required": False, "schema": schema,
               "description": "only with a raw image body (multipart sends it as a form field)"}
              for name, schema in fields.items()]
-    job_answer = {"content": json_body(ref("Job")),
-                  "headers": {"Location": LOCATION, "Idempotent-Replayed": REPLAYED}}
+    waited_answer = {"content": json_body(ref("Job")), "headers": {
+        "Location": LOCATION, "Idempotent-Replayed": REPLAYED,
+        "Preference-Applied": header("`wait=N` when the request waited (N: the seconds asked for, at most "
+                                     f"{MAX_WAIT_S}).", {"type": "string", "pattern": "^wait=[0-9.]+$"}),
+        "Wait-Skipped": header("Sent when `Prefer: wait` was asked for but this web process already has "
+                               "MAX_WAITERS requests waiting: the job is answered at once.",
+                               {"const": "too-many-waiters"})}}
     return {
         "/api/v1/jobs": {"post": {
             "operationId": "submitJob", "tags": ["jobs"], "summary": "Submit an image",
             "security": API_KEY,
-            "parameters": [param("IdempotencyKey"), *query],
+            "parameters": [param("IdempotencyKey"), PREFER_WAIT, *query],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": multipart,
                                         "encoding": {"image": {"contentType": IMAGE_TYPES}}},
+                "application/json": {"schema": by_url},
+                "application/x-www-form-urlencoded": {"schema": by_url},
                 "image/*": {"schema": raw}, "application/octet-stream": {"schema": raw}}},
             "responses": {
-                "200": {"description": "Cache hit: the job is already done (`cached: true`).", **job_answer},
-                "202": {"description": "Accepted: queued, or attached to identical work in flight.",
-                        **job_answer},
+                "200": {"description": "Cache hit: the job is already done (`cached: true`); with "
+                                       "`Prefer: wait`, the job settled (done or failed) within the wait.",
+                        **waited_answer},
+                "202": {"description": "Accepted: queued (an image_url job while its image is fetched), or "
+                                       "attached to identical work in flight; with `Prefer: wait`, not "
+                                       "settled within the wait.", **waited_answer},
                 **errors("400", "401", "409", "413", "415", "422", "429", "503")}}},
         "/api/v1/jobs/{job_id}": {"get": {
             "operationId": "getJob", "tags": ["jobs"], "summary": "Read a job (optionally long-poll)",

@@ -14,14 +14,14 @@ import time
 import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared import consumer_qos, redisconn
 from shared.jobs import JobStore
 from shared.keys import WEBHOOK_WORKERS_KEY, webhook_worker_key
 from shared import tracing
 from shared.settings import Settings
-from shared.tasks import WEBHOOK_QUEUE, celery_config, send_webhook
+from shared.tasks import FETCH_QUEUE, WEBHOOK_QUEUE, celery_config, send_webhook
 from shared.webhooks import Announcer, EventStore
 
 settings = Settings.from_env()
@@ -34,7 +34,12 @@ consumer_qos.install()  # a full Redis must not kill the consumer (shared/consum
 app = Celery("imgsvc-webhooks")
 app.conf.update(celery_config(settings))
 app.conf.update(
-    task_queues=[Queue(WEBHOOK_QUEUE)], task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
+    # the fetches queue too (image_url downloads): outbound HTTP under the same SSRF guard; a worker of
+    # its own for them is this one started with ``-Q fetches``
+    # (each queue with its own exchange and key: a second queue left to the defaults would be bound to the
+    # webhooks exchange and key too, and receive a copy of every delivery message)
+    task_queues=[Queue(WEBHOOK_QUEUE), Queue(FETCH_QUEUE, Exchange(FETCH_QUEUE), routing_key=FETCH_QUEUE)],
+    task_default_queue=WEBHOOK_QUEUE, worker_pool="threads",
     worker_concurrency=settings.webhook_concurrency, include=["webhooks.tasks"],
     # Each attempt bounds itself (connect and total timeouts); thread pools have no time limits.
     task_soft_time_limit=None, task_time_limit=None,

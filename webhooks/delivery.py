@@ -25,6 +25,7 @@ JITTER = 0.1  # each retry delay is spread by up to +-10% so failed receivers ar
 MAX_RETRY_AFTER_S = 24 * 3600
 USER_AGENT = "imgsvc-webhooks/1"
 LEASE_MARGIN_S = 30
+ORDER_RECHECK_S = 1.0  # an event waiting for its job's earlier one looks again this long after that one is due
 
 
 class LookupTimeout(Exception):
@@ -73,6 +74,9 @@ class Deliverer:
         return self._attempt(event, token)
 
     def _attempt(self, event: Event, token: str) -> str:
+        if event.after and (due := self._earlier_pending(event.after)) is not None:
+            self.events.end_attempt(event, token, None, "pending", due)  # no attempt made: nothing logged
+            return "waiting_for_earlier"
         if self.redis.exists(webhook_gone_key(event.url)):
             self.events.end_attempt(event, token, None, "endpoint_gone")
             return "endpoint_gone"
@@ -99,6 +103,14 @@ class Deliverer:
             log.warning("webhook %s: attempt %d outlived its lease; logged, the schedule left to the next",
                         event.id, number)
         return outcome
+
+    def _earlier_pending(self, earlier_id: str) -> float | None:
+        """When the event that must go first (a job's job.started) is still pending, return when to
+        look again (just after its next attempt is due); None once it is delivered or given up."""
+        state, next_at = self.redis.hmget(webhook_event_key(earlier_id), "state", "next_attempt_at")
+        if state != b"pending":
+            return None
+        return max(time.time(), float(next_at or 0)) + ORDER_RECHECK_S
 
     def next_delay(self, attempts_this_round: int, answer: Answer) -> float | None:
         """Seconds until the next attempt, or None when the schedule is used up."""

@@ -24,6 +24,8 @@
   var controls = document.getElementById("controls");
   var fileInput = document.getElementById("file-input");
   var dropZone = document.getElementById("drop-zone");
+  var urlForm = document.getElementById("url-form");
+  var urlInput = document.getElementById("image-url");
   var modelSelect = document.getElementById("model-select");
   var topKInput = document.getElementById("top-k");
   var gradcamInput = document.getElementById("gradcam");
@@ -564,21 +566,7 @@
     });
     xhr.addEventListener("load", function () {
       self.progressBox.hidden = true;
-      var body = parseBody(xhr.responseText);
-      if (xhr.status < 200 || xhr.status >= 300) {
-        var err = describeError(xhr.status, body, xhr.getResponseHeader("Retry-After"));
-        self.fail(err.code, err.message, err.hint);
-        return;
-      }
-      var job = body.json;
-      if (!job || typeof job !== "object" || job.id === undefined || job.id === null) {
-        self.fail("bad_response", "Server did not return a job.");
-        return;
-      }
-      self.setJobId(job.id);
-      remember(self);
-      self.applyJob(job);
-      self.schedulePoll();
+      self.accepted(xhr.status, parseBody(xhr.responseText), xhr.getResponseHeader("Retry-After"));
     });
     xhr.addEventListener("error", function () {
       self.fail("network_error", "Upload failed: the connection to the server was lost.");
@@ -588,6 +576,43 @@
     });
     xhr.timeout = UPLOAD_TIMEOUT_MS;
     xhr.send(form);
+  };
+
+  // The answer to a submit: a job to follow until it settles, or a refusal to show.
+  Card.prototype.accepted = function (status, body, retryAfter) {
+    if (status < 200 || status >= 300) {
+      var err = describeError(status, body, retryAfter);
+      this.fail(err.code, err.message, err.hint);
+      return;
+    }
+    var job = body.json;
+    if (!job || typeof job !== "object" || job.id === undefined || job.id === null) {
+      this.fail("bad_response", "Server did not return a job.");
+      return;
+    }
+    this.setJobId(job.id);
+    remember(this);
+    this.applyJob(job);
+    this.schedulePoll();
+  };
+
+  // An image by its address: the server fetches it (the job is queued meanwhile).
+  Card.prototype.submitUrl = function (url) {
+    var self = this;
+    self.setStatus("uploading");
+    self.startedAt = now();
+    fetch(JOBS_URL, {
+      method: "POST", cache: "no-store",
+      headers: { "Accept": "application/json", "Content-Type": "application/json" },
+      body: JSON.stringify({ image_url: url, model: self.options.model, top_k: self.options.topK,
+                             gradcam: self.options.gradcam })
+    }).then(function (response) {
+      return readBody(response).then(function (body) {
+        self.accepted(response.status, body, response.headers.get("Retry-After"));
+      });
+    }).catch(function () {
+      self.fail("network_error", "The request failed: the connection to the server was lost.");
+    });
   };
 
   // Show a remembered job: fetch it once, then poll like a fresh upload until it settles.
@@ -737,6 +762,18 @@
       card.upload();
     });
   }
+
+  urlForm.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var url = urlInput.value.trim();
+    if (!url) {
+      return;
+    }
+    var card = new Card(null, readOptions(), { name: url });
+    jobsList.insertBefore(card.root, jobsList.firstChild);
+    card.submitUrl(url);
+    urlInput.value = "";
+  });
 
   fileInput.addEventListener("change", function () {
     addFiles(fileInput.files);
