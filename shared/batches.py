@@ -12,14 +12,19 @@ fails too, leaves an invisible batch that expires.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 
 import redis
 
 from shared.errors import IdempotencyInProgress, Unavailable
+from shared.eventretention import EventRetention
 from shared.jobs import JobStore, utc_now
 from shared.jobtypes import KeyRecord
 from shared.keys import ANNOUNCE_KEY, batch_key, batch_settled_key, job_key
+from shared.retention import MAIN_TAIL_S
+
+log = logging.getLogger(__name__)
 
 _SETTLE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -56,6 +61,8 @@ class BatchStore:
 
     def __init__(self, client: redis.Redis, jobs: JobStore, ttl_s: int):
         self.redis, self.jobs, self.ttl_s = client, jobs, ttl_s
+        # a finished batch moves to the cache role, as settled jobs do (shared/eventretention.py)
+        self.kept = EventRetention(client, jobs.cache if jobs.split else None, jobs.job_result_ttl_s)
         self._settle = client.register_script(_SETTLE)
         self._open = client.register_script(_OPEN)
 
@@ -94,8 +101,17 @@ class BatchStore:
                                  args=[job_id, utc_now(), self.ttl_s])
         return remaining == 0
 
+    def retire(self, batch_id: str) -> None:
+        """A finished batch whose event is made: its record leaves the main server (JOB_RESULT_TTL_S on
+        the cache role); the set that counted its jobs is no longer needed."""
+        self.kept.retire([batch_key(batch_id)])
+        try:
+            self.redis.expire(batch_settled_key(batch_id), MAIN_TAIL_S)
+        except redis.RedisError as exc:
+            log.warning("could not shorten %s: %s", batch_settled_key(batch_id), exc)
+
     def fields(self, batch_id: str, owner: str | None = None) -> dict[str, str] | None:
-        raw = self.redis.hgetall(batch_key(batch_id))
+        raw = self.kept.hash(batch_key(batch_id))
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         if not fields or "opening" in fields or (owner is not None and fields["owner"] != owner):
             return None

@@ -12,6 +12,7 @@
     │   ├── AdminUnauthorized (401 admin_unauthorized)
     │   └── MetricsUnauthorized (401 metrics_unauthorized)
     ├── NotFound (404 not_found)
+    │   └── Expired (404 expired)
     ├── Conflict (409 conflict)
     │   ├── IdempotencyInProgress (409 idempotency_in_progress)
     │   ├── NotSettled (409 not_settled)
@@ -105,6 +106,12 @@ class MetricsUnauthorized(Unauthorized):
 
 class NotFound(ServiceError):
     status, code = 404, "not_found"
+
+
+class Expired(NotFound):
+    """A job this service issued is no longer kept (JOB_RESULT_TTL_S passed, or the cache evicted it)."""
+
+    code = "expired"
 
 
 class Conflict(ServiceError):

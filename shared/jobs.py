@@ -13,24 +13,27 @@ import datetime as dt
 import json
 import logging
 import time
-import uuid
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared import redisconn, stats
+from shared.errors import Unavailable
 from shared.jobscripts import CLAIM, FINISH, SUBMIT
+from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
+from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY,
                          Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
 
 log = logging.getLogger(__name__)
 
-# With a separate cache server (CACHE_URL), a finished result also stays this long on the main
-# server, where the single-flight bookkeeping is: an upload that missed the cache a moment before
-# the worker copied the result there still finds it, rather than computing it again.
-MAIN_COPY_TTL_S = 600
+# With a separate cache server (CACHE_URL), a finished result (and each settled job: see
+# shared/retention.py) also stays this long on the main server, where the single-flight bookkeeping
+# is: an upload that missed the cache a moment before the worker copied the result there still
+# finds it, rather than computing it again.
+MAIN_COPY_TTL_S = MAIN_TAIL_S
 
 CACHE_BACKOFF_S = 5.0  # a cache server that failed is left alone this long (misses, no waiting)
 
@@ -43,10 +46,6 @@ def utc_now(timestamp: float | None = None) -> str:
     moment = dt.datetime.now(dt.timezone.utc) if timestamp is None else dt.datetime.fromtimestamp(
         timestamp, dt.timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +67,7 @@ class JobStore:
 
     def __init__(self, client: redis.Redis, *, job_ttl_s: int, result_ttl_s: int,
                  inflight_ttl_s: int, image_ttl_s: int, stuck_after_s: int = 900,
-                 cache: redis.Redis | None = None):
+                 cache: redis.Redis | None = None, job_result_ttl_s: int = 24 * 3600):
         self.redis = client
         # Results, heatmaps, their pictures and header facts live on ``cache`` (CACHE_URL). When it
         # is another server it may evict them (allkeys-lru): each job then keeps its own answer,
@@ -83,7 +82,10 @@ class JobStore:
         self.on_settled = None
         self.on_started = None  # the same for claimed jobs that asked for a job.started event (STARTED_KEY)
         self.stuck_after_s = stuck_after_s
-        self.job_ttl_s = job_ttl_s
+        self.job_ttl_s = job_ttl_s  # a job in flight (and one whose events are not made yet)
+        self.job_result_ttl_s = job_result_ttl_s  # a settled job, on the cache role
+        # how long a settled job stays on the main server: a short tail, or (one server) all its retention
+        self.settled_ttl_s = MAIN_TAIL_S if self.split else job_result_ttl_s
         self.result_ttl_s = result_ttl_s
         self.inflight_ttl_s = inflight_ttl_s
         self.image_ttl_s = image_ttl_s
@@ -99,7 +101,7 @@ class JobStore:
                                      retry=Retry(NoBackoff(), 1), health_check_interval=30)
         return cls(client, job_ttl_s=settings.job_ttl_s, result_ttl_s=settings.result_ttl_s,
                    inflight_ttl_s=settings.inflight_ttl_s, image_ttl_s=settings.image_ttl_s,
-                   stuck_after_s=settings.stuck_after_s, cache=cache)
+                   stuck_after_s=settings.stuck_after_s, cache=cache, job_result_ttl_s=settings.job_result_ttl_s)
 
     def submit(self, comp: Computation, model_info: dict, image_bytes: bytes = b"",
                image_info: dict | None = None, context: JobContext = JobContext(),
@@ -137,7 +139,8 @@ class JobStore:
                   fields["options"], image_json, image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
                   *count_args, given, "1" if self.split else "0", max_queued_bytes,
-                  *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)), *extra],
+                  *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)),
+                  self.settled_ttl_s, *extra],
         )
         outcome = outcome.decode()
         if outcome in ("overloaded", "overloaded_bytes", "key_lost"):
@@ -146,6 +149,8 @@ class JobStore:
         if outcome == "cached":
             fields.update(status="done", cached="1", finished_at=now, result_key=comp.result_key,
                           result=rest[0].decode())
+            if self.split:
+                copy_settled(self.cache, [fields], self.job_result_ttl_s)
             if fields.get("announce"):
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
@@ -219,10 +224,11 @@ class JobStore:
         if also is not None:
             also(pipe)
         replies = pipe.execute()[:len(done)]
-        self._announce([i.decode() for _, announce, _ in replies for i in announce])
         if self.split:
-            self._fill_cache(done, [copy for _, _, copy in replies])
-        return [[i.decode() for i in ids] for ids, _, _ in replies]
+            self._fill_cache(done, [copy for _, _, copy, _ in replies])
+            copy_settled(self.cache, [from_flat(r) for *_, records in replies for r in records], self.job_result_ttl_s)
+        self._announce([i.decode() for _, announce, _, _ in replies for i in announce])
+        return [[i.decode() for i in ids] for ids, *_ in replies]
 
     def _fill_cache(self, done: list[tuple[Computation, dict, Picture]], copies: list) -> None:
         """Copy finished results, their pictures and header facts to the cache server. The jobs
@@ -245,7 +251,9 @@ class JobStore:
 
     def fail(self, comp: Computation, error: dict) -> list[str]:
         """Mark every attached job failed with ``error``; cache nothing; return their ids."""
-        ids, announce, _ = self._settle(comp, "failed", json.dumps(error))
+        ids, announce, _, records = self._settle(comp, "failed", json.dumps(error))
+        if self.split:
+            copy_settled(self.cache, [from_flat(r) for r in records], self.job_result_ttl_s)
         self._announce([i.decode() for i in announce])
         return [i.decode() for i in ids]
 
@@ -261,7 +269,8 @@ class JobStore:
                   comp.owner_key, ANNOUNCE_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY],
             args=[job_key(""), utc_now(), status, MAIN_COPY_TTL_S if self.split else self.result_ttl_s,
                   payload, picture if mode == "thumbnail" and not self.split else b"", comp.model,
-                  notify_key(""), comp.suffix, mode, "1" if self.split else "0"],
+                  notify_key(""), comp.suffix, mode, "1" if self.split else "0", self.settled_ttl_s,
+                  self.job_ttl_s],
             client=client,
         )
 
@@ -314,17 +323,35 @@ class JobStore:
 
     def read_many(self, job_ids: list[str], owner: str | None = None) -> list[tuple[dict, str] | None]:
         """Return each job's hash and its JSON text (None when unknown or not ``owner``'s)."""
+        jobs = [f if f and (owner is None or f.get("owner", "") == owner) else None for f in self._hashes(job_ids)]
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(job_key(job_id))
-        jobs = [{k.decode(): v.decode() for k, v in f.items()} or None for f in pipe.execute()]
-        jobs = [f if f and (owner is None or f.get("owner", "") == owner) else None for f in jobs]
         stored = [f for f in jobs if f and "result_key" in f and "result" not in f]
         for fields in stored:  # a job settled by an older version; every job now holds its own answer
             pipe.get(fields["result_key"])
         results = dict(zip(map(id, stored), pipe.execute()))
         return [None if f is None else (f, job_json(f, f["result"] if "result" in f else results.get(id(f))))
                 for f in jobs]
+
+    def _hashes(self, job_ids: list[str]) -> list[dict | None]:
+        """Each job's hash: from the main server while in flight or in its tail, else from the cache role."""
+        found = self._read_hashes(self.redis, job_ids)
+        missing = [i for i, f in enumerate(found) if f is None]
+        if self.split and missing:
+            try:
+                for i, fields in zip(missing, self._read_hashes(self.cache, [job_ids[i] for i in missing])):
+                    found[i] = fields
+            except redis.RedisError as exc:
+                log.warning("cache server unreachable, settled jobs unreadable: %s", exc)
+                raise Unavailable("Settled jobs are kept on the cache server, which does not answer; "
+                                  "retry shortly.", retry_after_s=5) from exc
+        return found
+
+    @staticmethod
+    def _read_hashes(client: redis.Redis, job_ids: list[str]) -> list[dict | None]:
+        pipe = client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [{k.decode(): v.decode() for k, v in f.items()} or None for f in pipe.execute()]
 
     def get(self, job_id: str) -> dict | None:
         """Return the job as a dict, or None when unknown or expired."""
@@ -337,10 +364,10 @@ class JobStore:
         The first request renders it with ``render(model, result_json, picture)`` and caches it
         for as long as the result lives; later ones read the cached PNG.
         """
-        result_key, job_owner, inline = self.redis.hmget(job_key(job_id), "result_key", "owner", "result")
-        if result_key is None or (owner is not None and (job_owner or b"").decode() != owner):
+        fields = self._hashes([job_id])[0] or {}
+        result_key, job_owner, inline = (fields.get(name) for name in ("result_key", "owner", "result"))
+        if result_key is None or (owner is not None and (job_owner or "") != owner):
             return None
-        result_key = result_key.decode()
         overlay_key, picture_key = overlay_key_for_result(result_key), picture_key_for_result(result_key)
         try:
             png = self.cache.get(overlay_key)
@@ -365,27 +392,3 @@ class JobStore:
                 if not self.split:
                     raise
         return png
-
-
-GRADCAM_URL_SLOT = "{job-gradcam-url}"  # stored in results; each job's own URL replaces it when read
-_SLOT_JSON = json.dumps(GRADCAM_URL_SLOT)
-_EXPIRED = json.dumps({"code": "result_expired", "message": "The result has expired from the cache."})
-
-
-def job_json(fields: dict[str, str], raw_result: bytes | str | None) -> str:
-    """Assemble the contract's job JSON from a job hash and its stored result.
-
-    Stored JSON (image, model, options, result) is spliced in as text, never decoded and encoded again.
-    """
-    job_id, status, error = fields["id"], fields["status"], fields.get("error") or "null"
-    result = "null"
-    if raw_result is not None:
-        result = raw_result.decode() if isinstance(raw_result, bytes) else raw_result
-        result = result.replace(_SLOT_JSON, json.dumps(f"/api/v1/jobs/{job_id}/gradcam.png"))
-    elif status == "done":
-        status, error = "failed", _EXPIRED  # the result expired before the job record did
-    head = json.dumps({"id": job_id, "status": status, "cached": fields.get("cached") == "1",
-                       "created_at": fields.get("created_at"), "finished_at": fields.get("finished_at")})
-    context = json.dumps({"callback_url": fields.get("callback_url"), "batch_id": fields.get("batch_id")})
-    return (f'{head[:-1]}, "image": {fields["image"]}, "model": {fields["model"]}, '
-            f'"options": {fields["options"]}, {context[1:-1]}, "result": {result}, "error": {error}}}')

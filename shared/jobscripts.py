@@ -32,7 +32,7 @@ local function remember(record)
   if key_name ~= '-' then redis.call('SET', key_name, record, 'EX', tonumber(ARGV[25])) end
 end
 local function write_job(status, extra)
-  for i = 26, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 27, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -60,6 +60,8 @@ if cached then
   remember(ARGV[23])
   if redis.call('HGET', job, 'announce') == '1' then
     redis.call('ZADD', KEYS[8], redis.call('TIME')[1], job_id)
+  else  -- settled at once: ARGV[26], as FINISH's ARGV[12] (the caller copies it to the cache role)
+    redis.call('EXPIRE', job, tonumber(ARGV[26]))
   end
   count(true)
   return {'cached', image_json, cached}
@@ -160,12 +162,16 @@ if status == 'done' then
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
   -- already answered (e.g. a hard time limit reported for the first message of a batch loop that
   -- had finished it long before): a late failure changes nothing
-  return {{}, {}, {}}
+  return {{}, {}, {}, {}}
 else
   redis.call('DEL', KEYS[7])
 end
 local ids = redis.call('LRANGE', attached, 0, -1)
 local announce = {}  -- jobs with a webhook endpoint or a batch to tell
+-- ARGV[12]: how long a settled job stays here (split: a short tail while the worker copies it to
+-- the cache role, from ``records``; one server: JOB_RESULT_TTL_S); ARGV[13]: a job whose events
+-- are not made yet stays this long, until the announcer makes them (shared/retention.py)
+local records = {}
 for _, id in ipairs(ids) do
   local job = job_prefix .. id
   if redis.call('EXISTS', job) == 1 then
@@ -175,12 +181,15 @@ for _, id in ipairs(ids) do
     end
     local notify = ARGV[8] .. id
     redis.call('RPUSH', notify, status)
-    redis.call('EXPIRE', notify, 60)
+    redis.call('EXPIRE', notify, 30)
     if status == 'done' then
       redis.call('HSET', job, 'status', 'done', 'finished_at', now, 'result_key', KEYS[4], 'result', answer)
     else
       redis.call('HSET', job, 'status', 'failed', 'finished_at', now, 'error', ARGV[5])
     end
+    local awaited = redis.call('HGET', job, 'announce') == '1'
+    redis.call('EXPIRE', job, awaited and ARGV[13] or ARGV[12])
+    if split then table.insert(records, redis.call('HGETALL', job)) end
   end
 end
 redis.call('DEL', inflight, attached, image, KEYS[8], KEYS[10])
@@ -191,7 +200,7 @@ if size then
 end
 redis.call('ZREM', KEYS[9], ARGV[9])
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
-return {ids, announce, copy}
+return {ids, announce, copy, records}
 """
 
 # KEYS: queued:bytes, queued:sizes. ARGV: the prefix of upload keys (``image:``).

@@ -169,7 +169,10 @@ class Settings:
     # while decoded, so a child's decode memory stays under ~0.9 GB by default (docs/operations.md).
     max_batch_pixels: int = 200_000_000
     result_ttl_s: int = 7 * 24 * 3600
-    job_ttl_s: int = 7 * 24 * 3600
+    job_ttl_s: int = 7 * 24 * 3600  # the longest a job in flight (or an event or batch) is kept
+    # How long a settled job (its answer included) is answered, from the cache role: at least this,
+    # unless that server evicts it under memory pressure (shared/retention.py, docs/guarantees.md).
+    job_result_ttl_s: int = 24 * 3600
     image_ttl_s: int = 3600
     inflight_ttl_s: int = 3600
     visibility_timeout_s: int = 600  # a dead worker's unacked messages come back after this
@@ -256,6 +259,7 @@ class Settings:
             max_batch_pixels=_int(env, "MAX_BATCH_PIXELS", d.max_batch_pixels, minimum=1),
             result_ttl_s=_int(env, "RESULT_TTL_S", d.result_ttl_s, minimum=1),
             job_ttl_s=_int(env, "JOB_TTL_S", d.job_ttl_s, minimum=1),
+            job_result_ttl_s=_int(env, "JOB_RESULT_TTL_S", d.job_result_ttl_s, minimum=60),
             image_ttl_s=_int(env, "IMAGE_TTL_S", d.image_ttl_s, minimum=1),
             inflight_ttl_s=_int(env, "INFLIGHT_TTL_S", d.inflight_ttl_s, minimum=1),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", d.visibility_timeout_s, minimum=1),

@@ -22,9 +22,11 @@ import time
 
 import redis
 
+from shared import redisconn
 from shared.batches import BatchStore
+from shared.eventretention import EventRetention
 from shared.jobs import JobStore, job_json, utc_now
-from shared.keys import (ANNOUNCE_KEY, STARTED_KEY, WEBHOOK_DUE_KEY, batch_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
+from shared.keys import (ANNOUNCE_KEY, STARTED_KEY, WEBHOOK_DUE_KEY, batch_key, job_key, webhook_attempts_key, webhook_event_key, webhook_events_key,
                          webhook_lock_key)
 from shared.tasks import send_webhook
 
@@ -129,8 +131,10 @@ class Event:
 class EventStore:
     """Redis records of webhook events and their attempts."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int):
+    def __init__(self, client: redis.Redis, ttl_s: int, cache: redis.Redis | None = None, kept_s: int | None = None):
         self.redis, self.ttl_s = client, ttl_s
+        # settled events move to the cache role for ``kept_s`` (shared/eventretention.py)
+        self.kept = EventRetention(client, cache, kept_s or ttl_s)
         self._claim_due = client.register_script(_CLAIM_DUE)
         self._begin = client.register_script(_BEGIN_ATTEMPT)
         self._end = client.register_script(_END_ATTEMPT)
@@ -169,17 +173,23 @@ class EventStore:
                 return None  # another announcer made it in between
         return event_id
 
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings) -> "EventStore":
+        cache = redisconn.client(settings, "cache", socket_timeout=2, socket_connect_timeout=1) \
+            if redisconn.split(settings) else None
+        return cls(client, settings.job_ttl_s, cache, settings.job_result_ttl_s)
+
     def get(self, event_id: str) -> Event | None:
-        fields = self.redis.hgetall(webhook_event_key(event_id))
+        fields = self.kept.hash(webhook_event_key(event_id))
         return Event.from_hash(fields) if fields else None
 
     def for_subject(self, subject: str) -> list[Event]:
-        ids = [i.decode() for i in self.redis.lrange(webhook_events_key(subject), 0, -1)]
+        ids = [i.decode() for i in self.kept.list(webhook_events_key(subject))]
         events = [self.get(event_id) for event_id in ids]
         return [e for e in events if e is not None]
 
     def attempts(self, subject: str) -> list[dict]:
-        return [json.loads(a) for a in self.redis.lrange(webhook_attempts_key(subject), 0, -1)]
+        return [json.loads(a) for a in self.kept.list(webhook_attempts_key(subject))]
 
     def begin_attempt(self, event_id: str, token: str, lease_s: float) -> str:
         """Take a dispatched event for one attempt, locked by ``token`` for ``lease_s``; return
@@ -198,16 +208,23 @@ class EventStore:
                 webhook_lock_key(event.id)]
         args = [json.dumps(entry) if entry else "", MAX_ATTEMPT_LOG, self.ttl_s, token, state,
                 "" if due is None else due, event.id]
-        return bool(self._end(keys=keys, args=args))
+        held = bool(self._end(keys=keys, args=args))
+        if held and due is None:  # settled: its record and logs leave the main server
+            self.kept.retire(keys[:2] + [webhook_events_key(event.subject)])
+        return held
 
     def reopen(self, event: Event) -> None:
         """Make a settled event pending again and dispatched (manual redelivery): its retry schedule
         restarts."""
-        due = time.time() + DISPATCH_LEASE_S
+        due, key = time.time() + DISPATCH_LEASE_S, webhook_event_key(event.id)
         pipe = self.redis.pipeline()
-        pipe.hset(webhook_event_key(event.id), mapping={
-            "state": "pending", "round_start": event.attempts, "dispatched": "1", "next_attempt_at": due})
-        pipe.expire(webhook_event_key(event.id), self.ttl_s)
+        # whole (every field, unknown ones too): a settled event may be on the cache role alone
+        pipe.hset(key, mapping={**self.kept.hash(key), "state": "pending", "round_start": event.attempts,
+                                "dispatched": "1", "next_attempt_at": due})
+        pipe.expire(key, self.ttl_s)
+        for log_key in (webhook_events_key(event.subject), webhook_attempts_key(event.subject)):
+            if not self.redis.exists(log_key) and (items := self.kept.list(log_key)):
+                pipe.rpush(log_key, *items).expire(log_key, self.ttl_s)
         pipe.zadd(WEBHOOK_DUE_KEY, {event.id: due})
         pipe.execute()
 
@@ -224,7 +241,8 @@ class Announcer:
 
     def __init__(self, store: JobStore, celery, settings):
         self.jobs, self.celery, self.settings = store, celery, settings
-        self.events = EventStore(store.redis, settings.job_ttl_s)
+        self.events = EventStore(store.redis, settings.job_ttl_s, store.cache if store.split else None,
+                                 settings.job_result_ttl_s)
         self.batches = BatchStore(store.redis, store, settings.job_ttl_s)
 
     def install(self) -> "Announcer":
@@ -255,7 +273,11 @@ class Announcer:
         """Create and send the events the settled jobs call for; never raise into the caller."""
         try:
             self._announce(job_ids)
-            self.jobs.redis.zrem(ANNOUNCE_KEY, *job_ids)
+            pipe = self.jobs.redis.pipeline(transaction=False)
+            pipe.zrem(ANNOUNCE_KEY, *job_ids)
+            for job_id in job_ids:  # its events hold what they need: the job may leave the main server
+                pipe.expire(job_key(job_id), self.jobs.settled_ttl_s)
+            pipe.execute()
         except Exception:  # the job is settled either way; the webhook worker's catch-up retries it
             log.exception("could not announce settled jobs %s", job_ids)
 
@@ -301,6 +323,8 @@ class Announcer:
             batch_text = self.batches.get_json(batch_id)
             self.dispatch(self.events.create("batch.completed", f"batch:{batch_id}", fields["callback_url"],
                                              fields["owner"], batch_text))
+        if fields:  # opened, finished and announced: its record may leave the main server
+            self.batches.retire(batch_id)
 
     def dispatch(self, event_id: str | None) -> None:
         """Send a new event's first attempt now; if that fails the poller sends it after the lease."""

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from shared.jobs import GRADCAM_URL_SLOT
+from shared.jobjson import GRADCAM_URL_SLOT
 from shared.keys import Computation, OutputOptions, image_digest
 from shared.tasks import inference_queue
 from tests import images

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
+import uuid
 
 import pytest
 import redis
 import requests
 
 from shared.jobs import KEEP_UPLOAD, JobStore
-from shared.keys import Computation, OutputOptions
+from shared.keys import Computation, OutputOptions, webhook_attempts_key, webhook_event_key, webhook_events_key
+from shared.retention import MAIN_TAIL_S, issued_at, new_job_id
 from shared.settings import Settings
+from shared.webhooks import EventStore
 from tests.conftest import ARTIFACTS
 from tests.images import noise_png
 from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_for
@@ -149,3 +153,84 @@ def test_identical_uploads_share_one_computation_across_the_two_servers(split_se
     assert all(job["status"] == "done" for job in settled)
     assert len({json.dumps(job["result"]["predictions"]) for job in settled}) == 1
     assert sum(int(v) for v in main.hgetall("stats:computations").values()) - before == 1
+
+
+def test_a_settled_job_moves_whole_to_the_cache_and_leaves_a_short_tail(clients):
+    main, cache = clients
+    store = JobStore(main, job_ttl_s=3600, result_ttl_s=3600, inflight_ttl_s=60, image_ttl_s=60, cache=cache,
+                     job_result_ttl_s=7200)
+    comp = Computation("m", "1", "e" * 64, OutputOptions())
+    job = store.submit(comp, MODEL, b"upload", INFO)
+    main.hset(f"job:{job.job_id}", "traceparent", "00-abc-def-01")  # a field this version does not know
+    store.claim([comp])
+    store.finish(comp, RESULT, None)
+    assert 0 < main.ttl(f"job:{job.job_id}") <= MAIN_TAIL_S
+    assert 3600 < cache.ttl(f"job:{job.job_id}") <= 7200
+    assert cache.hget(f"job:{job.job_id}", "traceparent") == b"00-abc-def-01"
+    main.delete(f"job:{job.job_id}")  # the tail has passed: the job is answered from the cache role
+    assert store.get(job.job_id)["result"] == RESULT
+    hit = store.submit(comp, MODEL, b"upload", INFO)  # settled at once: moved the same way
+    assert hit.outcome == "cached" and 0 < main.ttl(f"job:{hit.job_id}") <= MAIN_TAIL_S
+    assert cache.hget(f"job:{hit.job_id}", "status") == b"done"
+    cache.flushall()  # evicted: gone, not wrong
+    assert store.get(job.job_id) is None
+
+
+def test_one_server_keeps_a_settled_job_for_its_retention(redis_client):
+    store = JobStore(redis_client, job_ttl_s=3600, result_ttl_s=3600, inflight_ttl_s=60, image_ttl_s=60,
+                     job_result_ttl_s=7200)
+    comp = Computation("m", "1", "9a" * 32, OutputOptions())  # its own image: the session Redis is shared
+    job = store.submit(comp, MODEL, b"upload", INFO)
+    store.finish(comp, RESULT, None)
+    assert 3600 < redis_client.ttl(f"job:{job.job_id}") <= 7200
+    assert store.get(job.job_id)["result"] == RESULT
+
+
+def test_job_ids_tell_when_they_were_issued():
+    job_id = new_job_id()
+    assert len(job_id) == 32 and abs(issued_at(job_id) - time.time()) < 5
+    assert issued_at(uuid.uuid4().hex) is None  # ids from before carry no time
+    assert issued_at("f" * 32) is None
+
+
+def test_an_expired_job_is_told_apart_from_one_never_issued(client):
+    expired = client.get(f"/api/v1/jobs/{new_job_id()}")
+    assert expired.status_code == 404 and expired.json["error"]["code"] == "expired"
+    assert "JOB_RESULT_TTL_S" in expired.json["error"]["message"]
+    unknown = client.get(f"/api/v1/jobs/{uuid.uuid4().hex}")
+    assert unknown.status_code == 404 and unknown.json["error"]["code"] == "not_found"
+
+
+def test_a_settled_webhook_event_moves_to_the_cache_and_can_still_be_redelivered(clients):
+    main, cache = clients
+    events = EventStore(main, 3600, cache, 7200)
+    event_id = events.create("job.completed", "job:e1", "https://hooks.example/x", "", '{"id": "e1"}', "00-ab-cd-01")
+    keys = [webhook_event_key(event_id), webhook_events_key("job:e1"), webhook_attempts_key("job:e1")]
+    assert events.begin_attempt(event_id, "token", 30) == "begun"
+    assert events.end_attempt(events.get(event_id), "token", {"status": 200}, "delivered")
+    assert all(0 < main.ttl(key) <= MAIN_TAIL_S and 3600 < cache.ttl(key) <= 7200 for key in keys)
+    main.delete(*keys)  # the tail has passed: read from the cache role
+    settled = events.get(event_id)
+    assert settled.state == "delivered" and settled.traceparent == "00-ab-cd-01"
+    assert [e.id for e in events.for_subject("job:e1")] == [event_id]
+    assert events.attempts("job:e1") == [{"status": 200}]
+    events.reopen(settled)  # a manual redelivery brings it back whole to the main server
+    assert main.hget(keys[0], "state") == b"pending" and main.hget(keys[0], "body") == settled.body
+    assert main.hget(keys[0], "traceparent") == b"00-ab-cd-01" and main.llen(keys[2]) == 1
+    assert events.begin_attempt(event_id, "again", 30) == "begun"
+
+
+def test_a_finished_batch_moves_to_the_cache_and_is_still_answered(split_service):
+    url, main, cache = split_service
+    files = [("image", (f"{seed}.png", noise_png(seed, size=(64, 64)), "image/png")) for seed in (3000, 3001)]
+    batch = requests.post(f"{url}/api/v1/batches", files=files, timeout=30).json()
+    for job in batch["jobs"]:
+        _settled(url, job["id"])
+
+    def moved():
+        return cache.exists(f"batch:{batch['id']}") and 0 < main.ttl(f"batch:{batch['id']}") <= MAIN_TAIL_S
+
+    wait_for(moved, 60, "the finished batch's copy on the cache role")
+    main.delete(f"batch:{batch['id']}", *(f"job:{job['id']}" for job in batch["jobs"]))  # their tails passed
+    again = requests.get(f"{url}/api/v1/batches/{batch['id']}", timeout=10).json()
+    assert again["status"] == "done" and again["counts"]["done"] == 2

@@ -3,13 +3,15 @@ import json
 
 import pytest
 
-from shared.jobs import GRADCAM_URL_SLOT, KEEP_UPLOAD, Claim, JobStore
+from shared.jobjson import GRADCAM_URL_SLOT
+from shared.jobs import KEEP_UPLOAD, Claim, JobStore
 from shared.keys import Computation, OutputOptions
 
 
 @pytest.fixture
 def store(redis_client):
-    return JobStore(redis_client, job_ttl_s=60, result_ttl_s=60, inflight_ttl_s=60, image_ttl_s=60)
+    return JobStore(redis_client, job_ttl_s=60, result_ttl_s=60, inflight_ttl_s=60, image_ttl_s=60,
+                    job_result_ttl_s=60)
 
 
 def _comp(sha: str, **options) -> Computation:

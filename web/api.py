@@ -8,8 +8,9 @@ import time
 import redis
 from flask import Blueprint, current_app, jsonify, request
 
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, Expired, NotFound
 from shared.keys import WORKERS_KEY, image_digest
+from shared.retention import issued_at
 from web import auth, byurl, heatmaps
 from web.idempotency import Created
 from web.intake import accept, check_size, idempotent, number_option, parse_order, read_images, services
@@ -125,8 +126,14 @@ def valid_id(job_id: str) -> bool:
 def job_or_404(job_id: str) -> str:
     """Return the caller's job as JSON text, or raise NotFound (also for someone else's job)."""
     job = services().store.get_json(job_id, owner=auth.owner()) if valid_id(job_id) else None
+    gone = job is None and valid_id(job_id) and issued_at(job_id) is not None
+    if gone and services().store.get_json(job_id) is None:  # another key's job is not_found, not expired
+        hours = services().settings.job_result_ttl_s / 3600
+        raise Expired(f"Job {job_id!r} is no longer kept: settled jobs are answered for {hours:g} hours "
+                      "(JOB_RESULT_TTL_S), or less if the result store had to evict it. A job submitted with a "
+                      "callback_url had its result delivered in its webhook.")
     if job is None:
-        raise NotFound(f"No job with id {job_id!r} (it may have expired).")
+        raise NotFound(f"No job with id {job_id!r}.")
     return job
 
 

@@ -229,7 +229,8 @@ def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, tracepa
     svc = services()
     try:
         send_inference(svc.celery, comp, traceparent)
-    except OperationalError as exc:
+    except (OperationalError, AttributeError) as exc:  # AttributeError: kombu's channel, closed by another
+        # thread's publish that Redis refused (a full Redis), has no connection left
         log.error("could not enqueue %s: %s", comp.suffix, exc)
         svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
         if in_use:

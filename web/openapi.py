@@ -74,7 +74,10 @@ ERROR_RESPONSES = {
                             "is set and no API key was sent), `invalid_api_key`, `admin_unauthorized` "
                             "(admin API without `Authorization: Bearer <ADMIN_TOKEN>`), `metrics_unauthorized` "
                             "(/metrics without `Authorization: Bearer <METRICS_TOKEN or ADMIN_TOKEN>`).", {}),
-    "404": ("NotFound", "No such resource (it may have expired). Code: `not_found`.", {}),
+    "404": ("NotFound", "No such resource. Codes: `not_found`, `expired` (a job this service issued that "
+                        "is no longer kept: settled jobs are answered for JOB_RESULT_TTL_S, 24 h by default, "
+                        "less only if the result store evicted them under memory pressure; the job's "
+                        "webhook carried its result).", {}),
     "409": ("Conflict", "Conflict with the resource's state. Codes: `conflict`, `idempotency_in_progress` "
                         "(a request with this Idempotency-Key is still being processed), `not_settled` "
                         "(the job is not done or failed yet), `no_callback` (no callback URL).",
@@ -316,6 +319,8 @@ def job_paths(settings: Settings) -> dict:
                 **errors("400", "401", "409", "413", "415", "422", "429", "503")}}},
         "/api/v1/jobs/{job_id}": {"get": {
             "operationId": "getJob", "tags": ["jobs"], "summary": "Read a job (optionally long-poll)",
+            "description": "A settled job is answered for at least JOB_RESULT_TTL_S (24 h by default) unless "
+                           "the result store evicts it under memory pressure; then 404 `expired`.",
             "security": API_KEY,
             "parameters": [param("JobId"), {
                 "name": "wait", "in": "query", "required": False,

@@ -16,7 +16,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
-from shared import redisconn
+from shared import consumer_qos, redisconn
 from shared.jobs import JobStore
 from shared.keys import WEBHOOK_WORKERS_KEY, webhook_worker_key
 from shared import tracing
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 tracing.configure(settings, "imgsvc-webhooks")  # off unless OTEL_* ask for traces
 
+consumer_qos.install()  # a full Redis must not kill the consumer (shared/consumer_qos.py)
 app = Celery("imgsvc-webhooks")
 app.conf.update(celery_config(settings))
 app.conf.update(

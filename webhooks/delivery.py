@@ -37,7 +37,7 @@ class Deliverer:
 
     def __init__(self, settings: Settings, client: redis.Redis):
         self.settings, self.redis = settings, client
-        self.events = EventStore(client, settings.job_ttl_s)
+        self.events = EventStore.from_settings(client, settings)
         self.outcomes: collections.Counter[str] = collections.Counter()  # for this worker's heartbeat
         self._lock = threading.Lock()
         # An attempt holds its event this long: its whole time budget and then some for the Redis writes

@@ -13,7 +13,10 @@ import base64
 import dataclasses
 import json
 import logging
+import threading
 import time
+
+import redis
 
 from shared.keys import TAKEN_BY_KEY, Computation
 from shared.tasks import INFER_TASK
@@ -194,3 +197,26 @@ def restore_taken_by(client, dead: set[str]) -> int:
 
         client.transaction(restore, "unacked")
     return restored
+
+
+REQUEUE_RETRY_S = 1.0
+
+
+def requeue_later(receiver: BatchReceiver, queue: str, pendings: list, give_up_s: float) -> threading.Thread:
+    """Put taken messages back once Redis takes writes again (it refused: a full Redis), trying every
+    REQUEUE_RETRY_S for ``give_up_s``; after that they wait for kombu's visibility-timeout restore."""
+    def run() -> None:
+        deadline = time.monotonic() + give_up_s
+        while time.monotonic() < deadline:
+            time.sleep(REQUEUE_RETRY_S)
+            try:
+                receiver.requeue(queue, pendings)
+            except redis.RedisError:
+                continue
+            log.warning("put %d taken messages back on %s once Redis took writes again", len(pendings), queue)
+            return
+        log.error("could not put %d taken messages back on %s; the visibility timeout will", len(pendings), queue)
+
+    thread = threading.Thread(target=run, name="requeue-later", daemon=True)
+    thread.start()
+    return thread

@@ -14,6 +14,7 @@ from celery.signals import (celeryd_init, worker_process_init, worker_process_sh
                             worker_shutdown, worker_shutting_down)
 from kombu import Queue
 
+from shared import consumer_qos
 from shared.cards import ModelCatalog
 from shared.keys import drain_key
 from shared import tracing
@@ -28,6 +29,7 @@ catalog = ModelCatalog.load(settings.model_cards_dir, settings.models, settings.
 
 tracing.configure(settings, "imgsvc-worker")  # off unless OTEL_* ask for traces
 
+consumer_qos.install()  # a full Redis must not kill the consumer (shared/consumer_qos.py)
 app = Celery("imgsvc")
 app.conf.update(celery_config(settings))
 app.conf.task_queues = [Queue(inference_queue(card.name)) for card in catalog]

@@ -17,7 +17,8 @@ from concurrent.futures import Executor
 import numpy as np
 
 from shared.errors import JobFailed
-from shared.jobs import GRADCAM_URL_SLOT, KEEP_UPLOAD, Picture
+from shared.jobjson import GRADCAM_URL_SLOT
+from shared.jobs import KEEP_UPLOAD, Picture
 from shared.keys import OutputOptions
 from shared.overlay import keeps_original, overlay_thumbnail
 from shared.pictures import header_pixels

@@ -38,7 +38,7 @@ from shared.webhooks import announcing_store
 from worker import devices
 from worker.batch_loop import BatchLoop, StagedBatch
 from worker.batching import BatchSizer
-from worker.broker import BatchReceiver, Pending
+from worker.broker import BatchReceiver, Pending, requeue_later
 from worker.forward import exit_if_fatal, forward, make_sizer, warm_up
 from worker.heartbeat import Heartbeat, child_name
 from worker.models import LoadedModel, load_count, load_model
@@ -159,15 +159,16 @@ class Runtime:
         return taken
 
     def _put_back(self, queue: str, pendings: list[Pending]) -> None:
-        """Put messages this child took but will not compute back on their queue (best effort: if
-        Redis refuses, they stay unacknowledged and the visibility timeout brings them back)."""
+        """Put messages this child took but will not compute back on their queue; if Redis refuses
+        (full, or away), a thread tries again until a minute before the visibility timeout would."""
         taken = [p for p in pendings if p.tag is not None]
         if not taken or self.receiver is None:
             return
         try:
             self.receiver.requeue(queue, taken)
-        except redis.RedisError:
-            log.warning("could not put %d taken messages back on %s", len(taken), queue, exc_info=True)
+        except redis.RedisError as exc:
+            log.warning("could not put %d taken messages back on %s; trying again: %s", len(taken), queue, exc)
+            requeue_later(self.receiver, queue, taken, max(1, self.settings.visibility_timeout_s - 60))
 
     def _give_back(self, queue: str, following: Future | None) -> None:
         """Put a staged but never computed batch back on its queue."""
