@@ -10,33 +10,36 @@ from __future__ import annotations
 
 import json
 
-import redis
-
-from shared.jobs import utc_now
+from shared.jobs import JobStore, utc_now
+from shared.retention import copy_settled, from_flat
 from shared.jobtypes import JobContext
 from shared.keys import ANNOUNCE_KEY, job_key, notify_key
 
-# KEYS: job, notify, announce. ARGV: job id, now, error JSON. Fail a job still waiting for its image;
-# wake its waiters and list it for its events as FINISH does. Returns 1 when it failed it here.
+# KEYS: job, notify, announce. ARGV: job id, now, error JSON, how long a settled job stays here, how
+# long one whose events are not made yet stays. Fail a job still waiting for its image; wake its
+# waiters, list it for its events and shorten its life on this server as FINISH does. Returns the
+# settled hash (for the cache role), or 0 when the job was not waiting for its image any more.
 _FAIL_FETCH = """
 if redis.call('HGET', KEYS[1], 'fetch') ~= '1' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2], 'error', ARGV[3])
 redis.call('HDEL', KEYS[1], 'fetch')
 redis.call('RPUSH', KEYS[2], 'failed')
 redis.call('EXPIRE', KEYS[2], 60)
-if redis.call('HGET', KEYS[1], 'announce') == '1' then
+local awaited = redis.call('HGET', KEYS[1], 'announce') == '1'
+if awaited then
   redis.call('ZADD', KEYS[3], redis.call('TIME')[1], ARGV[1])
 end
-return 1
+redis.call('EXPIRE', KEYS[1], awaited and ARGV[5] or ARGV[4])
+return redis.call('HGETALL', KEYS[1])
 """
 
 
 class FetchStore:
     """The records of jobs waiting for their image to be downloaded."""
 
-    def __init__(self, client: redis.Redis, job_ttl_s: int):
-        self.redis, self.job_ttl_s = client, job_ttl_s
-        self._fail = client.register_script(_FAIL_FETCH)
+    def __init__(self, store: JobStore):
+        self.store, self.redis, self.job_ttl_s = store, store.redis, store.job_ttl_s
+        self._fail = self.redis.register_script(_FAIL_FETCH)
 
     def create(self, job_id: str, url: str, model_info: dict, options: dict, context: JobContext) -> dict[str, str]:
         """Write the job ``queued``, waiting for its image; return the fields written."""
@@ -67,6 +70,12 @@ class FetchStore:
         pipe.execute()
 
     def fail(self, job_id: str, error: dict) -> bool:
-        """End a job still waiting for its image ``failed`` with ``error``; return whether it did."""
-        return bool(self._fail(keys=[job_key(job_id), notify_key(job_id), ANNOUNCE_KEY],
-                               args=[job_id, utc_now(), json.dumps(error)]))
+        """End a job still waiting for its image ``failed`` with ``error``; return whether it did. The
+        settled job moves to the cache role like any other (shared/retention.py)."""
+        record = self._fail(keys=[job_key(job_id), notify_key(job_id), ANNOUNCE_KEY],
+                            args=[job_id, utc_now(), json.dumps(error), self.store.settled_ttl_s, self.job_ttl_s])
+        if not record:
+            return False
+        if self.store.split:
+            copy_settled(self.store.cache, [from_flat(record)], self.store.job_result_ttl_s)
+        return True

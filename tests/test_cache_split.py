@@ -234,3 +234,23 @@ def test_a_finished_batch_moves_to_the_cache_and_is_still_answered(split_service
     main.delete(f"batch:{batch['id']}", *(f"job:{job['id']}" for job in batch["jobs"]))  # their tails passed
     again = requests.get(f"{url}/api/v1/batches/{batch['id']}", timeout=10).json()
     assert again["status"] == "done" and again["counts"]["done"] == 2
+
+
+def test_a_job_whose_image_url_failed_leaves_the_main_server_like_any_settled_job(clients):
+    """A download that fails settles its job like a computation does: a short tail on the main server,
+    the whole record on the cache role (before, it stayed on the main server for JOB_TTL_S, 7 days)."""
+    from shared.fetches import FetchStore
+    from shared.jobs import JobContext
+    from shared.keys import job_key
+    from shared.retention import MAIN_TAIL_S, new_job_id
+
+    main, cache = clients
+    store = _store(main, cache)
+    fetches, job_id = FetchStore(store), new_job_id()
+    fetches.create(job_id, "https://images.example/cat.png", MODEL, {"top_k": 5, "gradcam": True}, JobContext())
+    assert fetches.fail(job_id, {"code": "fetch_failed", "message": "Fetching the image_url failed: 404."})
+    assert 0 < main.ttl(job_key(job_id)) <= MAIN_TAIL_S
+    assert cache.hget(job_key(job_id), "status") == b"failed" and cache.ttl(job_key(job_id)) > MAIN_TAIL_S
+    main.delete(job_key(job_id))  # the tail ran out: the job is read from the cache role
+    assert store.get(job_id)["error"]["code"] == "fetch_failed"
+    assert not fetches.fail(job_id, {"code": "fetch_failed", "message": "again"})  # a redelivered message

@@ -98,7 +98,7 @@ def accept_url(url: str, order: Order) -> tuple[Created, str]:
     svc = services()
     ensure_capacity(order.card.name)
     job_id = new_job_id()
-    fetches = FetchStore(svc.redis, svc.settings.job_ttl_s)
+    fetches = FetchStore(svc.store)
     context = dataclasses.replace(order.context(auth.owner()), traceparent=tracing.current_traceparent() or "")
     fields = fetches.create(job_id, url, {"name": order.card.name, "version": order.card.version},
                             order.options.to_dict(), context)

@@ -34,7 +34,7 @@ class ImageFetcher:
 
     def __init__(self, settings: Settings, store: JobStore, celery):
         self.settings, self.store, self.celery = settings, store, celery
-        self.fetches = FetchStore(store.redis, settings.job_ttl_s)
+        self.fetches = FetchStore(store)
         self._lookups = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="fetch-lookup")
 
     def run(self, job_id: str) -> str:
