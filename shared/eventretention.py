@@ -50,15 +50,24 @@ class EventRetention:
             else:
                 read.lrange(key, 0, -1)
         values = read.execute()
+        # A subject's second event (job.started, then job.completed) settles later: its list and
+        # attempt log on the cache role already hold the first one's, so they are added to, not replaced.
+        list_keys = [key for key, kind in zip(keys, kinds) if kind == b"list"]
+        kept = self.cache.pipeline(transaction=False)
+        for key in list_keys:
+            kept.lrange(key, 0, -1)
+        already = dict(zip(list_keys, kept.execute())) if list_keys else {}
         write = self.cache.pipeline(transaction=False)
         for key, kind, value in zip(keys, kinds, values):
             if not value:
                 continue
-            write.delete(key)
             if kind == b"hash":
+                write.delete(key)
                 write.hset(key, mapping=value)
             else:
-                write.rpush(key, *value)
+                fresh = merged([], value, already.get(key, []))
+                if fresh:
+                    write.rpush(key, *fresh)
             write.expire(key, self.kept_s)
         write.execute()
         tail = self.redis.pipeline(transaction=False)
@@ -72,8 +81,10 @@ class EventRetention:
         return found or self._from_cache(lambda c: c.hgetall(key)) or {}
 
     def list(self, key: str) -> list[bytes]:
+        """A subject's list: what the cache role kept of its settled events, then the main server's."""
         found = self.redis.lrange(key, 0, -1)
-        return found or self._from_cache(lambda c: c.lrange(key, 0, -1)) or []
+        kept = self._from_cache(lambda c: c.lrange(key, 0, -1)) or []
+        return merged(kept, found)
 
     def _from_cache(self, read):
         if self.cache is None:
@@ -83,3 +94,9 @@ class EventRetention:
         except redis.RedisError as exc:
             raise Unavailable("Settled webhook events are kept on the cache server, which does not "
                               "answer; retry shortly.", retry_after_s=5) from exc
+
+
+def merged(older: list, newer: list, already: list = ()) -> list:
+    """``older`` then the items of ``newer`` not in ``older`` nor ``already`` (in order)."""
+    seen = {*older, *already}
+    return list(older) + [item for item in newer if item not in seen]

@@ -254,3 +254,25 @@ def test_a_job_whose_image_url_failed_leaves_the_main_server_like_any_settled_jo
     main.delete(job_key(job_id))  # the tail ran out: the job is read from the cache role
     assert store.get(job_id)["error"]["code"] == "fetch_failed"
     assert not fetches.fail(job_id, {"code": "fetch_failed", "message": "again"})  # a redelivered message
+
+
+def test_a_jobs_second_webhook_event_adds_to_what_the_cache_kept_of_its_first(clients):
+    """`job.started` settles, its subject's list and attempt log move to the cache role and leave the
+    main server; `job.completed` settles later: both events and both attempts stay listed (before,
+    the second move replaced the first's list and log)."""
+    from shared.keys import webhook_attempts_key, webhook_events_key
+    from shared.webhooks import EventStore
+
+    main, cache = clients
+    events, subject = EventStore(main, 60, cache, 600), "job:0190f1c2a3b47c4d8e9fa0b1c2d3e4f5"
+    made = []
+    for kind, tag in (("job.started", "started"), ("job.completed", "")):
+        event_id = events.create(kind, subject, "https://hooks.example/in", "", "{}", tag=tag,
+                                 after=made[-1] if made else "")
+        assert events.begin_attempt(event_id, "token", 30) == "begun"
+        entry = {"event_id": event_id, "attempt": 1, "status": 200}
+        assert events.end_attempt(events.get(event_id), "token", entry, "delivered")
+        made.append(event_id)
+        main.delete(webhook_events_key(subject), webhook_attempts_key(subject))  # the main tail ran out
+    assert [e.id for e in events.for_subject(subject)] == made
+    assert [a["event_id"] for a in events.attempts(subject)] == made
