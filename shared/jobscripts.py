@@ -11,7 +11,15 @@
 Their keys and arguments are passed by JobStore; read them beside the method that calls each.
 """
 
-SUBMIT = """
+# What one job waiting for a worker takes on the main Redis beside its upload, measured with
+# MEMORY USAGE on Redis 7 (an 8x8 PNG, the null model): its record ~860 bytes; and per computation,
+# its Celery message ~1,400, inflight:, meta:, attached:, the upload key's own overhead, its entries in
+# ``computations`` and ``queued:sizes``: ~2,600 together. MAX_QUEUED_MB bounds uploads plus these, so
+# a backlog of small images cannot fill the server with records (docs/scaling.md, "Main Redis").
+WAITING_JOB_BYTES = 900
+WAITING_COMPUTATION_BYTES = 2_800
+
+SUBMIT = f"local JOB_BYTES, COMPUTATION_BYTES = {WAITING_JOB_BYTES}, {WAITING_COMPUTATION_BYTES}\n" + """
 local result_key, inflight, attached, job, image, meta =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, image_json, image_bytes =
@@ -66,7 +74,21 @@ if cached then
   count(true)
   return {'cached', image_json, cached}
 end
+-- MAX_QUEUED_MB counts every job waiting (its record) and every computation waiting (its upload,
+-- message and bookkeeping), each once, as the computation's share in queued:sizes (KEYS[13])
+local counted = tonumber(redis.call('HGET', KEYS[13], ARGV[11]) or '0')
+local function room_for(add)
+  return max_bytes <= 0 or tonumber(redis.call('GET', KEYS[12]) or '0') + add <= max_bytes
+end
+local function count_waiting(add)
+  redis.call('INCRBY', KEYS[12], add)
+  redis.call('HSET', KEYS[13], ARGV[11], counted + add)
+end
 if image_json and redis.call('EXISTS', inflight) == 1 then
+  if counted > 0 then
+    if not room_for(JOB_BYTES) then return {'overloaded_bytes', ''} end
+    count_waiting(JOB_BYTES)
+  end
   write_job('queued', {'cached', '0'})
   redis.call('RPUSH', attached, job_id)
   redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
@@ -84,9 +106,12 @@ local waiting = redis.call('ZSCORE', KEYS[7], ARGV[11])
 if not waiting and tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
   return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
 end
-local counted = tonumber(redis.call('HGET', KEYS[13], ARGV[11]) or '0')
-if max_bytes > 0 and tonumber(redis.call('GET', KEYS[12]) or '0') + #image_bytes - counted > max_bytes then
-  return {'overloaded_bytes', ''}  -- the uploads waiting already take MAX_QUEUED_MB
+-- a computation still counted gains one job; one not counted (new, or its count reconciled away)
+-- its upload, message and bookkeeping as well
+local add = JOB_BYTES
+if counted == 0 then add = add + #image_bytes + COMPUTATION_BYTES end
+if not room_for(add) then
+  return {'overloaded_bytes', ''}  -- the work waiting already takes MAX_QUEUED_MB
 end
 write_job('queued', {'cached', '0'})
 redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
@@ -94,8 +119,7 @@ redis.call('RPUSH', attached, job_id)
 redis.call('EXPIRE', attached, job_ttl)  -- as long as its jobs: an outage cannot strand them
 redis.call('SET', image, image_bytes, 'EX', image_ttl)
 redis.call('SET', meta, image_json, 'EX', inflight_ttl)
-redis.call('INCRBY', KEYS[12], #image_bytes - counted)
-redis.call('HSET', KEYS[13], ARGV[11], #image_bytes)
+count_waiting(add)
 remember(ARGV[24])
 count(false)
 if waiting then return {'attached', image_json} end

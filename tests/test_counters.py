@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.keys import QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, Computation, OutputOptions, image_digest
 from shared.tasks import inference_queue
 from tests import images
@@ -43,7 +44,8 @@ def test_an_upload_resubmitted_after_its_inflight_entry_expired_is_counted_once(
         stack.wait_for(lambda: not svc.redis.exists(f"inflight:{suffix}"), 10, "inflight: to expire")
     # One upload of ~300 KiB waits, under the 1 MiB bound: the fourth is not refused "overloaded".
     assert [a.status_code for a in answers] == [202] * 4, answers[-1].get_json()
-    assert svc.store.queued_bytes() == len(upload)
+    # its upload and its message counted once, each of its four job records once
+    assert svc.store.queued_bytes() == len(upload) + WAITING_COMPUTATION_BYTES + 4 * WAITING_JOB_BYTES
     worker = stack.start_worker(settings, ARTIFACTS / "counters-worker.log", name="counters")
     try:
         jobs = [wait_done(client, a.get_json()["id"], timeout=60) for a in answers]
@@ -65,6 +67,6 @@ def test_the_sweeper_sets_the_counter_to_what_really_waits(own_stack):
     assert submit(app.test_client(), images.noise_png(seed=81_101, size=UPLOAD)).status_code == 503
     svc.redis.delete(LOCK_KEY)
     Sweeper(settings, svc.redis, svc.celery, name="test", queues=(inference_queue(MODEL),)).sweep()
-    assert svc.store.queued_bytes() == len(waiting)
+    assert svc.store.queued_bytes() == len(waiting) + WAITING_COMPUTATION_BYTES + WAITING_JOB_BYTES
     assert svc.redis.hkeys(QUEUED_SIZES_KEY) == [f"{MODEL}:test-1:{image_digest(waiting)}:k5-g1".encode()]
     assert submit(app.test_client(), images.noise_png(seed=81_101, size=UPLOAD)).status_code == 202

@@ -15,6 +15,7 @@ from shared.cards import ModelCard
 from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded,
                            PayloadTooLarge, Unavailable)
 from shared.jobs import JobContext, Submission, new_job_id
+from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.jobtypes import WEBHOOK_EVENTS
 from shared.keys import Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
@@ -184,7 +185,11 @@ def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *
     on a miss, the header check and the submit that stores the bytes and starts the computation."""
     svc = services()
     model_info = {"name": order.card.name, "version": order.card.version}
-    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key)
+    max_bytes = svc.max_queued_bytes if check_capacity else 0
+    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key,
+                                  max_queued_bytes=max_bytes)  # one more job waiting counts too
+    if submission.outcome == "overloaded_bytes":
+        raise _too_many_bytes()
     if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
         svc.pictures.keep(comp, data, order.card.resize)
     if submission.outcome != "miss":
@@ -193,7 +198,7 @@ def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *
     submission = svc.store.submit(comp, model_info, data, info.to_dict(comp.sha256), context=context, job_id=job_id,
                                   count=count, queue=inference_queue(order.card.name),
                                   max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
-                                  max_queued_bytes=svc.max_queued_bytes if check_capacity else 0, key=key)
+                                  max_queued_bytes=max_bytes, key=key)
     if submission.outcome == "overloaded":
         raise _overloaded(order.card.name)
     if submission.outcome == "overloaded_bytes":
@@ -201,21 +206,23 @@ def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *
     return submission
 
 
-def ensure_capacity(model: str, incoming_bytes: int = 0) -> None:
-    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH, or while the uploads
-    waiting for workers and ``incoming_bytes`` would pass MAX_QUEUED_MB; hits still pass."""
+def ensure_capacity(model: str, incoming_bytes: int = 0, jobs: int = 1) -> None:
+    """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH, or while the work
+    waiting for workers and ``jobs`` more (``incoming_bytes`` of uploads) would pass MAX_QUEUED_MB;
+    hits still pass."""
     svc = services()
     limit = svc.settings.max_queue_depth
     if limit and svc.redis.llen(inference_queue(model)) >= limit:
         raise _overloaded(model)
-    if svc.max_queued_bytes and svc.store.queued_bytes() + incoming_bytes > svc.max_queued_bytes:
+    incoming = incoming_bytes + jobs * (WAITING_JOB_BYTES + WAITING_COMPUTATION_BYTES)
+    if svc.max_queued_bytes and svc.store.queued_bytes() + incoming > svc.max_queued_bytes:
         raise _too_many_bytes()
 
 
 def _too_many_bytes() -> Overloaded:
     limit_mb = services().max_queued_bytes / (1024 * 1024)
-    return Overloaded(f"The uploads waiting for workers take {limit_mb:.0f} MiB, the most this service "
-                      "holds (MAX_QUEUED_MB); retry shortly.")
+    return Overloaded(f"The work waiting for workers (uploads, job records, messages) takes {limit_mb:.0f} MiB, "
+                      "the most this service holds (MAX_QUEUED_MB); retry shortly.")
 
 
 def _overloaded(model: str) -> Overloaded:
