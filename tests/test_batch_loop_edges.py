@@ -85,6 +85,52 @@ def test_a_refused_take_of_the_next_batch_strands_nothing_the_loop_holds(tmp_pat
         stack.stop(redis_proc)
 
 
+def test_a_refused_claim_of_the_next_batch_puts_it_back_at_once(tmp_path, cards):
+    """Redis refuses the claim of batch k+1 (one of its computations' keys holds the wrong type, so
+    the claim script errors) while batch k computes: k is computed and written, and k+1's four
+    messages are back on the queue when the loop ends, none left unacknowledged for kombu's
+    visibility timeout (10 minutes); once the key is sound, the next loop does them."""
+    from kombu import Connection
+
+    from shared.keys import Computation, OutputOptions, image_digest
+    from web import create_app
+    from worker.broker import BatchReceiver
+    from worker.runtime import Runtime
+
+    redis_proc, url = stack.start_redis(tmp_path)
+    settings = Settings(redis_url=url, model_cards_dir=cards, models=(SLOW,), default_model=SLOW,
+                        worker_devices="cpu", torch_threads=1, max_batch=4, max_wait_ms=200,
+                        heartbeat_interval_s=1, worker_ttl_s=5, rate_limit="100000/minute")
+    admin, runtime = redis.Redis.from_url(url), None
+    try:
+        app = create_app(settings)
+        client, store = app.test_client(), app.extensions["imgsvc"].store
+        uploads = [_bright(250)] + [images.noise_png(seed=43_000 + i) for i in range(7)]
+        job_ids = [_submit(client, data) for data in uploads]
+        version = store.get(job_ids[5])["model"]["version"]
+        broken = Computation(SLOW, version, image_digest(uploads[5]), OutputOptions()).attempts_key
+        admin.hset(broken, "wrong", "type")  # INCR on a hash: the claim of k+1 errors
+        catalog = ModelCatalog.load(cards, (SLOW,), SLOW)
+        broker = Connection(url)
+        runtime = Runtime.start(settings, catalog, 0, broker_connection=broker, node="edges@test")
+        queue = inference_queue(SLOW)
+        receiver = BatchReceiver.for_connection(broker, owner="test")
+        runtime.handle(receiver.take(queue, 1)[0])
+        assert [store.get(job_id)["status"] for job_id in job_ids[:4]] == ["done"] * 4
+        assert admin.llen(queue) == 4  # batch k+1, back on the queue
+        assert admin.hlen("unacked") == 0  # k's acknowledged behind its results, k+1's put back
+        admin.delete(broken)
+        for _ in range(4):  # the three it did claim count a second attempt: each then runs alone
+            if taken := receiver.take(queue, 1):
+                runtime.handle(taken[0])
+        assert [store.get(job_id)["status"] for job_id in job_ids] == ["done"] * 8
+        assert admin.llen(queue) == 0
+    finally:
+        if runtime is not None:
+            runtime.close()
+        stack.stop(redis_proc)
+
+
 def _submit(client, data: bytes) -> str:
     from tests.conftest import submit
 
