@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -57,6 +59,19 @@ def env(tmp_path_factory):
             os.environ.pop("COUNTING_MODEL_LOG", None)
         else:
             os.environ["COUNTING_MODEL_LOG"] = saved
+
+
+@pytest.fixture(scope="module")
+def web_url(env):
+    """The app under gunicorn, for the ``imgsvc`` command line."""
+    proc, url = stack.start_web(env[3], threads=2)
+    yield url
+    stack.stop(proc)
+
+
+def run_imgsvc(url: str, *args: str):
+    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "IMGSVC_URL": url})
 
 
 @pytest.fixture
@@ -161,17 +176,21 @@ def test_cancelling_a_batch_mid_way_cancels_the_rest_and_its_event_counts_them(e
     assert again.status_code == 200 and again.get_json()["counts"] == counts
 
 
-def test_a_job_not_started_by_its_deadline_fails_without_a_forward_pass(env, workers):
+def test_a_job_not_started_by_its_deadline_fails_without_a_forward_pass(env, workers, web_url, tmp_path):
     app, client, _, _, log_path = env
     accepted = time.time()
     late = post_job(client, images.noise_png(seed=91_020), deadline_s=1).get_json()
     header = post_job(client, images.noise_png(seed=91_021), headers={"Cancel-After": "1s"}).get_json()
+    (tmp_path / "late.png").write_bytes(images.noise_png(seed=91_023))
+    waited = run_imgsvc(web_url, "submit", str(tmp_path / "late.png"), "--deadline", "1", "--timeout", "1", "-q")
+    assert waited.returncode == 1  # still queued when its --timeout passed: no worker runs yet
+    by_cli = json.loads(waited.stdout)["job"]
     control = post_job(client, images.noise_png(seed=91_022), deadline_s=600).get_json()
     time.sleep(max(0.0, accepted + 1.5 - time.time()))  # the workers start after the deadlines passed
     before = computed(log_path)
     workers()
     assert settle(client, control["id"])["status"] == "done"
-    for job in (late, header):
+    for job in (late, header, by_cli):
         failed = settle(client, job["id"])
         assert (failed["status"], failed["error"]["code"]) == ("failed", "deadline_exceeded")
     stack.wait_for(lambda: queue_drained(app), 30, "the queue to be drained")
@@ -191,7 +210,7 @@ def test_a_bad_cancel_after_header_is_refused(env, value):
     assert answer.status_code == 422 and "Cancel-After" in answer.get_json()["error"]["message"]
 
 
-def test_cancel_is_for_the_owner_idempotent_and_refused_once_settled(env, workers):
+def test_cancel_is_for_the_owner_idempotent_and_refused_once_settled(env, workers, web_url):
     app, client, _, _, _ = env
     keys = [json.loads(app.test_cli_runner().invoke(args=["keys", "create", name]).stdout) for name in ("al", "bo")]
     alice, bob = ({"Authorization": f"Bearer {key['api_key']}"} for key in keys)
@@ -202,10 +221,41 @@ def test_cancel_is_for_the_owner_idempotent_and_refused_once_settled(env, worker
     second = client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=alice)
     assert (first.status_code, second.status_code) == (200, 200)
     assert first.get_json() == second.get_json()
+    by_cli = run_imgsvc(web_url, "cancel", job["id"], "--api-key", keys[0]["api_key"])
+    assert by_cli.returncode == 0 and json.loads(by_cli.stdout) == first.get_json()
     done = post_job(client, images.noise_png(seed=91_041), alice).get_json()
     workers()
     assert settle(client, done["id"], headers=alice)["status"] == "done"
     refused = client.post(f"/api/v1/jobs/{done['id']}/cancel", headers=alice)
     assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "already_settled"
+    by_cli = run_imgsvc(web_url, "cancel", done["id"], "--api-key", keys[0]["api_key"])
+    assert by_cli.returncode == 1 and "already_settled" in by_cli.stderr
     assert client.get(f"/api/v1/jobs/{done['id']}", headers=alice).get_json()["status"] == "done"
     assert client.post("/api/v1/jobs/" + "0" * 32 + "/cancel", headers=alice).status_code == 404
+
+
+def test_the_upload_page_cancels_a_queued_job(env, web_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_page import CHROMIUM, CHROMIUM_ARGS
+
+    image = tmp_path / "wait-for-me.png"
+    image.write_bytes(images.noise_png(seed=91_050))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_context().new_page()
+            tab.goto(web_url + "/")
+            tab.set_input_files("#file-input", [str(image)])  # no worker runs: it stays queued
+            card = tab.locator(".job").first
+            button = card.get_by_role("button", name="Cancel the job of wait-for-me.png")
+            button.wait_for(state="visible", timeout=30_000)
+            assert card.get_attribute("data-status") == "queued"
+            button.click()
+            tab.wait_for_function("document.querySelector('.job').dataset.status === 'canceled'", timeout=30_000)
+            assert card.locator(".badge.status").text_content() == "canceled"
+            assert button.is_hidden()
+            job_id = card.get_attribute("data-job-id")
+        finally:
+            browser.close()
+    assert env[1].get(f"/api/v1/jobs/{job_id}").get_json()["status"] == "canceled"
