@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from shared import redisconn, stats
 from shared.errors import DeadlineExceeded, Unavailable
-from shared.jobscripts import CANCEL, CLAIM, FINISH, SUBMIT
+from shared.jobscripts import CANCEL, CLAIM, DROP_UNWAITED, FINISH, SUBMIT
 from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
@@ -108,6 +108,7 @@ class JobStore:
         self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
         self._cancel = client.register_script(CANCEL)
+        self._drop_unwaited = client.register_script(DROP_UNWAITED)
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings) -> "JobStore":
@@ -207,12 +208,8 @@ class JobStore:
         now, deadline = utc_now(), time.time() + self.stuck_after_s
         distinct = list(dict.fromkeys(comps))
         for comp in distinct:
-            self._claim(keys=[COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key,
-                              comp.image_key, comp.attempts_key, STARTED_KEY, comp.inflight_key,
-                              QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, ANNOUNCE_KEY, comp.meta_key],
-                        args=[comp.suffix, deadline, owner, self.stuck_after_s, job_key(""), now,
-                              self.inflight_ttl_s, time.time(), _DEADLINE_EXCEEDED, notify_key(""),
-                              self.settled_ttl_s, self.job_ttl_s], client=pipe)
+            self._claim(keys=self._claim_keys(comp), args=[comp.suffix, deadline, owner, self.stuck_after_s,
+                                                           *self._expiry_args(now)], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
         claims = {comp: Claim(bool(done), image, int(attempt), bool(skipped))
@@ -228,6 +225,26 @@ class JobStore:
             answers.append(Claim(True, None, claims[comp].attempt) if comp in seen else claims[comp])
             seen.add(comp)
         return answers, draining
+
+    def _claim_keys(self, comp: Computation) -> list[str]:
+        """The keys of CLAIM and DROP_UNWAITED."""
+        return [COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key, comp.image_key,
+                comp.attempts_key, STARTED_KEY, comp.inflight_key, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY,
+                ANNOUNCE_KEY, comp.meta_key]
+
+    def _expiry_args(self, now: str) -> list:
+        """ARGV[5..12] of CLAIM and DROP_UNWAITED: the job key prefix, now, the attempts counter's TTL,
+        then what failing a job past its deadline needs."""
+        return [job_key(""), now, self.inflight_ttl_s, time.time(), _DEADLINE_EXCEEDED, notify_key(""),
+                self.settled_ttl_s, self.job_ttl_s]
+
+    def drop_unwaited(self, comp: Computation) -> bool:
+        """Before the sweeper sends ``comp`` again: fail its queued jobs past their deadline and, when
+        no job waits for it any more, release it (as CLAIM's skip does); return whether it did."""
+        released, announce, records = self._drop_unwaited(
+            keys=self._claim_keys(comp), args=[comp.suffix, 0, "", 0, *self._expiry_args(utc_now())])
+        self._settled_here([from_flat(r) for r in records], [i.decode() for i in announce])
+        return bool(released)
 
     def cancel(self, job_ids: list[str]) -> list[str]:
         """End each queued or running job ``canceled`` (one atomic step each, one round trip for all);

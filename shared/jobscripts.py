@@ -7,6 +7,8 @@
   ``deadline_exceeded`` there; a computation no job waits for any more (all canceled or expired) is
   skipped: its bookkeeping released as FINISH would, no owner, no attempt.
 - ``CANCEL``: a queued or running job ends ``canceled`` and leaves its computation's attached list.
+- ``DROP_UNWAITED``: the sweeper's step before sending a computation again: fail its queued jobs past
+  their deadline and, when none waits any more, release it rather than send it.
 - ``FINISH``: settle every attached job of a computation not settled yet (done with its result, or
   failed; a canceled or expired one keeps its status), keep the
   result (the first written stands), and release the single-flight and queued-bytes bookkeeping.
@@ -138,10 +140,36 @@ local function release(inflight, attached, image, attempts, owner, meta, computa
 end
 """
 
+# Fail the queued jobs of a computation whose deadline passed (they leave its attached list) and
+# return the ids of those still waiting for it (queued or running). ARGV of the caller, from ``at``:
+# now (unix seconds), the deadline_exceeded error JSON, notify key prefix, how long a settled job
+# stays here, how long one whose events are not made yet stays. Appends the failed jobs awaiting
+# events to ``announce`` and every failed job's hash to ``records``.
+_EXPIRE_LATE = _SETTLE_JOB + """
+local function expire_late(attached, announce_key, prefix, now_iso, at, announce, records)
+  local now, err, notify = tonumber(ARGV[at]), ARGV[at + 1], ARGV[at + 2]
+  local waiting = {}
+  for _, id in ipairs(redis.call('LRANGE', attached, 0, -1)) do
+    local job = prefix .. id
+    local status = redis.call('HGET', job, 'status')
+    local by = tonumber(redis.call('HGET', job, 'deadline') or '')
+    if status == 'queued' and by and by < now then
+      redis.call('HSET', job, 'status', 'failed', 'finished_at', now_iso, 'error', err)
+      redis.call('LREM', attached, 0, id)
+      table.insert(records, settle_job(job, id, notify .. id, announce_key, ARGV[at + 3], ARGV[at + 4], 'failed'))
+      if redis.call('HGET', job, 'announce') == '1' then table.insert(announce, id) end
+    elseif status == 'queued' or status == 'running' then
+      table.insert(waiting, id)
+    end
+  end
+  return waiting
+end
+"""
+
 # KEYS: computations, owner, attached, result, image, attempts, started, inflight, queued:bytes,
 # queued:sizes, announce, meta. ARGV: suffix, deadline, owner, owner TTL, job key prefix, now, attempts
-# TTL, now (unix seconds), the deadline_exceeded error JSON, notify key prefix, how long a settled job
-# stays here, how long one whose events are not made yet stays.
+# TTL, then from ARGV[8] what expire_late reads (now in unix seconds, the deadline_exceeded error
+# JSON, notify key prefix, the two TTLs of a settled job).
 # Returns {already done, the upload's bytes, attempt, the jobs that asked for a job.started event
 # (also listed in ``started`` until their event exists), skipped, the jobs failed past their
 # deadline that await events, those jobs' hashes (flat)}.
@@ -150,40 +178,41 @@ end
 # cannot recreate ``attempts:`` for the next upload of the same image. A queued job whose deadline
 # passed fails ``deadline_exceeded`` and leaves the computation; one that nobody waits for any more
 # (its jobs canceled or expired) is skipped (1): released, never computed.
-CLAIM = _SETTLE_JOB + _RELEASE + """
+CLAIM = _EXPIRE_LATE + _RELEASE + """
 redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
-local done = redis.call('EXISTS', KEYS[4]) == 1
-local attempt, started, announce, records, waiting = 0, {}, {}, {}, 0
-if done then return {1, redis.call('GET', KEYS[5]) or false, 0, started, 0, announce, records} end
-local now = tonumber(ARGV[8])
-for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+local started, announce, records = {}, {}, {}
+if redis.call('EXISTS', KEYS[4]) == 1 then return {1, redis.call('GET', KEYS[5]) or false, 0, started, 0, announce, records} end
+local waiting = expire_late(KEYS[3], KEYS[11], ARGV[5], ARGV[6], 8, announce, records)
+if #waiting == 0 then
+  release(KEYS[8], KEYS[3], KEYS[5], KEYS[6], KEYS[2], KEYS[12], KEYS[1], KEYS[9], KEYS[10], ARGV[1])
+  return {0, false, 0, started, 1, announce, records}
+end
+for _, id in ipairs(waiting) do
   local job = ARGV[5] .. id
-  local status = redis.call('HGET', job, 'status')
-  local by = tonumber(redis.call('HGET', job, 'deadline') or '')
-  if status == 'queued' and by and by < now then
-    redis.call('HSET', job, 'status', 'failed', 'finished_at', ARGV[6], 'error', ARGV[9])
-    redis.call('LREM', KEYS[3], 0, id)
-    table.insert(records, settle_job(job, id, ARGV[10] .. id, KEYS[11], ARGV[11], ARGV[12], 'failed'))
-    if redis.call('HGET', job, 'announce') == '1' then table.insert(announce, id) end
-  elseif status == 'queued' then
-    waiting = waiting + 1
+  if redis.call('HGET', job, 'status') == 'queued' then
     redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[6])
     if redis.call('HGET', job, 'announce_started') == '1' then
       table.insert(started, id)
       redis.call('ZADD', KEYS[7], redis.call('TIME')[1], id)
     end
-  elseif status == 'running' then
-    waiting = waiting + 1
   end
 end
-if waiting == 0 then
-  release(KEYS[8], KEYS[3], KEYS[5], KEYS[6], KEYS[2], KEYS[12], KEYS[1], KEYS[9], KEYS[10], ARGV[1])
-  return {0, false, 0, started, 1, announce, records}
-end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-attempt = redis.call('INCR', KEYS[6])
+local attempt = redis.call('INCR', KEYS[6])
 redis.call('EXPIRE', KEYS[6], ARGV[7])
 return {0, redis.call('GET', KEYS[5]) or false, attempt, started, 0, announce, records}
+"""
+
+# The sweeper's check before it sends a computation again: KEYS and ARGV as CLAIM's (ARGV[2..4] and
+# ARGV[7] unused). Fails the queued jobs past their deadline; when no job waits any more, releases
+# the computation instead of having it sent. Returns {released (1/0), the failed jobs awaiting
+# events, the failed jobs' hashes}.
+DROP_UNWAITED = _EXPIRE_LATE + _RELEASE + """
+local announce, records = {}, {}
+local waiting = expire_late(KEYS[3], KEYS[11], ARGV[5], ARGV[6], 8, announce, records)
+if #waiting > 0 or redis.call('EXISTS', KEYS[4]) == 1 then return {0, announce, records} end
+release(KEYS[8], KEYS[3], KEYS[5], KEYS[6], KEYS[2], KEYS[12], KEYS[1], KEYS[9], KEYS[10], ARGV[1])
+return {1, announce, records}
 """
 
 # KEYS: job, attached ('-': its image is not submitted yet), announce, notify. ARGV: job id, now, how

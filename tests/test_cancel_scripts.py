@@ -128,3 +128,16 @@ def test_a_job_canceled_before_its_image_arrived_stays_canceled(store, redis_cli
     info = {"sha256": comp.sha256, "format": "PNG", "width": 1, "height": 1}
     assert store.submit(comp, MODEL, b"img", info, job_id=job_id).outcome == "canceled"
     assert store.get(job_id)["status"] == "canceled" and not redis_client.exists(comp.inflight_key)
+
+
+def test_the_sweepers_check_releases_a_computation_whose_jobs_all_passed_their_deadline(store, redis_client):
+    comp = _comp("a1" * 32)
+    expired = _submit(store, comp, JobContext(deadline_at=time.time() - 1))
+    assert store.drop_unwaited(comp) is True
+    assert store.get(expired)["error"]["code"] == "deadline_exceeded"
+    assert _released(redis_client, comp)
+    other = _comp("a2" * 32)
+    _submit(store, other, JobContext(deadline_at=time.time() - 1))
+    waiting = _submit(store, other)
+    assert store.drop_unwaited(other) is False  # a job still waits: it is sent again
+    assert store.claim([other])[0].attempt == 1 and store.get(waiting)["status"] == "running"
