@@ -1,10 +1,11 @@
 """``imgsvc``: classify image files and folders with an imgsvc server, one JSON line per file.
 
     imgsvc submit PATH... [--url URL] [--api-key KEY] [--model M] [--top-k N] [--no-gradcam]
-                          [--callback-url URL] [--concurrency 4] [--timeout 300]
+                          [--callback-url URL] [--deadline S] [--concurrency 4] [--timeout 300]
                           [--output results.jsonl] [--heatmaps DIR] [--quiet]
     imgsvc batch PATH...  (the same options; one request per --batch-size images)
     imgsvc get JOB_ID [--wait S]
+    imgsvc cancel JOB_ID
 
 Each line is ``{"file": path, "job": <job JSON>}``, or ``{"file": path, "error": {"code", "message"},
 "status": <HTTP status or null>}`` for an upload that was refused. Exit status: 0 when every job is
@@ -99,7 +100,7 @@ def classify(client: ApiClient, path: Path, options: dict, args, results: Result
         return False
     try:
         job = client.wait_job(job, args.timeout)
-        if job["status"] not in ("done", "failed"):
+        if job["status"] not in ("done", "failed", "canceled"):
             raise ApiError(None, "client_timeout", f"still {job['status']} after {args.timeout} s")
         heatmap = client.heatmap(job) if args.heatmaps and job["status"] == "done" else None
     except ApiError as exc:
@@ -111,7 +112,7 @@ def classify(client: ApiClient, path: Path, options: dict, args, results: Result
 
 def job_options(args) -> dict:
     return {"model": args.model, "top_k": args.top_k, "gradcam": "false" if args.no_gradcam else None,
-            "callback_url": args.callback_url}
+            "callback_url": args.callback_url, "deadline_s": args.deadline}
 
 
 def progress_bar(args, total: int) -> tqdm:
@@ -148,8 +149,9 @@ def run_batch(args, client: ApiClient, results: Results, files: list[Path]) -> N
 
 
 def run_get(args, client: ApiClient) -> int:
+    """``get`` and ``cancel``: print the job (canceled, for ``cancel``)."""
     try:
-        job = client.job(args.job_id, wait_s=args.wait)
+        job = client.cancel(args.job_id) if args.command == "cancel" else client.job(args.job_id, wait_s=args.wait)
     except ApiError as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-gradcam", action="store_true", help="skip the GradCAM heatmap")
         sub.add_argument("--callback-url",
                          help="URL the server POSTs a signed webhook to when each job settles")
+        sub.add_argument("--deadline", type=float, metavar="S",
+                         help="seconds each job may wait for a worker; past it, it fails deadline_exceeded")
         sub.add_argument("--timeout", type=float, default=300, help="seconds to wait for each job or batch")
         sub.add_argument("--output", "-o", help="write JSON lines here instead of stdout")
         sub.add_argument("--heatmaps", type=Path, metavar="DIR", help="save each GradCAM PNG in DIR")
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     get = commands.add_parser("get", parents=[common], help="print one job's JSON")
     get.add_argument("job_id")
     get.add_argument("--wait", type=float, default=0, help="long-poll up to this many seconds (max 30)")
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a queued or running job; print it")
+    cancel.add_argument("job_id")
     return parser
 
 
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     client = ApiClient(args.url, args.api_key)
-    if args.command == "get":
+    if args.command in ("get", "cancel"):
         return run_get(args, client)
     try:
         files = find_images(args.paths)

@@ -14,7 +14,7 @@ import uuid
 import requests
 
 USER_AGENT = "imgsvc-client/0.1"
-SETTLED = ("done", "failed")
+SETTLED = ("done", "failed", "canceled")
 RETRY_STATUSES = (429, 503)
 MAX_LONG_POLL_S = 20  # the API's own cap is 30 s
 
@@ -128,7 +128,8 @@ class ApiClient:
         return self.request("GET", f"/api/v1/jobs/{job_id}", params=params, timeout=wait_s + self.request_timeout_s)
 
     def wait_job(self, job: dict, timeout_s: float) -> dict:
-        """Long-poll until the job is done or failed, or ``timeout_s`` passes; return its latest JSON."""
+        """Long-poll until the job settles (done, failed or canceled), or ``timeout_s`` passes; return
+        its latest JSON."""
         deadline = time.monotonic() + timeout_s
         while job["status"] not in SETTLED:
             remaining = deadline - time.monotonic()
@@ -139,6 +140,11 @@ class ApiClient:
             if "Wait-Skipped" in response.headers:  # the server had no waiter free: poll again after Retry-After
                 time.sleep(min(self._retry_after(response, 0), max(0.0, deadline - time.monotonic())))
         return job
+
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a queued or running job; return it (``canceled``). A job already done or failed
+        raises ApiError 409 ``already_settled``."""
+        return self.request("POST", f"/api/v1/jobs/{job_id}/cancel").json()
 
     def batch(self, batch_id: str) -> dict:
         return self.request("GET", f"/api/v1/batches/{batch_id}").json()

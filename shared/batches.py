@@ -124,7 +124,7 @@ class BatchStore:
             return None
         job_ids = json.loads(fields["job_ids"])
         jobs = [job for job in self.jobs.get_many_json(job_ids) if job is not None]
-        counts = {"total": len(job_ids), "queued": 0, "running": 0, "done": 0, "failed": 0}
+        counts = {"total": len(job_ids), "queued": 0, "running": 0, "done": 0, "failed": 0, "canceled": 0}
         for job in jobs:
             counts[json.loads(job)["status"]] += 1
         head = json.dumps({

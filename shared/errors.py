@@ -16,6 +16,7 @@
     ├── Conflict (409 conflict)
     │   ├── IdempotencyInProgress (409 idempotency_in_progress)
     │   ├── NotSettled (409 not_settled)
+    │   ├── AlreadySettled (409 already_settled)
     │   └── NoCallback (409 no_callback)
     ├── PayloadTooLarge (413 payload_too_large)
     │   └── TooManyPixels (413 too_many_pixels)
@@ -35,6 +36,7 @@
         ├── JobTimeout (timeout)
         ├── ImageExpired (image_expired)
         ├── FetchFailed (fetch_failed)
+        ├── DeadlineExceeded (deadline_exceeded)
         └── ModelVersionUnavailable (model_version_unavailable)
 
 ``code`` is stable: integrators match on it. ``message`` is a human sentence and may change.
@@ -128,6 +130,12 @@ class NotSettled(Conflict):
     code = "not_settled"
 
 
+class AlreadySettled(Conflict):
+    """A cancel of a job (or batch) that is already done or failed: nothing changes."""
+
+    code = "already_settled"
+
+
 class NoCallback(Conflict):
     code = "no_callback"
 
@@ -208,6 +216,12 @@ class FetchFailed(JobFailed):
     """The job's ``image_url`` could not be fetched, or what came back is not an image we accept."""
 
     code = "fetch_failed"
+
+
+class DeadlineExceeded(JobFailed):
+    """The job was not started by its deadline (deadline_s, Cancel-After or JOB_DEADLINE_S): never computed."""
+
+    code = "deadline_exceeded"
 
 
 class ModelVersionUnavailable(JobFailed):

@@ -19,13 +19,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared import redisconn, stats
-from shared.errors import Unavailable
-from shared.jobscripts import CLAIM, FINISH, SUBMIT
+from shared.errors import DeadlineExceeded, Unavailable
+from shared.jobscripts import CANCEL, CLAIM, DROP_UNWAITED, FINISH, SUBMIT
 from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY,
-                         Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
+                         Computation, OutputOptions, job_key, notify_key, overlay_key_for_result,
+                         picture_key_for_result)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,22 @@ MAIN_COPY_TTL_S = MAIN_TAIL_S
 
 CACHE_BACKOFF_S = 5.0  # a cache server that failed is left alone this long (misses, no waiting)
 
+_DEADLINE_EXCEEDED = json.dumps(DeadlineExceeded(
+    "The job was not started by its deadline (deadline_s); it was not computed.").to_dict())
+
 KEEP_UPLOAD = "keep-upload"  # a finished computation keeps its upload as the overlay's picture
 Picture = bytes | str | None  # a thumbnail's bytes, KEEP_UPLOAD, or None (no overlay)
+
+
+def _attached_key(fields: dict[str, str]) -> str:
+    """The attached list of the computation a job hash belongs to; '-' while it has no image yet."""
+    image = json.loads(fields.get("image") or "null")
+    if not image or "model" not in fields:
+        return "-"
+    model = json.loads(fields["model"])
+    comp = Computation(model["name"], model["version"], image["sha256"],
+                       OutputOptions(**json.loads(fields["options"])))
+    return comp.attached_key
 
 
 def utc_now(timestamp: float | None = None) -> str:
@@ -92,6 +107,8 @@ class JobStore:
         self._submit = client.register_script(SUBMIT)
         self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
+        self._cancel = client.register_script(CANCEL)
+        self._drop_unwaited = client.register_script(DROP_UNWAITED)
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings) -> "JobStore":
@@ -143,7 +160,7 @@ class JobStore:
                   self.settled_ttl_s, *extra],
         )
         outcome = outcome.decode()
-        if outcome in ("overloaded", "overloaded_bytes", "key_lost"):
+        if outcome in ("overloaded", "overloaded_bytes", "key_lost", "canceled"):
             return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
@@ -191,14 +208,16 @@ class JobStore:
         now, deadline = utc_now(), time.time() + self.stuck_after_s
         distinct = list(dict.fromkeys(comps))
         for comp in distinct:
-            self._claim(keys=[COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key,
-                              comp.image_key, comp.attempts_key, STARTED_KEY],
-                        args=[comp.suffix, deadline, owner, self.stuck_after_s, job_key(""), now,
-                              self.inflight_ttl_s], client=pipe)
+            self._claim(keys=self._claim_keys(comp), args=[comp.suffix, deadline, owner, self.stuck_after_s,
+                                                           *self._expiry_args(now)], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        claims = {comp: Claim(bool(done), image, int(attempt)) for comp, (done, image, attempt, _) in zip(distinct, replies)}
-        started = [i.decode() for *_, ids in replies for i in ids]
+        claims = {comp: Claim(bool(done), image, int(attempt), bool(skipped))
+                  for comp, (done, image, attempt, _, skipped, *_) in zip(distinct, replies)}
+        # jobs past their deadline, failed by the claim: to the cache role, and their events
+        self._settled_here([from_flat(r) for *_, records in replies for r in records],
+                           [i.decode() for *_, announce, _ in replies for i in announce])
+        started = [i.decode() for _, _, _, ids, *_ in replies for i in ids]
         if started and self.on_started is not None:
             self.on_started(started)
         answers, seen = [], set()
@@ -206,6 +225,50 @@ class JobStore:
             answers.append(Claim(True, None, claims[comp].attempt) if comp in seen else claims[comp])
             seen.add(comp)
         return answers, draining
+
+    def _claim_keys(self, comp: Computation) -> list[str]:
+        """The keys of CLAIM and DROP_UNWAITED."""
+        return [COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key, comp.image_key,
+                comp.attempts_key, STARTED_KEY, comp.inflight_key, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY,
+                ANNOUNCE_KEY, comp.meta_key]
+
+    def _expiry_args(self, now: str) -> list:
+        """ARGV[5..12] of CLAIM and DROP_UNWAITED: the job key prefix, now, the attempts counter's TTL,
+        then what failing a job past its deadline needs."""
+        return [job_key(""), now, self.inflight_ttl_s, time.time(), _DEADLINE_EXCEEDED, notify_key(""),
+                self.settled_ttl_s, self.job_ttl_s]
+
+    def drop_unwaited(self, comp: Computation) -> bool:
+        """Before the sweeper sends ``comp`` again: fail its queued jobs past their deadline and, when
+        no job waits for it any more, release it (as CLAIM's skip does); return whether it did."""
+        released, announce, records = self._drop_unwaited(
+            keys=self._claim_keys(comp), args=[comp.suffix, 0, "", 0, *self._expiry_args(utc_now())])
+        self._settled_here([from_flat(r) for r in records], [i.decode() for i in announce])
+        return bool(released)
+
+    def cancel(self, job_ids: list[str]) -> list[str]:
+        """End each queued or running job ``canceled`` (one atomic step each, one round trip for all);
+        return per job ``canceled``, ``already`` (canceled before), ``settled`` (done or failed:
+        unchanged) or ``missing`` (not on the main server: settled a while ago, or gone).
+
+        The job leaves its computation's attached list: the computation goes on for the jobs still
+        attached, and a worker skips one that nobody waits for any more (CLAIM).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, fields in zip(job_ids, self._read_hashes(self.redis, job_ids)):
+            self._cancel(keys=[job_key(job_id), _attached_key(fields or {}), ANNOUNCE_KEY, notify_key(job_id)],
+                         args=[job_id, utc_now(), self.settled_ttl_s, self.job_ttl_s], client=pipe)
+        replies = pipe.execute()
+        records = [from_flat(reply[1]) for reply in replies if reply[0] == b"canceled"]
+        self._settled_here(records, [r[b"id"].decode() for r in records if r.get(b"announce") == b"1"])
+        return [reply[0].decode() for reply in replies]
+
+    def _settled_here(self, records: list[dict], announce: list[str]) -> None:
+        """Jobs a script settled outside FINISH (canceled, past their deadline): copy them to the cache
+        role (shared/retention.py) and make their events."""
+        if self.split:
+            copy_settled(self.cache, records, self.job_result_ttl_s)
+        self._announce(announce)
 
     def finish(self, comp: Computation, result: dict, picture: Picture = None) -> list[str]:
         """Store the result (and the overlay's picture) and mark every attached job done; return their ids."""

@@ -3,8 +3,14 @@
 - ``SUBMIT``: answer an upload from the cache, attach it to the identical computation in flight, or
   start a new computation (job record, upload, single-flight keys, queued-bytes bound), in one step.
 - ``CLAIM``: a worker starts a computation: its jobs running (those that asked for ``job.started``
-  listed for the announcer), its owner, one more attempt.
-- ``FINISH``: settle every attached job of a computation (done with its result, or failed), keep the
+  listed for the announcer), its owner, one more attempt. Queued jobs past their deadline fail
+  ``deadline_exceeded`` there; a computation no job waits for any more (all canceled or expired) is
+  skipped: its bookkeeping released as FINISH would, no owner, no attempt.
+- ``CANCEL``: a queued or running job ends ``canceled`` and leaves its computation's attached list.
+- ``DROP_UNWAITED``: the sweeper's step before sending a computation again: fail its queued jobs past
+  their deadline and, when none waits any more, release it rather than send it.
+- ``FINISH``: settle every attached job of a computation not settled yet (done with its result, or
+  failed; a canceled or expired one keeps its status), keep the
   result (the first written stands), and release the single-flight and queued-bytes bookkeeping.
 - ``RECONCILE_QUEUED_BYTES``: the sweeper's recount of the uploads waiting for workers.
 
@@ -33,6 +39,8 @@ local given, split, max_bytes = ARGV[19], ARGV[20] == '1', tonumber(ARGV[21])
 -- still hold, ARGV[23..25]: the answer to store over it when cached (200) or queued (202), its TTL.
 -- The job and its key's answer are written in this one step, or neither is.
 local key_name = KEYS[14]
+-- a job submitted before its image (image_url) and canceled while its image was fetched stays canceled
+if redis.call('HGET', job, 'status') == 'canceled' then return {'canceled', ''} end
 if key_name ~= '-' and redis.call('GET', key_name) ~= ARGV[22] then
   return {'key_lost', ''}  -- its lease ran out and another request holds the key now
 end
@@ -127,33 +135,125 @@ redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
 return {'new', image_json}
 """
 
-# KEYS: computations, owner, attached, result, image, attempts, started. ARGV: suffix, deadline, owner,
-# owner TTL, job key prefix, now, attempts TTL. Returns {already done, the upload's bytes, attempt,
-# the jobs that asked for a job.started event (also listed in ``started`` until their event exists)}.
-# Only a computation still in flight (jobs attached, no result yet) gets an owner and counts an
-# attempt: a late copy of a finished computation's message changes nothing (attempt 0), so it
-# cannot recreate ``attempts:`` for the next upload of the same image.
-CLAIM = """
-redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
-local done = redis.call('EXISTS', KEYS[4]) == 1
-local attempt = 0
-local started = {}
-if not done and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-  for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-    local job = ARGV[5] .. id
-    if redis.call('HGET', job, 'status') == 'queued' then
-      redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[6])
-      if redis.call('HGET', job, 'announce_started') == '1' then
-        table.insert(started, id)
-        redis.call('ZADD', KEYS[7], redis.call('TIME')[1], id)
-      end
+# Settle one job as a script does when it ends it here (CLAIM: past its deadline; CANCEL): wake its
+# waiters, list it for its events when someone awaits them, and shorten its life on this server
+# (shared/retention.py). Returns its hash, for the caller to copy to the cache role.
+_SETTLE_JOB = """
+local function settle_job(job, id, notify, announce_key, settled_ttl, awaited_ttl, status)
+  redis.call('RPUSH', notify, status)
+  redis.call('EXPIRE', notify, 30)
+  local awaited = redis.call('HGET', job, 'announce') == '1'
+  if awaited then redis.call('ZADD', announce_key, redis.call('TIME')[1], id) end
+  redis.call('EXPIRE', job, awaited and awaited_ttl or settled_ttl)
+  return redis.call('HGETALL', job)
+end
+"""
+
+# Release a computation's single-flight and queued-bytes bookkeeping, as FINISH does when it ends.
+# KEYS of the caller, in its own order: inflight, attached, image, attempts, owner, meta,
+# computations, queued:bytes, queued:sizes.
+_RELEASE = """
+local function release(inflight, attached, image, attempts, owner, meta, computations, qbytes, qsizes, suffix)
+  redis.call('DEL', inflight, attached, image, attempts, owner, meta)
+  local size = redis.call('HGET', qsizes, suffix)
+  if size then
+    redis.call('HDEL', qsizes, suffix)
+    redis.call('DECRBY', qbytes, size)
+  end
+  redis.call('ZREM', computations, suffix)
+end
+"""
+
+# Fail the queued jobs of a computation whose deadline passed (they leave its attached list) and
+# return the ids of those still waiting for it (queued or running). ARGV of the caller, from ``at``:
+# now (unix seconds), the deadline_exceeded error JSON, notify key prefix, how long a settled job
+# stays here, how long one whose events are not made yet stays. Appends the failed jobs awaiting
+# events to ``announce`` and every failed job's hash to ``records``.
+_EXPIRE_LATE = _SETTLE_JOB + """
+local function expire_late(attached, announce_key, prefix, now_iso, at, announce, records)
+  local now, err, notify = tonumber(ARGV[at]), ARGV[at + 1], ARGV[at + 2]
+  local waiting = {}
+  for _, id in ipairs(redis.call('LRANGE', attached, 0, -1)) do
+    local job = prefix .. id
+    local status = redis.call('HGET', job, 'status')
+    local by = tonumber(redis.call('HGET', job, 'deadline') or '')
+    if status == 'queued' and by and by < now then
+      redis.call('HSET', job, 'status', 'failed', 'finished_at', now_iso, 'error', err)
+      redis.call('LREM', attached, 0, id)
+      table.insert(records, settle_job(job, id, notify .. id, announce_key, ARGV[at + 3], ARGV[at + 4], 'failed'))
+      if redis.call('HGET', job, 'announce') == '1' then table.insert(announce, id) end
+    elseif status == 'queued' or status == 'running' then
+      table.insert(waiting, id)
     end
   end
-  attempt = redis.call('INCR', KEYS[6])
-  redis.call('EXPIRE', KEYS[6], ARGV[7])
+  return waiting
 end
-return {done and 1 or 0, redis.call('GET', KEYS[5]) or false, attempt, started}
+"""
+
+# KEYS: computations, owner, attached, result, image, attempts, started, inflight, queued:bytes,
+# queued:sizes, announce, meta. ARGV: suffix, deadline, owner, owner TTL, job key prefix, now, attempts
+# TTL, then from ARGV[8] what expire_late reads (now in unix seconds, the deadline_exceeded error
+# JSON, notify key prefix, the two TTLs of a settled job).
+# Returns {already done, the upload's bytes, attempt, the jobs that asked for a job.started event
+# (also listed in ``started`` until their event exists), skipped, the jobs failed past their
+# deadline that await events, those jobs' hashes (flat)}.
+# Only a computation still in flight (jobs waiting, no result yet) gets an owner and counts an
+# attempt: a late copy of a finished computation's message changes nothing (attempt 0), so it
+# cannot recreate ``attempts:`` for the next upload of the same image. A queued job whose deadline
+# passed fails ``deadline_exceeded`` and leaves the computation; one that nobody waits for any more
+# (its jobs canceled or expired) is skipped (1): released, never computed.
+CLAIM = _EXPIRE_LATE + _RELEASE + """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+local started, announce, records = {}, {}, {}
+if redis.call('EXISTS', KEYS[4]) == 1 then return {1, redis.call('GET', KEYS[5]) or false, 0, started, 0, announce, records} end
+local waiting = expire_late(KEYS[3], KEYS[11], ARGV[5], ARGV[6], 8, announce, records)
+if #waiting == 0 then
+  release(KEYS[8], KEYS[3], KEYS[5], KEYS[6], KEYS[2], KEYS[12], KEYS[1], KEYS[9], KEYS[10], ARGV[1])
+  return {0, false, 0, started, 1, announce, records}
+end
+for _, id in ipairs(waiting) do
+  local job = ARGV[5] .. id
+  if redis.call('HGET', job, 'status') == 'queued' then
+    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[6])
+    if redis.call('HGET', job, 'announce_started') == '1' then
+      table.insert(started, id)
+      redis.call('ZADD', KEYS[7], redis.call('TIME')[1], id)
+    end
+  end
+end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+local attempt = redis.call('INCR', KEYS[6])
+redis.call('EXPIRE', KEYS[6], ARGV[7])
+return {0, redis.call('GET', KEYS[5]) or false, attempt, started, 0, announce, records}
+"""
+
+# The sweeper's check before it sends a computation again: KEYS and ARGV as CLAIM's (ARGV[2..4] and
+# ARGV[7] unused). Fails the queued jobs past their deadline; when no job waits any more, releases
+# the computation instead of having it sent. Returns {released (1/0), the failed jobs awaiting
+# events, the failed jobs' hashes}.
+DROP_UNWAITED = _EXPIRE_LATE + _RELEASE + """
+local announce, records = {}, {}
+local waiting = expire_late(KEYS[3], KEYS[11], ARGV[5], ARGV[6], 8, announce, records)
+if #waiting > 0 or redis.call('EXISTS', KEYS[4]) == 1 then return {0, announce, records} end
+release(KEYS[8], KEYS[3], KEYS[5], KEYS[6], KEYS[2], KEYS[12], KEYS[1], KEYS[9], KEYS[10], ARGV[1])
+return {1, announce, records}
+"""
+
+# KEYS: job, attached ('-': its image is not submitted yet), announce, notify. ARGV: job id, now, how
+# long a settled job stays here, how long one whose events are not made yet stays.
+# A queued or running job ends ``canceled`` and leaves its computation (which goes on for the jobs
+# still attached; CLAIM skips one nobody waits for). Returns {'canceled', its hash (flat)}; or
+# {'already'} (canceled before), {'settled'} (done or failed: nothing changes), {'missing'} (not on
+# this server: settled long enough ago to live on the cache role alone, or gone).
+CANCEL = _SETTLE_JOB + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if status == 'canceled' then return {'already'} end
+if status ~= 'queued' and status ~= 'running' then return {'settled'} end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'fetch')  -- an image_url job: its download, if still to come, is skipped
+if KEYS[2] ~= '-' then redis.call('LREM', KEYS[2], 0, ARGV[1]) end
+return {'canceled', settle_job(KEYS[1], ARGV[1], KEYS[4], KEYS[3], ARGV[3], ARGV[4], 'canceled')}
 """
 
 FINISH = """
@@ -198,7 +298,8 @@ local announce = {}  -- jobs with a webhook endpoint or a batch to tell
 local records = {}
 for _, id in ipairs(ids) do
   local job = job_prefix .. id
-  if redis.call('EXISTS', job) == 1 then
+  local was = redis.call('HGET', job, 'status')
+  if was == 'queued' or was == 'running' then  -- a canceled or expired job keeps its status
     if redis.call('HGET', job, 'announce') == '1' then
       table.insert(announce, id)
       redis.call('ZADD', KEYS[11], redis.call('TIME')[1], id)  -- until its events exist (Announcer)

@@ -14,6 +14,7 @@ class Claim:
     already_done: bool
     image: bytes | None
     attempt: int  # 1 on the first delivery; more after deliveries that crashed; 0: not in flight (not counted)
+    skipped: bool = False  # no job waits for it any more (canceled, or past its deadline): not computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class JobContext:
     batch_id: str | None = None
     webhook_events: tuple[str, ...] = ("completed",)  # of WEBHOOK_EVENTS: which events call back
     traceparent: str = ""  # the submit's trace (shared.tracing): the webhook attempts join it
+    deadline_at: float = 0.0  # unix seconds: not started by then, it fails deadline_exceeded; 0: none
 
     def fields(self) -> dict[str, str]:
         """Return the job-hash fields this context adds (``announce`` marks jobs someone awaits)."""
@@ -41,6 +43,8 @@ class JobContext:
                 fields["announce_started"] = "1"  # the claim lists it for a job.started event
         if self.traceparent:
             fields["traceparent"] = self.traceparent
+        if self.deadline_at:
+            fields["deadline"] = f"{self.deadline_at:.3f}"  # CLAIM compares it with the time it claims
         return fields
 
 

@@ -174,6 +174,7 @@ class Settings:
     # unless that server evicts it under memory pressure (shared/retention.py, docs/guarantees.md).
     job_result_ttl_s: int = 24 * 3600
     image_ttl_s: int = 3600
+    job_deadline_s: int = 0  # a job not started this long after acceptance fails deadline_exceeded; 0: none
     inflight_ttl_s: int = 3600
     visibility_timeout_s: int = 600  # a dead worker's unacked messages come back after this
     worker_devices: str = "auto"  # auto | cpu | 0,1,... (GPU indices): one child per device
@@ -261,6 +262,7 @@ class Settings:
             job_ttl_s=_int(env, "JOB_TTL_S", d.job_ttl_s, minimum=1),
             job_result_ttl_s=_int(env, "JOB_RESULT_TTL_S", d.job_result_ttl_s, minimum=60),
             image_ttl_s=_int(env, "IMAGE_TTL_S", d.image_ttl_s, minimum=1),
+            job_deadline_s=_int(env, "JOB_DEADLINE_S", d.job_deadline_s),
             inflight_ttl_s=_int(env, "INFLIGHT_TTL_S", d.inflight_ttl_s, minimum=1),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", d.visibility_timeout_s, minimum=1),
             worker_devices=_devices(env.get("WORKER_DEVICES", "").strip().lower() or d.worker_devices),

@@ -307,7 +307,7 @@ class Announcer:
                     # listed, and delivered, before this one
                     self.dispatch(self._started_event(job_id, fields))
                     after = f"msg_{job_id}_{STARTED_TAG}"
-                kind = "job.completed" if job["status"] == "done" else "job.failed"
+                kind = {"done": "job.completed", "canceled": "job.canceled"}.get(job["status"], "job.failed")
                 self.dispatch(self.events.create(kind, f"job:{job_id}", job["callback_url"], owner, job_text,
                                                  fields.get("traceparent", ""), after=after))
             batch_id = job["batch_id"]

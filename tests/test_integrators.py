@@ -147,7 +147,8 @@ def test_a_batch_finishes_with_one_signed_batch_completed_event(worker, webhook_
         payload = Webhook(key["webhook_secret"]).verify(call.body, call.headers)  # the key's own secret
         assert payload["type"] == "batch.completed" and payload["data"]["id"] == batch["id"]
         assert payload["data"]["status"] == "done"
-        assert payload["data"]["counts"] == {"total": 3, "queued": 0, "running": 0, "done": 2, "failed": 1}
+        assert payload["data"]["counts"] == {"total": 3, "queued": 0, "running": 0, "done": 2, "failed": 1,
+                                              "canceled": 0}
         time.sleep(1.5)
         assert len(receiver.received) == 1  # the batch calls back once, not once per job
     final = client.get(f"/api/v1/batches/{batch['id']}", headers=bearer(key)).get_json()

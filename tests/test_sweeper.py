@@ -1,8 +1,10 @@
 """A computation whose message was lost is found by the sweeper and completed; no duplicates."""
 import dataclasses
+import time
 
 import pytest
 
+from shared.jobtypes import JobContext
 from shared.keys import COMPUTATIONS_KEY, Computation, OutputOptions, image_digest
 from tests import images
 from tests.conftest import wait_done
@@ -12,12 +14,13 @@ pytestmark = pytest.mark.integration
 MODEL = {"name": "efficientnet-lite0", "version": "1.0.0-57934424"}
 
 
-def _lost_computation(app, seed: int):
+def _lost_computation(app, seed: int, context: JobContext = JobContext()):
     """Accept a job the way the web tier does, but never send its task (a lost message)."""
     store = app.extensions["imgsvc"].store
     data = images.noise_png(seed=seed)
     comp = Computation(MODEL["name"], MODEL["version"], image_digest(data), OutputOptions())
-    sub = store.submit(comp, MODEL, data, {"sha256": comp.sha256, "format": "PNG", "width": 64, "height": 48})
+    sub = store.submit(comp, MODEL, data, {"sha256": comp.sha256, "format": "PNG", "width": 64, "height": 48},
+                       context=context)
     assert sub.outcome == "new"
     return comp, sub.job_id
 
@@ -59,3 +62,14 @@ def test_only_one_sweeper_runs_a_round(app, settings, redis_client):
     first.sweep()
     assert not any(second.sweep().values())
     assert redis_client.get(LOCK_KEY) == b"test-sweeper"
+
+
+def test_a_lost_computation_whose_jobs_all_passed_their_deadline_is_not_sent_again(app, client, settings,
+                                                                                   redis_client):
+    comp, job_id = _lost_computation(app, seed=9300, context=JobContext(deadline_at=time.time() - 1))
+    redis_client.zadd(COMPUTATIONS_KEY, {comp.suffix: 0})  # overdue now
+    counts = _sweeper(app, settings, redis_client).sweep()
+    assert (counts["unwaited"], counts["requeued"]) == (1, 0)
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert (job["status"], job["error"]["code"]) == ("failed", "deadline_exceeded")
+    assert redis_client.zscore(COMPUTATIONS_KEY, comp.suffix) is None and not redis_client.exists(comp.inflight_key)

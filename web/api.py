@@ -8,7 +8,7 @@ import time
 import redis
 from flask import Blueprint, current_app, jsonify, request
 
-from shared.errors import BadRequest, Expired, NotFound
+from shared.errors import AlreadySettled, BadRequest, Expired, NotFound
 from shared.keys import WORKERS_KEY, image_digest
 from shared.retention import issued_at
 from web import auth, byurl, heatmaps
@@ -137,8 +137,24 @@ def job_or_404(job_id: str) -> str:
     return job
 
 
+SETTLED = ("done", "failed", "canceled")
+
+
 def _settled(job_json: str) -> bool:
-    return json.loads(job_json)["status"] in ("done", "failed")
+    return json.loads(job_json)["status"] in SETTLED
+
+
+@bp.post("/api/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    """End a queued or running job ``canceled`` (its webhook says ``job.canceled``); a second cancel
+    answers the same; a job already done or failed is 409 ``already_settled`` and stays as it is."""
+    job_or_404(job_id)
+    services().store.cancel([job_id])
+    job = job_or_404(job_id)
+    status = json.loads(job)["status"]
+    if status != "canceled":
+        raise AlreadySettled(f"Job {job_id} is already {status}; only a queued or running job can be canceled.")
+    return json_response(job)
 
 
 @bp.get("/api/v1/jobs/<job_id>")

@@ -1,13 +1,14 @@
 """Batches: several images in one request, one ``batch.completed`` event when all are finished."""
 from __future__ import annotations
 
+import json
 import logging
 
 import redis
 from flask import Blueprint, g, request
 
 from shared.batches import new_batch_id
-from shared.errors import BadRequest, NotFound, ServiceError
+from shared.errors import AlreadySettled, BadRequest, NotFound, ServiceError
 from shared.jobs import JobContext, new_job_id
 from shared.keys import image_digest
 from web import auth
@@ -45,7 +46,8 @@ def create_batch():
         ensure_capacity(order.card.name, sum(len(data) for data in images), len(images))  # once for the batch: it is accepted whole or refused whole
         batch_id, job_ids = new_batch_id(), [new_job_id() for _ in images]
         svc.batches.create(batch_id, job_ids, auth.owner(), order.callback_url)
-        context = JobContext(auth.owner(), None, batch_id)  # the batch, not each job, calls back
+        # the batch, not each job, calls back; each job has the batch's deadline
+        context = JobContext(auth.owner(), None, batch_id, deadline_at=order.deadline_at())
         try:
             for data, sha, info, job_id in zip(images, digests, infos, job_ids):
                 accept(data, order, context, sha=sha, info=info, job_id=job_id, check_capacity=False)
@@ -90,6 +92,21 @@ def batch_or_404(batch_id: str) -> str:
 
 def _valid(batch_id: str) -> bool:
     return len(batch_id) == 31 and batch_id.startswith("b") and all(c in "0123456789abcdef" for c in batch_id[1:])
+
+
+@bp.post("/api/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    """Cancel every job of the batch still queued or running (one round trip); answer the batch. A
+    batch whose jobs had all settled with none canceled is 409 ``already_settled``."""
+    svc = services()
+    fields = svc.batches.fields(batch_id, owner=auth.owner()) if _valid(batch_id) else None
+    if fields is None:
+        raise NotFound(f"No batch with id {batch_id!r} (it may have expired).")
+    svc.store.cancel(json.loads(fields["job_ids"]))
+    batch = batch_or_404(batch_id)
+    if json.loads(batch)["counts"]["canceled"] == 0:
+        raise AlreadySettled(f"Every job of batch {batch_id} had already settled; none was canceled.")
+    return json_response(batch)
 
 
 @bp.get("/api/v1/batches/<batch_id>")

@@ -30,7 +30,7 @@ def list_deliveries(job_id: str):
 def redeliver(job_id: str):
     """Send the job's event again now (same webhook-id and body), whatever became of it before."""
     job = json.loads(job_or_404(job_id))
-    if job["status"] not in ("done", "failed"):
+    if job["status"] not in ("done", "failed", "canceled"):
         raise NotSettled(f"Job {job_id} is {job['status']}; its event is sent when it finishes.")
     svc = services()
     events = svc.events.for_subject(f"job:{job_id}")

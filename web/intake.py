@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 
 import redis
@@ -28,6 +29,9 @@ from web.upload import ImageInfo, inspect_image
 log = logging.getLogger(__name__)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 MAX_TOP_K = 20
+MAX_DEADLINE_S = 7 * 24 * 3600  # as long as a job in flight is kept (JOB_TTL_S's default)
+# Replicate's Cancel-After: a duration such as 30s, 5m, 1h30m (or plain seconds)
+_DURATION = re.compile(r"(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,9}(?:\.\d{1,3})?)s)?")
 
 
 def services():
@@ -64,15 +68,22 @@ class Order:
     options: OutputOptions
     callback_url: str | None
     webhook_events: tuple[str, ...] = ("completed",)
+    deadline_s: float = 0.0  # seconds from acceptance to start it by; 0: none
 
     def fingerprint(self, *image_digests: str) -> str:
         events = () if self.webhook_events == ("completed",) else self.webhook_events  # as before the option
+        deadline = (f"deadline={self.deadline_s:g}",) if self.deadline_s else ()  # as before the option
         return fingerprint(self.card.name, self.card.version, self.options.to_dict(), self.callback_url,
-                           image_digests, *events)
+                           image_digests, *events, *deadline)
+
+    def deadline_at(self) -> float:
+        """When a job accepted now must have started (unix seconds); 0: no deadline."""
+        return time.time() + self.deadline_s if self.deadline_s else 0.0
 
     def context(self, owner: str) -> JobContext:
-        """Who submits the job and whom it calls back, for which events."""
-        return JobContext(owner, self.callback_url, webhook_events=self.webhook_events)
+        """Who submits the job, whom it calls back for which events, and by when it must start."""
+        return JobContext(owner, self.callback_url, webhook_events=self.webhook_events,
+                          deadline_at=self.deadline_at())
 
 
 def parse_order(values) -> Order:
@@ -88,7 +99,30 @@ def parse_order(values) -> Order:
     if callback_url:
         callback_url = check_callback(callback_url)
     events = parse_webhook_events(values.get("webhook_events", ""), callback_url)
-    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url, events)
+    return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url, events,
+                 parse_deadline(values))
+
+
+def parse_deadline(values) -> float:
+    """Read ``deadline_s`` (seconds), else a ``Cancel-After`` header (Replicate's: ``30s``, ``5m``,
+    ``1h30m``), else JOB_DEADLINE_S; 0 asks for none."""
+    raw = values.get("deadline_s", "").strip()
+    if raw:
+        return number_option(values, "deadline_s", "0", float, 0, MAX_DEADLINE_S)
+    header = request.headers.get("Cancel-After", "").strip().lower()
+    if not header:
+        return float(services().settings.job_deadline_s)
+    match = _DURATION.fullmatch(header)
+    if re.fullmatch(r"\d{1,9}(?:\.\d{1,3})?", header):
+        seconds = float(header)
+    elif match and any(match.groups()):
+        hours, minutes, secs = (float(part or 0) for part in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    else:
+        raise InvalidOption(f"Cancel-After must be a duration such as 30s, 5m or 1h30m, got {header!r}.")
+    if seconds > MAX_DEADLINE_S:
+        raise InvalidOption(f"Cancel-After may be at most {MAX_DEADLINE_S} s, got {header!r}.")
+    return seconds
 
 
 def parse_webhook_events(raw: str, callback_url: str | None) -> tuple[str, ...]:

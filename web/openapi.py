@@ -80,7 +80,9 @@ ERROR_RESPONSES = {
                         "webhook carried its result).", {}),
     "409": ("Conflict", "Conflict with the resource's state. Codes: `conflict`, `idempotency_in_progress` "
                         "(a request with this Idempotency-Key is still being processed), `not_settled` "
-                        "(the job is not done or failed yet), `no_callback` (no callback URL).",
+                        "(the job is not done or failed yet), `no_callback` (no callback URL), `already_settled` "
+                        "(a cancel of a job already done or failed, or of a batch whose jobs all were: "
+                        "nothing changes).",
             {"Retry-After": header("With `idempotency_in_progress`: seconds until the first request's claim "
                                    "lapses (IDEMPOTENCY_LEASE_S) at most; retry then.",
                                    {"type": "string", "pattern": "^[0-9]+$"})}),
@@ -110,7 +112,9 @@ def error_responses() -> dict:
 def job_schemas() -> dict:
     """Schemas of a job and its parts."""
     return {
-        "JobStatus": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+        "JobStatus": {"type": "string", "enum": ["queued", "running", "done", "failed", "canceled"],
+                      "description": "canceled: by its owner (POST .../cancel); every status but queued "
+                                     "and running is final"},
         "ImageInfo": {"type": "object", "required": ["sha256", "format", "width", "height"], "properties": {
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
             "format": {"type": "string", "enum": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]},
@@ -165,7 +169,8 @@ def job_schemas() -> dict:
                                              "inference_failed, worker_crashed, timeout, image_expired, "
                                              "model_version_unavailable, result_expired, fetch_failed "
                                              "(the image_url could not be fetched, or is not an image: "
-                                             "the message says why)"}}},
+                                             "the message says why), deadline_exceeded (not started by "
+                                             "its deadline: never computed)"}}},
     }
 
 
@@ -189,8 +194,9 @@ def batch_and_delivery_schemas() -> dict:
                    "status_code": {"type": ["integer", "null"]}, "duration_ms": {"type": "number"},
                    "error": {"type": ["string", "null"]}, "ok": {"type": "boolean"}}}
     return {
-        "BatchCounts": {"type": "object", "required": ["total", "queued", "running", "done", "failed"],
-                        "properties": dict.fromkeys(("total", "queued", "running", "done", "failed"), count)},
+        "BatchCounts": {"type": "object", "required": ["total", "queued", "running", "done", "failed", "canceled"],
+                        "properties": dict.fromkeys(("total", "queued", "running", "done", "failed", "canceled"),
+                                                    count)},
         "Batch": {"type": "object",
                   "required": ["id", "status", "created_at", "finished_at", "callback_url", "counts", "jobs"],
                   "properties": {
@@ -263,14 +269,24 @@ def option_fields() -> dict:
         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 5},
         "gradcam": {"type": "boolean", "default": True},
         "callback_url": {"type": "string", "format": "uri", "description":
-                         "https URL to POST signed job.completed / job.failed webhooks to "
+                         "https URL to POST signed job.completed / job.failed / job.canceled webhooks to "
                          "(Standard Webhooks)."},
         "webhook_events": {"type": "string", "pattern": "^(started|completed)(,(started|completed))?$",
                            "default": "completed", "description":
                            "which events call callback_url back: `started` (job.started, when a worker "
-                           "claims the job), `completed` (job.completed or job.failed); comma-separated. "
-                           "A job's events arrive in order. Needs a callback_url."},
+                           "claims the job), `completed` (job.completed, job.failed or job.canceled); "
+                           "comma-separated. A job's events arrive in order. Needs a callback_url."},
+        "deadline_s": {"type": "number", "minimum": 0, "maximum": 7 * 24 * 3600, "description":
+                       "seconds from acceptance: a job not started by then ends `failed` with "
+                       "`deadline_exceeded`, never computed (one already running finishes); 0: none, "
+                       "even where the server sets JOB_DEADLINE_S. Or the Cancel-After header."},
     }
+
+
+CANCEL_AFTER = {"name": "Cancel-After", "in": "header", "required": False, "schema": {"type": "string"},
+                "examples": {"seconds": {"value": "30s"}, "minutes": {"value": "5m"}},
+                "description": "Replicate's convention: a duration (`30s`, `5m`, `1h30m`, or plain seconds) "
+                               "used as deadline_s when the request has no deadline_s field."}
 
 
 def image_url_field() -> dict:
@@ -302,7 +318,7 @@ def job_paths(settings: Settings) -> dict:
         "/api/v1/jobs": {"post": {
             "operationId": "submitJob", "tags": ["jobs"], "summary": "Submit an image",
             "security": API_KEY,
-            "parameters": [param("IdempotencyKey"), PREFER_WAIT, *query],
+            "parameters": [param("IdempotencyKey"), PREFER_WAIT, CANCEL_AFTER, *query],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": multipart,
                                         "encoding": {"image": {"contentType": IMAGE_TYPES}}},
@@ -333,6 +349,14 @@ def job_paths(settings: Settings) -> dict:
                 "Retry-After": header("With Wait-Skipped: seconds before polling again.",
                                       {"type": "string", "pattern": "^[0-9]+$"})}},
                           **errors("401", "404", "422", "429", "503")}}},
+        "/api/v1/jobs/{job_id}/cancel": {"post": {
+            "operationId": "cancelJob", "tags": ["jobs"], "summary": "Cancel a queued or running job",
+            "description": "The job ends `canceled` at once and fires `job.canceled` where it has a callback; "
+                           "a queued one is never computed for it (identical jobs sharing its computation "
+                           "still get their result). Cancelling a canceled job answers the same again.",
+            "security": API_KEY, "parameters": [param("JobId")],
+            "responses": {"200": {"description": "The job, canceled.", "content": json_body(ref("Job"))},
+                          **errors("401", "404", "409", "429", "503")}}},
         "/api/v1/jobs/{job_id}/gradcam.png": {"get": {
             "operationId": "getGradcam", "tags": ["jobs"], "summary": "The GradCAM heatmap over the image",
             "security": API_KEY, "parameters": [param("JobId")],
@@ -375,12 +399,19 @@ def batch_paths(settings: Settings) -> dict:
         "/api/v1/batches": {"post": {
             "operationId": "submitBatch", "tags": ["batches"], "summary": "Submit several images at once",
             "description": "The options apply to every image. One refused image refuses the whole batch.",
-            "security": API_KEY, "parameters": [param("IdempotencyKey")],
+            "security": API_KEY, "parameters": [param("IdempotencyKey"), CANCEL_AFTER],
             "requestBody": {"required": True, "content": {"multipart/form-data": {
                 "schema": form, "encoding": {"image": {"contentType": IMAGE_TYPES}}}}},
             "responses": {"202": {"description": "Accepted.", "content": json_body(ref("Batch")),
                                   "headers": {"Location": LOCATION, "Idempotent-Replayed": REPLAYED}},
                           **errors("400", "401", "409", "413", "415", "422", "429", "503")}}},
+        "/api/v1/batches/{batch_id}/cancel": {"post": {
+            "operationId": "cancelBatch", "tags": ["batches"], "summary": "Cancel a batch's unsettled jobs",
+            "description": "Every job still queued or running ends `canceled`; `batch.completed` counts them.",
+            "security": API_KEY,
+            "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": BATCH_ID}],
+            "responses": {"200": {"description": "The batch.", "content": json_body(ref("Batch"))},
+                          **errors("401", "404", "409", "429", "503")}}},
         "/api/v1/batches/{batch_id}": {"get": {
             "operationId": "getBatch", "tags": ["batches"], "summary": "Read a batch and its jobs",
             "security": API_KEY,

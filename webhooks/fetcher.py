@@ -72,10 +72,12 @@ class ImageFetcher:
         events = tuple(fields.get("webhook_events", "completed").split(","))
         traceparent = fields.get("traceparent", "")  # the submit's trace: the worker's spans join it
         context = JobContext(fields.get("owner", ""), fields.get("callback_url"), webhook_events=events,
-                             traceparent=traceparent)
+                             traceparent=traceparent, deadline_at=float(fields.get("deadline") or 0))
         submission = self.store.submit(comp, model, data, info.to_dict(sha), context=context, job_id=job_id,
                                        queue=inference_queue(comp.model),
                                        count=stats.SubmissionCount(comp.model, time.time()))
+        if submission.outcome == "canceled":  # canceled while its image was fetched: it stays so
+            return "canceled"
         if submission.outcome not in ("cached", "attached", "new"):  # no bound is passed: cannot happen
             raise Overloaded(f"the image of job {job_id} was not accepted: {submission.outcome}")
         self.fetches.joined(job_id, fields["created_at"], done=submission.outcome == "cached")

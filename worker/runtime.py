@@ -198,6 +198,9 @@ class Runtime:
         outcomes: dict[int, str] = {}
         runnable: list[tuple[int, Pending, bytes, int]] = []
         for index, (pending, claim) in enumerate(zip(batch, claims)):
+            if claim.skipped:  # its jobs were canceled or passed their deadline: no forward pass
+                outcomes[index] = "skipped"  # acknowledged with the rest of its batch
+                continue
             if claim.already_done:
                 outcomes[index] = "already_done"  # a redelivered message whose result was written
                 continue

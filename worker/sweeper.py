@@ -13,7 +13,9 @@ claims it pushes the deadline out and names itself owner; finishing removes it. 
 - past its deadline, its message still waiting in the queue, or taken from it moments ago (a
   backlog, not a loss): more time, and no second message, no attempt counted;
 - past its deadline and its message nowhere (lost between a pop and its bookkeeping): enqueued
-  again if its bytes are there, else failed with ``image_expired``.
+  again if its bytes are there, else failed with ``image_expired``; but first its queued jobs past
+  their own deadline (``deadline_s``) fail ``deadline_exceeded``, and one no job waits for any more
+  is released, not sent.
 
 Enqueuing again is safe: tasks are idempotent, so a duplicate costs a lookup.
 
@@ -77,7 +79,7 @@ class Sweeper:
     def sweep(self) -> dict[str, int]:
         """Handle every computation in flight once; return how many got each treatment."""
         counts = {"extended": 0, "waiting": 0, "requeued": 0, "orphaned": 0, "expired": 0, "gone": 0,
-                  "restored": 0}
+                  "restored": 0, "unwaited": 0}
         if not self.client.set(LOCK_KEY, self.name, nx=True, ex=self.settings.sweep_interval_s):
             return counts  # another worker sweeps this round
         now = time.time()
@@ -126,7 +128,11 @@ class Sweeper:
         return treatment
 
     def _enqueue_again(self, comp: Computation, has_image: bool, now: float, treatment: str) -> str:
-        """Send the computation's task again, or fail its jobs when its bytes are gone."""
+        """Send the computation's task again, or fail its jobs when its bytes are gone; one whose jobs
+        all passed their deadline (or were canceled) is not sent: they fail ``deadline_exceeded``."""
+        if self.store.drop_unwaited(comp):
+            log.info("computation %s: no job waits for it any more; not sent again", comp.suffix)
+            return "unwaited"
         if not has_image:
             self.store.fail(comp, ImageExpired("The uploaded image expired before a worker finished it.").to_dict())
             return "expired"

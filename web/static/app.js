@@ -18,7 +18,8 @@
     queued: "queued",
     running: "running",
     done: "done",
-    failed: "failed"
+    failed: "failed",
+    canceled: "canceled"
   };
 
   var controls = document.getElementById("controls");
@@ -147,6 +148,13 @@
     this.cacheBadge.hidden = true;
     badges.appendChild(this.cacheBadge);
     badges.appendChild(this.statusBadge);
+    // Shown while the job is queued or running: POST .../cancel ends it "canceled".
+    this.cancelButton = el("button", "cancel-job", "Cancel");
+    this.cancelButton.type = "button";
+    this.cancelButton.hidden = true;
+    this.cancelButton.setAttribute("aria-label", "Cancel the job of " + this.name);
+    this.cancelButton.addEventListener("click", this.cancel.bind(this));
+    badges.appendChild(this.cancelButton);
     header.appendChild(name);
     header.appendChild(badges);
     root.appendChild(header);
@@ -201,6 +209,7 @@
       announce(this.name + ": " + text);
     }
     this.status = status;
+    this.cancelButton.hidden = !(this.jobId !== null && (status === "queued" || status === "running"));
     this.root.setAttribute("data-status", text);
     this.statusBadge.textContent = text;
     this.statusBadge.className = "badge status status-" + text.replace(/[^a-z]/g, "");
@@ -272,6 +281,13 @@
     } else if (status === "failed") {
       var err = job.error || {};
       this.fail(err.code, err.message);
+    } else if (status === "canceled") {
+      this.finished = true;
+      this.stopPolling();
+      this.setStatus("canceled");
+      this.updateElapsed(true);
+      this.body.textContent = "";
+      this.body.appendChild(el("p", "canceled-note", "Canceled: this job will not be computed for you."));
     } else if (status === "queued" || status === "running") {
       this.setStatus(status);
       this.updateElapsed(false);
@@ -537,6 +553,35 @@
           return;
         }
         self.pollFailed("network_error", "Could not reach the server: " + (error && error.message ? error.message : "request failed"));
+      });
+  };
+
+  // Cancel the job; a job that settled meanwhile (409 already_settled) is shown as it settled.
+  Card.prototype.cancel = function () {
+    var self = this;
+    if (self.finished || self.jobId === null) {
+      return;
+    }
+    self.cancelButton.disabled = true;
+    fetch(JOBS_URL + "/" + encodeURIComponent(self.jobId) + "/cancel",
+          { method: "POST", headers: { "Accept": "application/json" }, cache: "no-store" })
+      .then(function (response) {
+        return readBody(response).then(function (body) {
+          self.cancelButton.disabled = false;
+          if (response.ok && body.json && typeof body.json === "object") {
+            self.applyJob(body.json);
+          } else if (response.status === 409) {
+            self.stopPolling();
+            self.poll();
+          } else {
+            var err = describeError(response.status, body, response.headers.get("Retry-After"));
+            announce(self.name + ": could not cancel: " + err.message);
+          }
+        });
+      })
+      .catch(function () {
+        self.cancelButton.disabled = false;
+        announce(self.name + ": could not cancel: the server did not answer.");
       });
   };
 
