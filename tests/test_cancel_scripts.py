@@ -6,6 +6,7 @@ import pytest
 
 from shared.jobs import Claim, JobStore
 from shared.jobtypes import JobContext
+from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.keys import ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, Computation, OutputOptions
 
 MODEL = {"name": "m", "version": "1"}
@@ -39,7 +40,8 @@ def test_a_canceled_queued_job_is_skipped_at_claim_and_its_bookkeeping_released(
     comp = _comp("1" * 64)
     before = int(redis_client.get(QUEUED_BYTES_KEY) or 0)
     job_id = _submit(store, comp)
-    assert int(redis_client.get(QUEUED_BYTES_KEY)) == before + 3
+    # its 3-byte upload, its message and bookkeeping, its job record
+    assert int(redis_client.get(QUEUED_BYTES_KEY)) == before + 3 + WAITING_COMPUTATION_BYTES + WAITING_JOB_BYTES
     assert store.cancel([job_id]) == ["canceled"]
     assert store.get(job_id)["status"] == "canceled" and store.get(job_id)["finished_at"]
     assert redis_client.lrange(f"notify:{job_id}", 0, -1) == [b"canceled"]  # long-polls wake up
