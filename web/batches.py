@@ -42,7 +42,7 @@ def create_batch():
 
     def create() -> Created:
         infos = [_inspect(number, data) for number, data in enumerate(images, 1)]
-        ensure_capacity(order.card.name, sum(len(data) for data in images))  # once for the batch: it is accepted whole or refused whole
+        ensure_capacity(order.card.name, sum(len(data) for data in images), len(images))  # once for the batch: it is accepted whole or refused whole
         batch_id, job_ids = new_batch_id(), [new_job_id() for _ in images]
         svc.batches.create(batch_id, job_ids, auth.owner(), order.callback_url)
         context = JobContext(auth.owner(), None, batch_id)  # the batch, not each job, calls back
