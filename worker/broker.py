@@ -110,7 +110,6 @@ class BatchReceiver:
         self.owner = owner  # this child's heartbeat name, recorded against every message it takes
         self.unacked, self.index = channel.unacked_key, channel.unacked_index_key
         self.queues = {}
-        self._channel = channel
         self._take = self.client.register_script(_TAKE)
         self._requeue = self.client.register_script(_REQUEUE)
 
@@ -122,15 +121,17 @@ class BatchReceiver:
             log.warning("broker transport %s is not plain Redis: batching takes no extra messages",
                         type(channel).__name__)
             return None
-        if list(channel.priority_steps) != list(PRIORITY_STEPS) or channel.sep != PRIORITY_SEP:
-            log.warning("broker priority_steps %s are not the lanes' %s: batching takes no extra messages",
-                        channel.priority_steps, list(PRIORITY_STEPS))
+        if getattr(channel, "sep", None) != PRIORITY_SEP:
+            log.warning("broker transport %s names priority lists otherwise: batching takes no extra messages",
+                        type(channel).__name__)
             return None
         return cls(channel, owner, bulk_share)
 
     def _lists(self, queue: str) -> list[str]:
+        """The queue's lists in the service's layout (shared.tasks: every step, whatever steps this
+        channel was configured with), the first served first."""
         if queue not in self.queues:
-            self.queues[queue] = [self._channel._q_for_pri(queue, p) for p in self._channel.priority_steps]
+            self.queues[queue] = priority_lists(queue)
         return self.queues[queue]
 
     def take(self, queue: str, limit: int) -> list[Pending]:
