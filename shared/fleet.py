@@ -107,8 +107,8 @@ def _enqueued_at(raw: bytes | None) -> float | None:
 # One round trip for the whole queue view: the depth and oldest message of each queue's priority lists
 # (kombu LPUSHes and consumers pop from the right, so each list's oldest is at index -1), and the live
 # children with their node, models and whether the node is draining, from the ``workers`` set and each
-# heartbeat. KEYS: the workers set, the webhook workers set, then every queue's priority lists. ARGV: the oldest live heartbeat
-# score, the heartbeat key prefix, the drain key prefix.
+# heartbeat. KEYS: the workers set, the webhook workers set, then every queue's priority lists.
+# ARGV: the oldest live heartbeat score, the heartbeat key prefix, the drain key prefix.
 _SNAPSHOT = """
 local children = {}
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do

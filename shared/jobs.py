@@ -25,7 +25,8 @@ from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY,
-                         QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY, Computation, job_key, notify_key, overlay_key_for_result, picture_key_for_result)
+                         QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY, Computation, job_key, notify_key,
+                         overlay_key_for_result, picture_key_for_result)
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class JobStore:
         (then ``overloaded``, nothing written) or the uploads waiting for workers would pass
         ``max_queued_bytes`` (``overloaded_bytes``), or ``share`` (the sender: ``key:<id>`` or
         ``addr:<address>``) already has ``max_share_depth`` computations in flight
-        (``overloaded_share``); a new computation counts against its ``share``. A job it writes is counted with ``count``, and
-        its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
+        (``overloaded_share``); a new computation counts against its ``share``. A job it writes is
+        counted with ``count``, and its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
         written) when that key no longer holds this request's claim. One round trip either way; the
         returned fields are what the script wrote, so the caller answers without reading the job back.
         """

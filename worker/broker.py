@@ -188,7 +188,7 @@ class BatchReceiver:
             pipe.execute()
 
     def requeue(self, queue: str, messages: list[tuple[str, bytes]] | list[Pending]) -> None:
-        """Put taken messages back at the head of ``queue``, for any consumer to take again."""
+        """Put taken messages back at the head of their priority lists of ``queue``, for any consumer to take again."""
         pairs = [(m.tag, m.raw) if isinstance(m, Pending) else m for m in messages]
         triples = [(tag, raw, message_step(json.loads(raw))) for tag, raw in pairs if tag is not None]
         if triples:
