@@ -14,7 +14,7 @@ QUEUED_BYTES_KEY = "queued:bytes"  # bytes of uploads waiting for a worker (MAX_
 QUEUED_SIZES_KEY = "queued:sizes"  # hash: suffix of each computation waiting -> its upload's bytes
 QUEUED_KEYS_KEY = "queued:keys"  # hash: suffix of each computation in flight -> its sender (key:<id>, addr:<address>)
 QUEUED_SHARES_KEY = "queued:shares"  # hash: sender -> its computations in flight (lane steps, per-key bound)
-TAKES_KEY = "takes"  # hash: inference queue -> batch takes so far (every BULK_SHARE-th starts with the bulk lane)
+TAKES_KEY = "takes"  # hash: inference queue -> batch takes so far (BULK_SHARE counts them)
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 

@@ -151,9 +151,10 @@ def test_interactive_work_goes_first_but_bulk_keeps_one_take_in_n(fair_app, take
         batch = receiver.take(inference_queue(MODEL), 2)
         receiver.ack_now(batch)
         lanes.append({lane_of(message_step(json.loads(p.raw))) for p in batch})
-    # The takes count per queue in Redis: every third starts with the bulk lane; the others serve
-    # interactive work while there is any, then what is left.
-    assert lanes == [{"interactive"}, {"interactive"}, {"bulk"}, {"interactive"}, {"bulk"}, {"bulk"}]
+    # The takes count per queue in Redis: every third takes half its batch from the bulk lane first;
+    # the others serve interactive work while there is any, then what is left.
+    assert lanes == [{"interactive"}, {"interactive"}, {"bulk", "interactive"}, {"bulk", "interactive"},
+                     {"bulk"}, {"bulk"}]
 
 
 def test_the_per_key_bound_refuses_that_keys_new_work_only(settings, cards_dir, tmp_path, redis_client):

@@ -274,8 +274,8 @@ def option_fields() -> dict:
                            "claims the job), `completed` (job.completed or job.failed); comma-separated. "
                            "A job's events arrive in order. Needs a callback_url."},
         "priority": {"type": "string", "enum": ["interactive", "bulk"], "description":
-                     "the lane: workers serve `interactive` work first, while `bulk` keeps a share (one batch "
-                     "in BULK_SHARE); inside a lane, callers with less work waiting go first. Default: "
+                     "the lane: workers serve `interactive` work first, while `bulk` keeps a share (half a "
+                     "batch in every BULK_SHARE); inside a lane, callers with less work waiting go first. Default: "
                      "`interactive` for a job, `bulk` for a batch's jobs."},
     }
 

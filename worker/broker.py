@@ -26,38 +26,39 @@ log = logging.getLogger(__name__)
 # KEYS: unacked hash, unacked index, taken-by hash, the takes counter hash, then the queue's lists in
 # kombu's priority order (the interactive lane's ARGV[6] lists, then the bulk lane's). ARGV: how many
 # to take, now, the taking child, the queue's name, BULK_SHARE, the interactive lane's list count.
-# Lists are emptied lowest step first, except on every BULK_SHARE-th take of the queue, which starts
-# with the bulk lane: bulk work keeps that share of the batches however much interactive work waits.
+# Lists are emptied lowest step first, except on every BULK_SHARE-th take of the queue, which first
+# takes up to half the batch from the bulk lane, then interactive work, then bulk again to fill it:
+# bulk work keeps that share however much interactive work waits, and an interactive job waiting is
+# still in the very next batch (unless interactive work alone fills the other half).
 # Each message is kept verbatim: the unacked entry is the JSON array [message, exchange, routing key].
 # The taken-by entry names the child that took it, so that the sweeper puts it back at once if that
 # child dies (kombu's own restore would wait for the visibility timeout).
 _TAKE = """
 local taken, limit, now, owner = {}, tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local share, split, order = tonumber(ARGV[5]), 4 + tonumber(ARGV[6]), {}
-local bulk_first = share > 0 and redis.call('HINCRBY', KEYS[4], ARGV[4], 1) % share == 0
-for i = 5, #KEYS do table.insert(order, KEYS[i]) end
-if bulk_first then
-  order = {}
-  for i = split + 1, #KEYS do table.insert(order, KEYS[i]) end
-  for i = 5, split do table.insert(order, KEYS[i]) end
-end
-for _, list in ipairs(order) do
-  while #taken < limit do
-    local raw = redis.call('RPOP', list)
-    if not raw then break end
-    local ok, message = pcall(cjson.decode, raw)
-    local properties = ok and type(message) == 'table' and message['properties']
-    local info = type(properties) == 'table' and properties['delivery_info']
-    if type(info) == 'table' and type(properties['delivery_tag']) == 'string' then
-      local tag = properties['delivery_tag']
-      redis.call('ZADD', KEYS[2], now, tag)
-      redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
-                 .. cjson.encode(info['routing_key']) .. ']')
-      redis.call('HSET', KEYS[3], tag, owner)
-    end  -- else unreadable: returned, never recorded, so the caller drops it for good
-    table.insert(taken, raw)
+local share, split = tonumber(ARGV[5]), 4 + tonumber(ARGV[6])
+local function drain(first, last, cap)
+  for i = first, last do
+    while #taken < cap do
+      local raw = redis.call('RPOP', KEYS[i])
+      if not raw then break end
+      local ok, message = pcall(cjson.decode, raw)
+      local properties = ok and type(message) == 'table' and message['properties']
+      local info = type(properties) == 'table' and properties['delivery_info']
+      if type(info) == 'table' and type(properties['delivery_tag']) == 'string' then
+        local tag = properties['delivery_tag']
+        redis.call('ZADD', KEYS[2], now, tag)
+        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
+                   .. cjson.encode(info['routing_key']) .. ']')
+        redis.call('HSET', KEYS[3], tag, owner)
+      end  -- else unreadable: returned, never recorded, so the caller drops it for good
+      table.insert(taken, raw)
+    end
   end
 end
+if share > 0 and redis.call('HINCRBY', KEYS[4], ARGV[4], 1) % share == 0 then
+  drain(split + 1, #KEYS, math.ceil(limit / 2))
+end
+drain(5, #KEYS, limit)
 return taken
 """
 
