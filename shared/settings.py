@@ -189,8 +189,8 @@ class Settings:
     stuck_after_s: int = 900  # a computation with no live owner this long is re-enqueued by the sweeper
     sweep_interval_s: int = 30
     max_queue_depth: int = 1000  # waiting tasks per model queue before new work gets 503; 0: no limit
-    max_queue_depth_per_key: int = 800  # computations in flight per API key (or address) before its new work gets 429; 0: no limit
-    bulk_share: int = 4  # one batch take in BULK_SHARE fills half its batch from the bulk lane first; 0: interactive always first
+    max_queue_depth_per_key: int = 800  # computations in flight per key (or address) before its new work gets 429; 0: off
+    bulk_share: int = 4  # one take in BULK_SHARE fills half its batch from the bulk lane first; 0: interactive first
     max_queued_mb: int | None = None  # MiB of uploads waiting for workers; None: half the Redis maxmemory, or 2048; 0: no limit
     worker_proc_alive_timeout_s: int = 120
     heartbeat_interval_s: int = 5
