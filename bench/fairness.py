@@ -4,7 +4,8 @@ Key A posts its images in batches of 100 (the bulk lane). Once A's backlog is de
 image every 2 s in the same lane (``priority=bulk``: the hard case, fair share between keys and not the
 lane doing the work) and a browser-like client posts single uploads (the interactive lane, by default).
 Reported: B's and the interactive client's queue wait (enqueue to staged, ``timings_ms.queue``) p50/p99
-next to a compute batch's duration (A's solo run time over its batches), and A's throughput against
+next to a compute batch's duration (the forward pass and GradCAM of the batches B's and the person's
+jobs rode in, median; and A's solo run time over its batches, the loop's cycle), and A's throughput against
 A alone (measured before and after the mixed run, on a machine that may be shared).
 ``python -m bench.fairness [null|real]`` runs it alone; ``make bench`` runs both models.
 ``BENCH_FAIR_IMAGES`` sets A's images for the real model (default 2,000; fewer on a slow machine),
@@ -93,10 +94,14 @@ class Trickle(threading.Thread):
                     return
 
 
-def queue_waits(service: Service, ids: list[str], headers: dict) -> list[float]:
-    results = [requests.get(f"{service.base}/api/v1/jobs/{i}", headers=headers, timeout=10).json()["result"]
-               for i in ids]
-    return [r["timings_ms"]["queue"] for r in results]
+def results_of(service: Service, ids: list[str], headers: dict) -> list[dict]:
+    return [requests.get(f"{service.base}/api/v1/jobs/{i}", headers=headers, timeout=10).json()["result"]
+            for i in ids]
+
+
+def compute_ms(result: dict) -> float:
+    """The forward pass and GradCAM of the batch a job rode in (timings are the batch's own)."""
+    return result["timings_ms"]["inference"] + result["timings_ms"]["gradcam"]
 
 
 def solo(service: Service, token: str, images: list[bytes], model: str) -> dict:
@@ -138,12 +143,16 @@ def mixed(service: Service, tokens: dict, images: list[bytes], singles: list[byt
     b.join()
     person.join()
     service.wait_all([*b.ids, *person.ids], timeout=600)
+    b_results, person_results = results_of(service, b.ids, _headers(tokens["B"])), results_of(service, person.ids, {})
     a_rate = len(images) / (a_end - start)
     return {"a_images": len(images), "a_images_per_s": a_rate, "backlog_when_b_started": deep_at,
             # what B's image would have waited in one FIFO queue: the backlog ahead of it, at A's pace
             "fifo_wait_ms_estimate": deep_at / a_rate * 1000, "errors": {"B": b.errors, "interactive": person.errors},
-            "b_queue_wait_ms": percentiles(queue_waits(service, b.ids, _headers(tokens["B"]))),
-            "interactive_queue_wait_ms": percentiles(queue_waits(service, person.ids, {})),
+            "b_queue_wait_ms": percentiles([r["timings_ms"]["queue"] for r in b_results]),
+            "interactive_queue_wait_ms": percentiles([r["timings_ms"]["queue"] for r in person_results]),
+            # the batches of this run (the sizer may have grown them since the solo run)
+            "batch_compute_ms_median": float(np.median([compute_ms(r) for r in [*b_results, *person_results]])),
+            "batch_size_median": float(np.median([r["batch_size"] for r in [*b_results, *person_results]])),
             "cpu_ms_per_image": meter.per_image_ms(len(images) + len(b.ids) + len(person.ids))}
 
 
@@ -176,10 +185,11 @@ def run(workdir: Path, model: str = "null") -> dict:
 
 def print_fairness(result: dict) -> None:
     alone, shared = result["solo"], result["mixed"]
-    batch = alone["batch_ms"]
+    batch = shared["batch_compute_ms_median"]
     b, person = shared["b_queue_wait_ms"], shared["interactive_queue_wait_ms"]
     print(f"fair share ({result['model']}): A {alone['images']} images in batches of {PER_REQUEST}; "
-          f"a compute batch {batch:.0f} ms (mean batch {alone['mean_batch_size_sampled']:.1f}); "
+          f"a compute batch {batch:.0f} ms in the mixed run (median of B's and the person's batches, "
+          f"{shared['batch_size_median']:.0f} images; A's solo cycle {alone['batch_ms']:.0f} ms); "
           f"backlog when B started {shared['backlog_when_b_started']} (in one FIFO queue about "
           f"{shared['fifo_wait_ms_estimate'] / 1000:.1f} s of waiting)")
     print("| client | queue wait p50 ms | p99 ms | p99 in batches | target |")
