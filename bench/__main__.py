@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from bench import ceiling, device_decode, micro, roles, submit_wait, tracing_cost
+from bench import ceiling, device_decode, fairness, micro, roles, submit_wait, tracing_cost
 from bench.gpu import GpuBusy
 from bench.service import Service, distinct_jpegs
 from shared.cards import load_card
@@ -101,6 +101,12 @@ def main() -> None:
         print("what tracing costs: the ceiling with traces off, at sampling 1.0 and 0.01 ...", flush=True)
         (Path(tmp) / "tracing").mkdir()
         results["tracing"] = tracing_cost.run(Path(tmp) / "tracing")
+        results["fairness"] = []
+        for model in ("null", "real"):
+            print(f"fair share under a deep backlog, {model} model ({fairness.IMAGES[model]} images of key A) ...",
+                  flush=True)
+            (Path(tmp) / f"fairness-{model}").mkdir()
+            results["fairness"].append(fairness.run(Path(tmp) / f"fairness-{model}", model))
     limit = results["limit"]["limit_images_per_s"]
     results["e2e"]["ratio_to_limit"] = results["e2e"]["images_per_s"] / limit
     results["idle"]["overhead_ms_p50"] = results["idle"]["p50"] - results["gradcam"]["single_image_ms"]
@@ -168,6 +174,9 @@ def print_table(r: dict) -> None:
     roles.print_roles(r["roles"])
     print()
     tracing_cost.print_cost(r["tracing"])
+    for outcome in r["fairness"]:
+        print()
+        fairness.print_fairness(outcome)
     print(f"\nidle stages (median ms): {json.dumps({k: round(v, 1) for k, v in idle['stages_ms_median'].items()})}")
     print(f"machine: {r['machine']}; total {r['seconds']:.0f} s; written to {RESULTS.relative_to(REPO_ROOT)}")
 

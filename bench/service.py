@@ -77,9 +77,10 @@ class Service:
     def __init__(self, workdir: Path, cards_dir: Path, models: tuple[str, ...] = ("efficientnet-lite0",),
                  web_processes: int = 1, web_threads: int = 8, torch_threads: int = 0,
                  web_server: str = "gunicorn", fsync: str | None = None, split_cache: bool = False,
-                 max_waiters: int = Settings.max_waiters):
+                 max_waiters: int = Settings.max_waiters, **settings):
         """``fsync``: run the main Redis with AOF and this appendfsync (``always`` also turns
-        DURABLE_ACCEPT on); ``split_cache``: a second, evicting Redis for the cache role."""
+        DURABLE_ACCEPT on); ``split_cache``: a second, evicting Redis for the cache role; ``settings``:
+        any other Settings field."""
         self.workdir = workdir
         self.redis_proc, url = stack.start_redis(workdir, aof=fsync is not None,
                                                  extra=("--appendfsync", fsync) if fsync else ())
@@ -93,7 +94,8 @@ class Service:
         self.settings = Settings(redis_url=url, model_cards_dir=cards_dir, models=models,
                                  heartbeat_interval_s=1, rate_limit="1000000/minute", torch_threads=torch_threads,
                                  webhook_secret=new_secret(), webhook_allow_private=True,
-                                 cache_url=cache_url, durable_accept=fsync == "always", max_waiters=max_waiters)
+                                 cache_url=cache_url, durable_accept=fsync == "always", max_waiters=max_waiters,
+                                 **settings)
         self.redis = redis.Redis.from_url(url)
         self.cache = redis.Redis.from_url(cache_url) if cache_url else self.redis
         start = time.perf_counter()

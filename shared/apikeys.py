@@ -18,6 +18,7 @@ from shared.keys import apikey_key
 
 KEY_PREFIX = "imgsvc_"
 KEYS_SET = "apikeys"
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # a key's share of the workers against a key of weight 1
 
 
 def _digest(token: str) -> str:
@@ -34,6 +35,7 @@ class ApiKey:
     revoked_at: float | None = None
     webhook_url: str | None = None  # default endpoint for this key's jobs without callback_url
     rate_limit: str | None = None  # overrides RATE_LIMIT, e.g. "100/minute"
+    weight: float = 1.0  # fair share: a key of weight w waits as if it had 1/w of its backlog
 
     @property
     def active(self) -> bool:
@@ -41,14 +43,16 @@ class ApiKey:
 
     def public(self) -> dict:
         return {"id": self.id, "name": self.name, "created_at": self.created_at,
-                "revoked_at": self.revoked_at, "webhook_url": self.webhook_url, "rate_limit": self.rate_limit}
+                "revoked_at": self.revoked_at, "webhook_url": self.webhook_url, "rate_limit": self.rate_limit,
+                "weight": self.weight}
 
     @classmethod
     def from_hash(cls, fields: dict[bytes, bytes]) -> "ApiKey":
         f = {k.decode(): v.decode() for k, v in fields.items()}
         return cls(id=f["id"], name=f["name"], created_at=float(f["created_at"]),
                    revoked_at=float(f["revoked_at"]) if f.get("revoked_at") else None,
-                   webhook_url=f.get("webhook_url") or None, rate_limit=f.get("rate_limit") or None)
+                   webhook_url=f.get("webhook_url") or None, rate_limit=f.get("rate_limit") or None,
+                   weight=float(f.get("weight") or 1.0))
 
 
 class KeyStore:
@@ -78,6 +82,14 @@ class KeyStore:
         ids = sorted(i.decode() for i in self.redis.smembers(KEYS_SET))
         keys = [self.get(key_id) for key_id in ids]
         return sorted((k for k in keys if k is not None), key=lambda k: k.created_at)
+
+    def set_weight(self, key_id: str, weight: float) -> ApiKey | None:
+        """Set the key's fair-share weight (checked by the caller against MIN_WEIGHT..MAX_WEIGHT);
+        return it, or None when unknown. New work of the key is ordered by it from now on."""
+        if not self.redis.exists(apikey_key(key_id)):
+            return None
+        self.redis.hset(apikey_key(key_id), "weight", repr(float(weight)))
+        return self.get(key_id)
 
     def revoke(self, key_id: str) -> ApiKey | None:
         """Mark the key revoked (it stops working at once); return it, or None when unknown."""

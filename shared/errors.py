@@ -27,6 +27,7 @@
     │   ├── InvalidImageUrl (422 invalid_image_url)
     │   └── IdempotencyKeyReused (422 idempotency_key_reused)
     ├── RateLimited (429 rate_limited)
+    │   └── ShareFull (429 share_full)
     ├── Unavailable (503 unavailable)
     │   └── Overloaded (503 overloaded)
     └── JobFailed (job-level, stored on a failed job; never an HTTP answer)
@@ -176,6 +177,12 @@ class IdempotencyKeyReused(InvalidOption):
 
 class RateLimited(ServiceError):
     status, code = 429, "rate_limited"
+
+
+class ShareFull(RateLimited):
+    """One caller (API key, or address) has MAX_QUEUE_DEPTH_PER_KEY computations in flight."""
+
+    code = "share_full"
 
 
 class Unavailable(ServiceError):

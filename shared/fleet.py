@@ -11,8 +11,9 @@ import time
 
 import redis
 
-from shared.keys import WEBHOOK_WORKERS_KEY, WORKERS_KEY, drain_key, webhook_worker_key, worker_key
-from shared.tasks import FETCH_QUEUE, WEBHOOK_QUEUE, inference_queue
+from shared.keys import QUEUED_SHARES_KEY, WEBHOOK_WORKERS_KEY, WORKERS_KEY, drain_key, webhook_worker_key, worker_key
+from shared.tasks import FETCH_QUEUE, INFERENCE_QUEUE_PREFIX, PRIORITY_STEPS, WEBHOOK_QUEUE, inference_queue, lane_of, \
+    priority_lists
 
 JSON_FIELDS = ("models", "max_batch", "gpu_memory", "latency_ms")
 NUMBER_FIELDS = ("pid", "child_index", "threads", "model_loads", "started_at", "jobs_done", "jobs_failed",
@@ -103,11 +104,11 @@ def _enqueued_at(raw: bytes | None) -> float | None:
         return None  # a message without our field (e.g. a webhook delivery): age unknown
 
 
-# One round trip for the whole queue view: each queue's depth and oldest message (kombu LPUSHes and
-# consumers pop from the right, so the oldest is at index -1), and the live children with their node,
-# models and whether the node is draining, from the ``workers`` set and each heartbeat.
-# KEYS: the workers set, the webhook workers set, then the queues. ARGV: the oldest live heartbeat
-# score, the heartbeat key prefix, the drain key prefix.
+# One round trip for the whole queue view: the depth and oldest message of each queue's priority lists
+# (kombu LPUSHes and consumers pop from the right, so each list's oldest is at index -1), and the live
+# children with their node, models and whether the node is draining, from the ``workers`` set and each
+# heartbeat. KEYS: the workers set, the webhook workers set, then every queue's priority lists.
+# ARGV: the oldest live heartbeat score, the heartbeat key prefix, the drain key prefix.
 _SNAPSHOT = """
 local children = {}
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
@@ -145,16 +146,35 @@ def queues(client: redis.Redis, names: list[str], *, ttl_s: int, now: float | No
     """
     now = time.time() if now is None else now
     children, replies, webhook_workers = client.register_script(_SNAPSHOT)(
-        keys=[WORKERS_KEY, WEBHOOK_WORKERS_KEY, *names], args=[now - ttl_s, worker_key(""), drain_key("")])
+        keys=[WORKERS_KEY, WEBHOOK_WORKERS_KEY, *(lst for name in names for lst in priority_lists(name))],
+        args=[now - ttl_s, worker_key(""), drain_key("")])
     serving = _serving(children)
-    result = []
-    for name, (depth, oldest) in zip(names, replies):
-        oldest = _enqueued_at(oldest)
-        age = round(max(0.0, now - oldest), 3) if oldest is not None and depth else None
+    result, steps = [], len(PRIORITY_STEPS)
+    for i, name in enumerate(names):
+        lists = replies[i * steps:(i + 1) * steps]
+        lanes = {"interactive": 0, "bulk": 0}
+        for step, (length, _) in enumerate(lists):
+            lanes[lane_of(step)] += int(length)
+        depth = sum(lanes.values())
+        ages = [t for length, raw in lists if length and (t := _enqueued_at(raw)) is not None]
+        age = round(max(0.0, now - min(ages)), 3) if ages else None
         workers = int(webhook_workers) if name in (WEBHOOK_QUEUE, FETCH_QUEUE) else serving.get(name, 0)
-        result.append({"name": name, "depth": int(depth), "oldest_age_s": age, "workers": workers,
-                       "backlog_per_worker": round(int(depth) / max(workers, 1), 3)})
+        entry = {"name": name, "depth": depth, "oldest_age_s": age, "workers": workers,
+                 "backlog_per_worker": round(depth / max(workers, 1), 3)}
+        if name.startswith(INFERENCE_QUEUE_PREFIX):
+            entry["lanes"] = lanes
+        result.append(entry)
     return result
+
+
+def shares(client: redis.Redis, top: int | None = None) -> list[dict]:
+    """Each sender's computations in flight (waiting or running), largest first: ``key:<id>`` for an
+    API key, ``addr:<address>`` for an anonymous caller; past ``top`` the rest are summed as ``other``."""
+    counts = sorted(((k.decode(), int(v)) for k, v in client.hgetall(QUEUED_SHARES_KEY).items() if int(v) > 0),
+                    key=lambda item: (-item[1], item[0]))
+    if top is not None and len(counts) > top:
+        counts = [*counts[:top], ("other", sum(n for _, n in counts[top:]))]
+    return [{"share": share, "in_flight": n} for share, n in counts]
 
 
 CACHE_SIZE_KEY = "stats:cache_size"  # the last cache measurement, JSON (TTL CACHE_SIZE_TTL_S)

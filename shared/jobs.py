@@ -24,9 +24,9 @@ from shared.jobscripts import CANCEL, CLAIM, DROP_UNWAITED, FINISH, SUBMIT
 from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
-from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY,
-                         Computation, OutputOptions, job_key, notify_key, overlay_key_for_result,
-                         picture_key_for_result)
+from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY,
+                         QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY, Computation, OutputOptions, job_key, notify_key,
+                         overlay_key_for_result, picture_key_for_result)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Submission:
     job_id: str
     fields: dict[str, str]  # the job hash as written
     cached_result: bytes | None = None
+    in_flight: int = 0  # ``new``: the sender's (``share``'s) computations in flight before this one
 
     def json(self) -> str:
         """Return the job JSON without another Redis round trip."""
@@ -124,15 +125,17 @@ class JobStore:
                image_info: dict | None = None, context: JobContext = JobContext(),
                job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
                max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None,
-               key: KeyRecord | None = None) -> Submission:
+               key: KeyRecord | None = None, share: str = "", max_share_depth: int = 0) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
         nor their header check, and anything else answers ``miss`` without writing. With them, a
         miss starts the computation, unless ``queue`` already holds ``max_queue_depth`` tasks
         (then ``overloaded``, nothing written) or the uploads waiting for workers would pass
-        ``max_queued_bytes`` (``overloaded_bytes``). A job it writes is counted with ``count``, and
-        its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
+        ``max_queued_bytes`` (``overloaded_bytes``), or ``share`` (the sender: ``key:<id>`` or
+        ``addr:<address>``) already has ``max_share_depth`` computations in flight
+        (``overloaded_share``); a new computation counts against its ``share``. A job it writes is
+        counted with ``count``, and its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
         written) when that key no longer holds this request's claim. One round trip either way; the
         returned fields are what the script wrote, so the caller answers without reading the job back.
         """
@@ -151,16 +154,16 @@ class JobStore:
         outcome, image_json, *rest = self._submit(
             keys=[comp.result_key, comp.inflight_key, comp.attached_key, job_key(job_id),
                   comp.image_key, comp.meta_key, COMPUTATIONS_KEY, ANNOUNCE_KEY, queue or "-", *count_keys,
-                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, key.name if key else "-"],
+                  QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, key.name if key else "-", QUEUED_KEYS_KEY, QUEUED_SHARES_KEY],
             args=[job_id, self.job_ttl_s, self.inflight_ttl_s, self.image_ttl_s, now, fields["model"],
                   fields["options"], image_json, image_bytes,
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
                   *count_args, given, "1" if self.split else "0", max_queued_bytes,
                   *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)),
-                  self.settled_ttl_s, *extra],
+                  self.settled_ttl_s, share, max_share_depth if queue else 0, *extra],
         )
         outcome = outcome.decode()
-        if outcome in ("overloaded", "overloaded_bytes", "key_lost", "canceled"):
+        if outcome in ("overloaded", "overloaded_bytes", "overloaded_share", "key_lost", "canceled"):
             return Submission(outcome, job_id, fields)
         fields["image"] = image_json.decode()
         if outcome == "cached":
@@ -172,7 +175,7 @@ class JobStore:
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
         fields.update(status="queued", cached="0")
-        return Submission(outcome, job_id, fields)
+        return Submission(outcome, job_id, fields, in_flight=int(rest[0]) if outcome == "new" else 0)
 
     def _from_cache(self, comp: Computation) -> tuple[bytes, str | None]:
         """The cached result and header facts of ``comp`` on the cache server; a cache that is
@@ -230,7 +233,7 @@ class JobStore:
         """The keys of CLAIM and DROP_UNWAITED."""
         return [COMPUTATIONS_KEY, comp.owner_key, comp.attached_key, comp.result_key, comp.image_key,
                 comp.attempts_key, STARTED_KEY, comp.inflight_key, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY,
-                ANNOUNCE_KEY, comp.meta_key]
+                ANNOUNCE_KEY, comp.meta_key, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY]
 
     def _expiry_args(self, now: str) -> list:
         """ARGV[5..12] of CLAIM and DROP_UNWAITED: the job key prefix, now, the attempts counter's TTL,
@@ -329,7 +332,8 @@ class JobStore:
         return self._finish(
             keys=[comp.inflight_key, comp.attached_key, comp.image_key, comp.result_key,
                   comp.picture_key, STATS_KEY, comp.meta_key, comp.attempts_key, COMPUTATIONS_KEY,
-                  comp.owner_key, ANNOUNCE_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY],
+                  comp.owner_key, ANNOUNCE_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, QUEUED_KEYS_KEY,
+                  QUEUED_SHARES_KEY],
             args=[job_key(""), utc_now(), status, MAIN_COPY_TTL_S if self.split else self.result_ttl_s,
                   payload, picture if mode == "thumbnail" and not self.split else b"", comp.model,
                   notify_key(""), comp.suffix, mode, "1" if self.split else "0", self.settled_ttl_s,

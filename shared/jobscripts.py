@@ -13,6 +13,7 @@
   failed; a canceled or expired one keeps its status), keep the
   result (the first written stands), and release the single-flight and queued-bytes bookkeeping.
 - ``RECONCILE_QUEUED_BYTES``: the sweeper's recount of the uploads waiting for workers.
+- ``RECONCILE_QUEUED_SHARES``: the sweeper's recount of each sender's computations in flight.
 
 Their keys and arguments are passed by JobStore; read them beside the method that calls each.
 """
@@ -47,8 +48,11 @@ end
 local function remember(record)
   if key_name ~= '-' then redis.call('SET', key_name, record, 'EX', tonumber(ARGV[25])) end
 end
+-- Fair share (KEYS[15] queued:keys, KEYS[16] queued:shares): ARGV[27] the sender's share (API key
+-- or address; '' none), ARGV[28] the most computations one share may have in flight (0: no limit).
+local share, share_limit = ARGV[27], tonumber(ARGV[28])
 local function write_job(status, extra)
-  for i = 27, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 29, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -111,8 +115,17 @@ end
 -- computation keeps its one message (the sweeper sends it again if it is lost) and its bytes are
 -- counted once; this upload joins it, as if inflight: had been there.
 local waiting = redis.call('ZSCORE', KEYS[7], ARGV[11])
-if not waiting and tonumber(ARGV[12]) > 0 and redis.call('LLEN', KEYS[9]) >= tonumber(ARGV[12]) then
+local function depth(queue)  -- every priority list of the queue (shared.tasks.priority_lists)
+  local n = redis.call('LLEN', queue)
+  for step = 1, 9 do n = n + redis.call('LLEN', queue .. '\6\22' .. step) end
+  return n
+end
+if not waiting and tonumber(ARGV[12]) > 0 and depth(KEYS[9]) >= tonumber(ARGV[12]) then
   return {'overloaded', ''}  -- new work waits behind a full queue: refuse it before writing anything
+end
+local in_flight = share ~= '' and tonumber(redis.call('HGET', KEYS[16], share) or '0') or 0
+if not waiting and share_limit > 0 and in_flight >= share_limit then
+  return {'overloaded_share', ''}  -- this sender's share of the queue is full; others still get in
 end
 -- a computation still counted gains one job; one not counted (new, or its count reconciled away)
 -- its upload, message and bookkeeping as well
@@ -132,7 +145,11 @@ remember(ARGV[24])
 count(false)
 if waiting then return {'attached', image_json} end
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[11])
-return {'new', image_json}
+if share ~= '' then
+  redis.call('HSET', KEYS[15], ARGV[11], share)
+  redis.call('HINCRBY', KEYS[16], share, 1)
+end
+return {'new', image_json, in_flight}  -- in_flight: the share's computations before this one
 """
 
 # Settle one job as a script does when it ends it here (CLAIM: past its deadline; CANCEL): wake its
@@ -151,7 +168,8 @@ end
 
 # Release a computation's single-flight and queued-bytes bookkeeping, as FINISH does when it ends.
 # KEYS of the caller, in its own order: inflight, attached, image, attempts, owner, meta,
-# computations, queued:bytes, queued:sizes.
+# computations, queued:bytes, queued:sizes; and the sender's count in flight (KEYS[13] queued:keys,
+# KEYS[14] queued:shares of CLAIM and DROP_UNWAITED, as FINISH's KEYS[14..15]).
 _RELEASE = """
 local function release(inflight, attached, image, attempts, owner, meta, computations, qbytes, qsizes, suffix)
   redis.call('DEL', inflight, attached, image, attempts, owner, meta)
@@ -161,6 +179,11 @@ local function release(inflight, attached, image, attempts, owner, meta, computa
     redis.call('DECRBY', qbytes, size)
   end
   redis.call('ZREM', computations, suffix)
+  local share = redis.call('HGET', KEYS[13], suffix)
+  if share then
+    redis.call('HDEL', KEYS[13], suffix)
+    if redis.call('HINCRBY', KEYS[14], share, -1) <= 0 then redis.call('HDEL', KEYS[14], share) end
+  end
 end
 """
 
@@ -191,7 +214,7 @@ end
 """
 
 # KEYS: computations, owner, attached, result, image, attempts, started, inflight, queued:bytes,
-# queued:sizes, announce, meta. ARGV: suffix, deadline, owner, owner TTL, job key prefix, now, attempts
+# queued:sizes, announce, meta, queued:keys, queued:shares. ARGV: suffix, deadline, owner, owner TTL, job key prefix, now, attempts
 # TTL, then from ARGV[8] what expire_late reads (now in unix seconds, the deadline_exceeded error
 # JSON, notify key prefix, the two TTLs of a settled job).
 # Returns {already done, the upload's bytes, attempt, the jobs that asked for a job.started event
@@ -324,6 +347,11 @@ if size then
   redis.call('DECRBY', KEYS[12], size)
 end
 redis.call('ZREM', KEYS[9], ARGV[9])
+local share = redis.call('HGET', KEYS[14], ARGV[9])  -- KEYS[14] queued:keys, KEYS[15] queued:shares
+if share then
+  redis.call('HDEL', KEYS[14], ARGV[9])
+  if redis.call('HINCRBY', KEYS[15], share, -1) <= 0 then redis.call('HDEL', KEYS[15], share) end
+end
 redis.call('HINCRBY', KEYS[6], status .. ':' .. ARGV[7], 1)
 return {ids, announce, copy, records}
 """
@@ -344,4 +372,26 @@ end
 local before = tonumber(redis.call('GET', KEYS[1]) or '0')
 redis.call('SET', KEYS[1], total)
 return {before, total}
+"""
+
+# KEYS: queued:keys, queued:shares, computations. Count again each share's computations in flight:
+# a suffix whose computation is no longer in flight (it ended some way that did not release it) is
+# forgotten, and every share's count is set from what is left. Returns {total before, total now}.
+RECONCILE_QUEUED_SHARES = """
+local owners, counts = redis.call('HGETALL', KEYS[1]), {}
+for i = 1, #owners, 2 do
+  if redis.call('ZSCORE', KEYS[3], owners[i]) then
+    counts[owners[i + 1]] = (counts[owners[i + 1]] or 0) + 1
+  else
+    redis.call('HDEL', KEYS[1], owners[i])
+  end
+end
+local before, after = 0, 0
+for _, n in ipairs(redis.call('HVALS', KEYS[2])) do before = before + tonumber(n) end
+redis.call('DEL', KEYS[2])
+for share, n in pairs(counts) do
+  redis.call('HSET', KEYS[2], share, n)
+  after = after + n
+end
+return {before, after}
 """

@@ -12,6 +12,9 @@ STARTED_KEY = "announce:started"  # sorted set: claimed job awaiting its job.sta
 TAKEN_BY_KEY = "taken_by"  # hash: broker delivery tag a worker child took into a batch -> that child
 QUEUED_BYTES_KEY = "queued:bytes"  # bytes of uploads waiting for a worker (MAX_QUEUED_MB bounds it)
 QUEUED_SIZES_KEY = "queued:sizes"  # hash: suffix of each computation waiting -> its upload's bytes
+QUEUED_KEYS_KEY = "queued:keys"  # hash: suffix of each computation in flight -> its sender (key:<id>, addr:<address>)
+QUEUED_SHARES_KEY = "queued:shares"  # hash: sender -> its computations in flight (lane steps, per-key bound)
+TAKES_KEY = "takes"  # hash: inference queue -> batch takes so far (BULK_SHARE counts them)
 STATS_KEY = "stats:computations"  # hash: "<status>:<model>" -> computations ended (no TTL, tiny)
 
 

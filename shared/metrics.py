@@ -30,6 +30,7 @@ HISTOGRAM_HELP = {
     "imgsvc_batch_size": "Images per forward pass.",
 }
 WORKER_LABELS = ("model", "device", "worker")
+TOP_SHARES = 10  # senders exported by name; the rest are summed as share="other" (bounded cardinality)
 
 
 class FleetCollector:
@@ -107,12 +108,21 @@ class FleetCollector:
         backlog = GaugeMetricFamily("imgsvc_queue_backlog_per_worker",
                                     "Waiting messages per live worker consuming the queue (the whole depth "
                                     "when none does): the signal to scale on.", labels=["queue"])
+        lanes = GaugeMetricFamily("imgsvc_queue_lane_depth", "Messages waiting in an inference queue, by lane "
+                                  "(interactive, bulk).", labels=["queue", "lane"])
         for queue in fleet.queues(self.client, names, ttl_s=self.ttl_s):
             depth.add_metric([queue["name"]], queue["depth"])
             age.add_metric([queue["name"]], queue["oldest_age_s"] or 0.0)
             workers.add_metric([queue["name"]], queue["workers"])
             backlog.add_metric([queue["name"]], queue["backlog_per_worker"])
-        return [depth, age, workers, backlog]
+            for lane, waiting in queue.get("lanes", {}).items():
+                lanes.add_metric([queue["name"], lane], waiting)
+        shares = GaugeMetricFamily("imgsvc_share_in_flight", f"Computations in flight (waiting or running) per "
+                                   f"sender: the {TOP_SHARES} largest by API key (key:<id>) or anonymous address "
+                                   "(addr:<address>), the rest summed as other.", labels=["share"])
+        for entry in fleet.shares(self.client, top=TOP_SHARES):
+            shares.add_metric([entry["share"]], entry["in_flight"])
+        return [depth, age, workers, backlog, lanes, shares]
 
 
 def registry_for(client: redis.Redis, *, ttl_s: int, models, worker: str | None = None) -> CollectorRegistry:

@@ -190,6 +190,8 @@ class Settings:
     stuck_after_s: int = 900  # a computation with no live owner this long is re-enqueued by the sweeper
     sweep_interval_s: int = 30
     max_queue_depth: int = 1000  # waiting tasks per model queue before new work gets 503; 0: no limit
+    max_queue_depth_per_key: int = 800  # computations in flight per key (or address) before its new work gets 429; 0: off
+    bulk_share: int = 4  # one take in BULK_SHARE fills half its batch from the bulk lane first; 0: interactive first
     max_queued_mb: int | None = None  # MiB of uploads waiting for workers; None: half the Redis maxmemory, or 2048; 0: no limit
     worker_proc_alive_timeout_s: int = 120
     heartbeat_interval_s: int = 5
@@ -273,6 +275,8 @@ class Settings:
             max_batch=_int(env, "MAX_BATCH", d.max_batch),
             max_wait_ms=_int(env, "MAX_WAIT_MS", d.max_wait_ms),
             max_queue_depth=_int(env, "MAX_QUEUE_DEPTH", d.max_queue_depth),
+            max_queue_depth_per_key=_int(env, "MAX_QUEUE_DEPTH_PER_KEY", d.max_queue_depth_per_key),
+            bulk_share=_int(env, "BULK_SHARE", d.bulk_share),
             max_queued_mb=_int(env, "MAX_QUEUED_MB", 0) if env.get("MAX_QUEUED_MB", "").strip() else None,
             max_attempts=_int(env, "MAX_ATTEMPTS", d.max_attempts, minimum=1),
             stuck_after_s=_int(env, "STUCK_AFTER_S", d.stuck_after_s, minimum=1),

@@ -15,18 +15,49 @@ FETCH_TASK = "imgsvc.fetch_image"
 FETCH_QUEUE = "fetches"  # image_url downloads; the webhook worker consumes it too (outbound HTTP, SSRF-guarded)
 
 
+# kombu's Redis transport keeps one list per priority step: the queue's name for step 0, the name,
+# PRIORITY_SEP and the step for the others; consumers serve the lowest step first (BRPOP lists them in
+# that order, and so does worker.broker's batch take). Two lanes of five steps each: inside a lane the
+# step grows with the sender's backlog (docs/internals.md, "Lanes and fair share").
+PRIORITY_SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
+PRIORITY_STEPS = tuple(range(10))
+LANES = {"interactive": 0, "bulk": 5}  # each lane's first step
+LANE_STEPS = 5
+
+
 def inference_queue(model_name: str) -> str:
     """Return the queue that carries inference tasks for one model."""
     return f"{INFERENCE_QUEUE_PREFIX}{model_name}"
 
 
-def send_inference(celery, comp: Computation, traceparent: str = "") -> None:
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s waiting messages, the first served first."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def lane_of(step: int) -> str:
+    """The lane a priority step belongs to."""
+    return "bulk" if step >= LANES["bulk"] else "interactive"
+
+
+def step_for(lane: str, in_flight: int, weight: float = 1.0) -> int:
+    """The priority step of a new computation in ``lane`` whose sender already has ``in_flight``
+    computations waiting or running: the lane's first step below 10 per unit of weight, one step
+    later per factor of ten (10-99 the second, 100-999 the third, ...), the lane's last at most."""
+    share, level = in_flight / max(weight, 1e-9), 0
+    while share >= 10 and level < LANE_STEPS - 1:
+        share, level = share / 10, level + 1
+    return LANES[lane] + level
+
+
+def send_inference(celery, comp: Computation, traceparent: str = "", priority: int = 0) -> None:
     """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike);
-    ``traceparent``: the trace of the job that started it (shared.tracing), for the worker's spans."""
+    ``traceparent``: the trace of the job that started it (shared.tracing), for the worker's spans;
+    ``priority``: its step (``step_for``; 0, the first served, for work sent again by the sweeper)."""
     message = {**comp.to_message(), "enqueued_at": time.time()}
     if traceparent:
         message["traceparent"] = traceparent
-    celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model))
+    celery.send_task(INFER_TASK, args=[message], queue=inference_queue(comp.model), priority=priority)
 
 
 def send_webhook(celery, event_id: str) -> None:
@@ -43,7 +74,9 @@ def send_fetch(celery, job_id: str) -> None:
 def celery_config(settings: Settings) -> dict:
     """Return the Celery configuration shared by the sender (web) and the consumer (worker)."""
     broker_url, sentinel_options = sentinel.broker(settings)  # REDIS_URL, or kombu's sentinel:// transport
-    transport = {"visibility_timeout": settings.visibility_timeout_s, **sentinel_options}
+    # Every step its own list, served lowest first (kombu's default has four steps: 0, 3, 6, 9).
+    transport = {"visibility_timeout": settings.visibility_timeout_s, "priority_steps": list(PRIORITY_STEPS),
+                 **sentinel_options}
     return {
         "broker_url": broker_url,
         "broker_transport_options": transport,

@@ -57,12 +57,12 @@ def beat(client: redis.Redis, name: str, node: str, models: dict, seen: float) -
     client.zadd(WORKERS_KEY, {name: seen})
 
 
-def send(url: str, queue: str, enqueued_at: list[float]) -> None:
+def send(url: str, queue: str, enqueued_at: list[float], priority: int = 0) -> None:
     """Send real Celery messages (kombu's Redis layout) carrying ``enqueued_at``, in this order."""
     app = Celery("backlog-test")
     app.conf.update(celery_config(Settings(redis_url=url)))
     for when in enqueued_at:
-        app.send_task(INFER_TASK, args=[{"enqueued_at": when}], queue=queue)
+        app.send_task(INFER_TASK, args=[{"enqueued_at": when}], queue=queue, priority=priority)
     app.close()
 
 
@@ -74,7 +74,8 @@ def test_backlog_counts_live_children_of_active_nodes_per_model_queue(scratch):
     client.set(drain_key("b@h"), "1")  # draining: consumes nothing, so it is no capacity
     beat(client, "h:4:c", "c@h", {"m": "1"}, NOW - 60)  # gone: its heartbeat is past the TTL
     client.zadd(WEBHOOK_WORKERS_KEY, {"webhooks@h": NOW - 1})
-    send(url, "inference.m", [NOW - 30, NOW - 20, NOW - 15, NOW - 12, NOW - 10])
+    send(url, "inference.m", [NOW - 20, NOW - 15, NOW - 12, NOW - 10])
+    send(url, "inference.m", [NOW - 30], priority=7)  # the bulk lane's list holds the oldest
     send(url, "inference.o", [NOW - 4])  # no worker serves model o
 
     names = fleet.known_queues(["m", "n", "o"])
@@ -83,12 +84,12 @@ def test_backlog_counts_live_children_of_active_nodes_per_model_queue(scratch):
     queues = {q["name"]: q for q in fleet.queues(client, names, ttl_s=20, now=NOW)}
     assert client.sent == 1  # then one round trip (EVALSHA), whatever the fleet's size
     assert queues["inference.m"] == {"name": "inference.m", "depth": 5, "oldest_age_s": 30.0, "workers": 2,
-                                     "backlog_per_worker": 2.5}
+                                     "backlog_per_worker": 2.5, "lanes": {"interactive": 4, "bulk": 1}}
     assert queues["inference.n"] == {"name": "inference.n", "depth": 0, "oldest_age_s": None, "workers": 1,
-                                     "backlog_per_worker": 0.0}
+                                     "backlog_per_worker": 0.0, "lanes": {"interactive": 0, "bulk": 0}}
     # No worker: the whole backlog, what the first one to start will face.
     assert queues["inference.o"] == {"name": "inference.o", "depth": 1, "oldest_age_s": 4.0, "workers": 0,
-                                     "backlog_per_worker": 1.0}
+                                     "backlog_per_worker": 1.0, "lanes": {"interactive": 1, "bulk": 0}}
     assert queues["webhooks"]["workers"] == 1 and queues["webhooks"]["depth"] == 0
     assert queues["fetches"]["workers"] == 1 and queues["fetches"]["depth"] == 0  # image_url downloads
 

@@ -24,7 +24,7 @@ import requests
 import yaml
 
 from shared.settings import REPO_ROOT, Settings
-from shared.tasks import inference_queue
+from shared.tasks import inference_queue, priority_lists
 from tests.conftest import ARTIFACTS, write_slow_card
 from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_for
 
@@ -180,14 +180,16 @@ def test_scaled_object_watches_the_default_models_queue_on_the_main_redis():
     (scaler,) = [doc for (kind, _), doc in objects.items() if kind == "ScaledObject"]
     assert (("Deployment", scaler["spec"]["scaleTargetRef"]["name"])) in objects
     assert scaler["spec"]["minReplicaCount"] == 0
-    (trigger,) = scaler["spec"]["triggers"]
+    triggers = scaler["spec"]["triggers"]
     namespace = yaml.safe_load(KUSTOMIZATION.read_text())["namespace"]
     main_redis = env_of(containers(("Deployment", "worker"))[0])["REDIS_URL"]  # redis://redis:6379/0
     service, port = main_redis.split("//")[1].split("/")[0].split(":")
-    assert trigger["metadata"]["address"] == f"{service}.{namespace}.svc.cluster.local:{port}"
-    assert trigger["metadata"]["databaseIndex"] == main_redis.rsplit("/", 1)[1]
-    assert trigger["metadata"]["listName"] == inference_queue(Settings().default_model)
-    assert int(trigger["metadata"]["activationListLength"]) == 0
+    for trigger in triggers:
+        assert trigger["metadata"]["address"] == f"{service}.{namespace}.svc.cluster.local:{port}"
+        assert trigger["metadata"]["databaseIndex"] == main_redis.rsplit("/", 1)[1]
+        assert int(trigger["metadata"]["activationListLength"]) == 0
+    # every priority list of the queue (both lanes), each once
+    assert [t["metadata"]["listName"] for t in triggers] == priority_lists(inference_queue(Settings().default_model))
     alternative = documents(K8S / "alternatives" / "scaledobject-prometheus.yaml")[0]
     assert inference_queue(Settings().default_model) in alternative["spec"]["triggers"][0]["metadata"]["query"]
 

@@ -16,6 +16,7 @@ from flask import Blueprint, current_app, jsonify, render_template, request
 from kombu.exceptions import OperationalError
 
 from shared import fleet, stats
+from shared.apikeys import MAX_WEIGHT, MIN_WEIGHT
 from shared.errors import AdminUnauthorized, InvalidOption, NotFound, Unavailable
 from shared.keys import cached_prefixes, drain_key
 from shared.tasks import inference_queue
@@ -27,6 +28,7 @@ API = "/api/v1/admin"
 CONTROL_TIMEOUT_S = 5.0
 QUEUE_CHANGE_WAIT_S = 3.0  # a worker applies add/cancel_consumer just after it answers: wait to see it
 MAX_POOL_STEP = 16
+ADMIN_TOP_SHARES = 50  # senders listed by name on the queue view; the rest summed as "other"
 WINDOWS_MIN = (1, 5, 60)
 _NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,200}$")
 
@@ -80,11 +82,34 @@ def _model_names() -> list[str]:
 
 @bp.get(f"{API}/queues")
 def list_queues():
-    """Depth, oldest waiting job's age, live workers and backlog per worker of each model's queue and
-    the webhooks queue."""
+    """Depth (in all and per lane), oldest waiting job's age, live workers and backlog per worker of each
+    model's queue and the webhooks queue; and each sender's computations in flight, largest first."""
     svc = services()
     return jsonify({"queues": fleet.queues(svc.redis, fleet.known_queues(_model_names()),
-                                           ttl_s=svc.settings.worker_ttl_s)})
+                                           ttl_s=svc.settings.worker_ttl_s),
+                    "shares": fleet.shares(svc.redis, top=ADMIN_TOP_SHARES)})
+
+
+@bp.get(f"{API}/keys")
+def list_keys():
+    """Every API key (never the key itself) with its fair-share weight and its computations in flight."""
+    svc = services()
+    in_flight = {entry["share"]: entry["in_flight"] for entry in fleet.shares(svc.redis)}
+    return jsonify({"keys": [{**key.public(), "in_flight": in_flight.get(f"key:{key.id}", 0)}
+                             for key in svc.keys.list()]})
+
+
+@bp.post(f"{API}/keys/<key_id>/weight")
+def set_key_weight(key_id: str):
+    """Set a key's fair-share weight from the JSON body {"weight": w}."""
+    body = request.get_json(silent=True)
+    weight = body.get("weight") if isinstance(body, dict) else None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise InvalidOption(f'Send {{"weight": w}} with w a number from {MIN_WEIGHT} to {MAX_WEIGHT:g}.')
+    key = services().keys.set_weight(key_id, float(weight)) if _NAME.match(key_id) else None
+    if key is None:
+        raise NotFound(f"No API key with id {key_id!r}; GET {API}/keys lists them.")
+    return jsonify(key.public())
 
 
 @bp.get(f"{API}/stats")

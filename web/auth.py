@@ -58,9 +58,14 @@ def require_caller() -> None:
         raise AuthRequired("This service requires an API key: send 'Authorization: Bearer <key>'.")
 
 
-def _rate_key() -> str:
+def share() -> str:
+    """The sender, as fair share and rate limits count it: ``key:<id>``, or ``addr:<address>`` anonymously."""
     key = current_key()
     return f"key:{key.id}" if key else f"addr:{request.remote_addr}"
+
+
+def _rate_key() -> str:
+    return share()
 
 
 def _rate_limit() -> str:

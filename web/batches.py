@@ -43,7 +43,8 @@ def create_batch():
 
     def create() -> Created:
         infos = [_inspect(number, data) for number, data in enumerate(images, 1)]
-        ensure_capacity(order.card.name, sum(len(data) for data in images), len(images))  # once for the batch: it is accepted whole or refused whole
+        # once for the batch: it is accepted whole or refused whole
+        ensure_capacity(order.card.name, sum(len(data) for data in images), len(images))
         batch_id, job_ids = new_batch_id(), [new_job_id() for _ in images]
         svc.batches.create(batch_id, job_ids, auth.owner(), order.callback_url)
         # the batch, not each job, calls back; each job has the batch's deadline

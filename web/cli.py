@@ -1,4 +1,4 @@
-"""Operator commands: ``flask --app web.wsgi keys create|list|revoke``."""
+"""Operator commands: ``flask --app web.wsgi keys create|list|revoke|weight``."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from shared.apikeys import MAX_WEIGHT, MIN_WEIGHT
 from shared.netguard import RefusedUrl, resolve
 from shared.signing import derive_secret
 
@@ -54,6 +55,18 @@ def list_keys() -> None:
 def revoke_key(key_id: str) -> None:
     """Revoke a key by id; requests with it get 401 from now on."""
     key = _services().keys.revoke(key_id)
+    if key is None:
+        raise click.ClickException(f"No key with id {key_id!r}.")
+    click.echo(json.dumps(key.public()))
+
+
+@keys.command("weight")
+@click.argument("key_id")
+@click.argument("weight", type=click.FloatRange(MIN_WEIGHT, MAX_WEIGHT))
+@with_appcontext
+def weigh_key(key_id: str, weight: float) -> None:
+    """Set a key's fair-share weight (default 1): with weight 2 its work waits as if its backlog were half."""
+    key = _services().keys.set_weight(key_id, weight)
     if key is None:
         raise click.ClickException(f"No key with id {key_id!r}.")
     click.echo(json.dumps(key.public()))

@@ -14,13 +14,13 @@ from werkzeug.datastructures import MultiDict
 from shared import stats, tracing
 from shared.cards import ModelCard
 from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOption, MissingImage, Overloaded,
-                           PayloadTooLarge, Unavailable)
+                           PayloadTooLarge, ShareFull, Unavailable)
 from shared.jobs import JobContext, Submission, new_job_id
 from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.jobtypes import WEBHOOK_EVENTS
-from shared.keys import Computation, OutputOptions, batch_key, image_digest, job_key
+from shared.keys import QUEUED_SHARES_KEY, Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
-from shared.tasks import inference_queue, send_inference
+from shared.tasks import LANES, inference_queue, priority_lists, send_inference, step_for
 from web import auth
 from web.durability import remember_written
 from web.idempotency import Created, Lease, check_key, fingerprint
@@ -69,6 +69,11 @@ class Order:
     callback_url: str | None
     webhook_events: tuple[str, ...] = ("completed",)
     deadline_s: float = 0.0  # seconds from acceptance to start it by; 0: none
+    priority: str | None = None  # the lane asked for; None: interactive for a job, bulk for a batch's
+
+    def lane(self, context: JobContext) -> str:
+        """The lane of a job: the one asked for, else bulk for a batch's jobs and interactive for others."""
+        return self.priority or ("bulk" if context.batch_id else "interactive")
 
     def fingerprint(self, *image_digests: str) -> str:
         events = () if self.webhook_events == ("completed",) else self.webhook_events  # as before the option
@@ -99,9 +104,11 @@ def parse_order(values) -> Order:
     if callback_url:
         callback_url = check_callback(callback_url)
     events = parse_webhook_events(values.get("webhook_events", ""), callback_url)
+    priority = values.get("priority", "").strip().lower() or None
+    if priority is not None and priority not in LANES:
+        raise InvalidOption(f"priority must be {' or '.join(LANES)}, got {priority!r}.")
     return Order(card, OutputOptions(top_k=top_k, gradcam=raw_cam in _TRUE), callback_url, events,
-                 parse_deadline(values))
-
+                 parse_deadline(values), priority)
 
 def parse_deadline(values) -> float:
     """Read ``deadline_s`` (seconds), else a ``Cancel-After`` header (Replicate's: ``30s``, ``5m``,
@@ -209,7 +216,9 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     if in_use:
         in_use.stored = True
     if submission.outcome == "new":
-        enqueue_inference(comp, in_use, traceparent)
+        key_record = auth.current_key()
+        step = step_for(order.lane(context), submission.in_flight, key_record.weight if key_record else 1.0)
+        enqueue_inference(comp, in_use, traceparent, step)
     return submission
 
 
@@ -232,25 +241,43 @@ def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *
     submission = svc.store.submit(comp, model_info, data, info.to_dict(comp.sha256), context=context, job_id=job_id,
                                   count=count, queue=inference_queue(order.card.name),
                                   max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
-                                  max_queued_bytes=max_bytes, key=key)
+                                  max_queued_bytes=max_bytes, key=key, share=auth.share(),
+                                  max_share_depth=svc.settings.max_queue_depth_per_key if check_capacity else 0)
     if submission.outcome == "overloaded":
         raise _overloaded(order.card.name)
+    if submission.outcome == "overloaded_share":
+        raise _share_full()
     if submission.outcome == "overloaded_bytes":
         raise _too_many_bytes()
     return submission
 
 
-def ensure_capacity(model: str, incoming_bytes: int = 0, jobs: int = 1) -> None:
+def ensure_capacity(model: str, incoming_bytes: int = 0, incoming_jobs: int = 1) -> None:
     """Refuse new work (503) while the model's queue is past MAX_QUEUE_DEPTH, or while the work
-    waiting for workers and ``jobs`` more (``incoming_bytes`` of uploads) would pass MAX_QUEUED_MB;
-    hits still pass."""
+    waiting for workers and ``incoming_jobs`` more (``incoming_bytes`` of uploads) would pass
+    MAX_QUEUED_MB; and (429) when the caller's computations in flight and ``incoming_jobs`` would pass
+    MAX_QUEUE_DEPTH_PER_KEY. Hits still pass."""
     svc = services()
-    limit = svc.settings.max_queue_depth
-    if limit and svc.redis.llen(inference_queue(model)) >= limit:
+    limit, per_key = svc.settings.max_queue_depth, svc.settings.max_queue_depth_per_key
+    pipe = svc.redis.pipeline(transaction=False)
+    for name in priority_lists(inference_queue(model)) if limit else ():
+        pipe.llen(name)
+    pipe.hget(QUEUED_SHARES_KEY, auth.share())
+    *lengths, in_flight = pipe.execute()
+    if limit and sum(lengths) >= limit:
         raise _overloaded(model)
-    incoming = incoming_bytes + jobs * (WAITING_JOB_BYTES + WAITING_COMPUTATION_BYTES)
+    if per_key and int(in_flight or 0) + incoming_jobs > per_key:
+        raise _share_full()
+    incoming = incoming_bytes + incoming_jobs * (WAITING_JOB_BYTES + WAITING_COMPUTATION_BYTES)
     if svc.max_queued_bytes and svc.store.queued_bytes() + incoming > svc.max_queued_bytes:
         raise _too_many_bytes()
+
+
+def _share_full() -> ShareFull:
+    limit = services().settings.max_queue_depth_per_key
+    return ShareFull(f"This caller's share of the queue is full: it has {limit} images waiting or being "
+                     "computed (MAX_QUEUE_DEPTH_PER_KEY); other callers are still served. Retry once some "
+                     "finish.", retry_after_s=5)
 
 
 def _too_many_bytes() -> Overloaded:
@@ -264,12 +291,13 @@ def _overloaded(model: str) -> Overloaded:
     return Overloaded(f"The {model} queue holds {limit} or more waiting jobs; retry shortly.")
 
 
-def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, traceparent: str = "") -> None:
-    """Send the inference task by name to the model's queue; undo the job (and the answer stored for
-    its Idempotency-Key, so that a retry makes it again) if that fails."""
+def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, traceparent: str = "",
+                      priority: int = 0) -> None:
+    """Send the inference task by name to the model's queue at its priority step; undo the job (and
+    the answer stored for its Idempotency-Key, so that a retry makes it again) if that fails."""
     svc = services()
     try:
-        send_inference(svc.celery, comp, traceparent)
+        send_inference(svc.celery, comp, traceparent, priority)
     except (OperationalError, AttributeError) as exc:  # AttributeError: kombu's channel, closed by another
         # thread's publish that Redis refused (a full Redis), has no connection left
         log.error("could not enqueue %s: %s", comp.suffix, exc)

@@ -96,7 +96,10 @@ ERROR_RESPONSES = {
                                    "(the key was used before with a different request).", {}),
     "429": ("TooManyRequests", "Rate limit (RATE_LIMIT, or the API key's own) exceeded; on the admin API "
                                "and /metrics: more than 10 failed token attempts from this address this "
-                               "minute (even the right token waits for Retry-After). Code: `rate_limited`.",
+                               "minute (even the right token waits for Retry-After). Code: `rate_limited`; "
+                               "`share_full` when this caller (API key, or address) already has "
+                               "MAX_QUEUE_DEPTH_PER_KEY images waiting or being computed (others are still "
+                               "served).",
             {"Retry-After": RETRY_AFTER, **RATE_LIMIT_HEADERS}),
     "503": ("ServiceUnavailable", "Try again later. Codes: `overloaded` (the model's queue is past "
                                   "MAX_QUEUE_DEPTH), `unavailable` (Redis or the job queue is down).",
@@ -280,6 +283,10 @@ def option_fields() -> dict:
                        "seconds from acceptance: a job not started by then ends `failed` with "
                        "`deadline_exceeded`, never computed (one already running finishes); 0: none, "
                        "even where the server sets JOB_DEADLINE_S. Or the Cancel-After header."},
+        "priority": {"type": "string", "enum": ["interactive", "bulk"], "description":
+                     "the lane: workers serve `interactive` work first, while `bulk` keeps a share (half a "
+                     "batch in every BULK_SHARE); inside a lane, callers with less work waiting go first. Default: "
+                     "`interactive` for a job, `bulk` for a batch's jobs."},
     }
 
 
@@ -486,7 +493,18 @@ def admin_schemas() -> dict:
         "WorkerList": {"type": "object", "required": ["workers", "webhook_workers"], "properties": {
             "workers": {"type": "array", "items": ref("WorkerNode")},
             "webhook_workers": {"type": "array", "items": ref("WebhookWorker")}}},
-        "QueueList": {"type": "object", "required": ["queues"], "properties": {"queues": {
+        "KeyList": {"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": {
+            "type": "object", "required": ["id", "name", "weight", "in_flight"], "properties": {
+                "id": {"type": "string"}, "name": {"type": "string"}, "created_at": {"type": "number"},
+                "revoked_at": {"type": ["number", "null"]}, "webhook_url": {"type": ["string", "null"]},
+                "rate_limit": {"type": ["string", "null"]},
+                "weight": {"type": "number", "description": "fair-share weight (default 1)"},
+                "in_flight": {**counts, "description": "the key's images waiting or being computed"}}}}}},
+        "QueueList": {"type": "object", "required": ["queues"], "properties": {"shares": {
+            "type": "array", "description": "computations in flight per caller (key:<id> or addr:<address>), "
+                                            "largest first; past 50 the rest summed as `other`",
+            "items": {"type": "object", "properties": {"share": {"type": "string"}, "in_flight": counts}}},
+            "queues": {
             "type": "array", "items": {"type": "object", "required": ["name", "depth", "oldest_age_s", "workers",
                                                                       "backlog_per_worker"],
                                        "properties": {"name": {"type": "string"}, "depth": counts,
@@ -495,7 +513,10 @@ def admin_schemas() -> dict:
                                                           "live workers consuming the queue: children of "
                                                           "nodes not draining (webhook nodes for webhooks)")},
                                                       "backlog_per_worker": {"type": "number", "description": (
-                                                          "depth / workers; the whole depth with no worker")}}}}}},
+                                                          "depth / workers; the whole depth with no worker")},
+                                                      "lanes": {"type": "object", "description": (
+                                                          "inference queues: depth per lane"), "properties": {
+                                                          "interactive": counts, "bulk": counts}}}}}}},
         "WindowStats": {"type": "object", "required": ["models", "cache"], "properties": {
             "models": {"type": "object", "additionalProperties": {"type": "object", "properties": {
                 "done": counts, "failed": counts, "per_second": {"type": "number"},
@@ -554,6 +575,18 @@ def admin_paths(settings: Settings) -> dict:
         "/api/v1/admin/workers/{name}/shrink": action("adminShrink", "Remove idle children (one stays)", step),
         "/api/v1/admin/workers/{name}/drain": action("adminDrain", "Stop consuming; in-flight jobs finish"),
         "/api/v1/admin/workers/{name}/resume": action("adminResume", "Consume the worker's queues again"),
+        "/api/v1/admin/keys": read("adminKeys", "API keys with their fair-share weights and work in flight",
+                                   "KeyList"),
+        "/api/v1/admin/keys/{key_id}/weight": {"post": {
+            "operationId": "adminKeyWeight", "tags": ["admin"], "summary": "Set an API key's fair-share weight",
+            "security": admin, "parameters": [{"name": "key_id", "in": "path", "required": True,
+                                               "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": json_body({
+                "type": "object", "required": ["weight"], "properties": {
+                    "weight": {"type": "number", "minimum": 0.01, "maximum": 100}}})},
+            "responses": {"200": {"description": "The key with its new weight.", "content": json_body({
+                "type": "object", "properties": {"id": {"type": "string"}, "weight": {"type": "number"}}})},
+                          **errors("400", "401", "404", "422", "429", "503")}}},
         "/api/v1/admin/cache/purge": {"post": {
             "operationId": "adminPurge", "tags": ["admin"], "summary": "Purge one model version's cache",
             "security": admin, "requestBody": {"required": True, "content": json_body({

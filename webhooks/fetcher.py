@@ -22,7 +22,7 @@ from shared.jobs import JobStore
 from shared.jobtypes import JobContext
 from shared.keys import Computation, OutputOptions, image_digest
 from shared.settings import Settings
-from shared.tasks import inference_queue, send_inference
+from shared.tasks import inference_queue, send_inference, step_for
 from web.upload import inspect_image
 from webhooks.fetch import FetchError, fetch_image
 
@@ -75,7 +75,8 @@ class ImageFetcher:
                              traceparent=traceparent, deadline_at=float(fields.get("deadline") or 0))
         submission = self.store.submit(comp, model, data, info.to_dict(sha), context=context, job_id=job_id,
                                        queue=inference_queue(comp.model),
-                                       count=stats.SubmissionCount(comp.model, time.time()))
+                                       count=stats.SubmissionCount(comp.model, time.time()),
+                                       share=url_share(fields.get("owner", "")))
         if submission.outcome == "canceled":  # canceled while its image was fetched: it stays so
             return "canceled"
         if submission.outcome not in ("cached", "attached", "new"):  # no bound is passed: cannot happen
@@ -83,7 +84,7 @@ class ImageFetcher:
         self.fetches.joined(job_id, fields["created_at"], done=submission.outcome == "cached")
         if submission.outcome == "new":
             try:
-                send_inference(self.celery, comp, traceparent)
+                send_inference(self.celery, comp, traceparent, step_for("interactive", submission.in_flight))
             except Exception:  # the job must not wait for a message that was never sent
                 log.exception("could not enqueue %s for job %s", comp.suffix, job_id)
                 self.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
@@ -96,3 +97,9 @@ class ImageFetcher:
         if self.fetches.fail(job_id, error) and self.store.on_settled is not None:
             self.store.on_settled([job_id])
         return "fetch_failed"
+
+
+def url_share(owner: str) -> str:
+    """The sender an image_url job counts against: its API key, or one share for every anonymous
+    image_url job (the address that sent it is not kept). Its lane is interactive, its weight 1."""
+    return f"key:{owner}" if owner else "addr:image_url"

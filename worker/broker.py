@@ -18,48 +18,71 @@ import time
 
 import redis
 
-from shared.keys import TAKEN_BY_KEY, Computation
-from shared.tasks import INFER_TASK
+from shared.keys import TAKEN_BY_KEY, TAKES_KEY, Computation
+from shared.tasks import INFER_TASK, LANE_STEPS, PRIORITY_SEP, PRIORITY_STEPS, priority_lists
 
 log = logging.getLogger(__name__)
 
-# KEYS: unacked hash, unacked index, taken-by hash, then the queue's lists in kombu's priority order.
+# KEYS: unacked hash, unacked index, taken-by hash, the takes counter hash, then the queue's lists in
+# kombu's priority order (the interactive lane's ARGV[6] lists, then the bulk lane's). ARGV: how many
+# to take, now, the taking child, the queue's name, BULK_SHARE, the interactive lane's list count.
+# Lists are emptied lowest step first, except on every BULK_SHARE-th take of the queue, which first
+# takes up to half the batch from the bulk lane, then interactive work, then bulk again to fill it:
+# bulk work keeps that share however much interactive work waits, and an interactive job waiting is
+# still in the very next batch (unless interactive work alone fills the other half).
 # Each message is kept verbatim: the unacked entry is the JSON array [message, exchange, routing key].
 # The taken-by entry names the child that took it, so that the sweeper puts it back at once if that
 # child dies (kombu's own restore would wait for the visibility timeout).
 _TAKE = """
 local taken, limit, now, owner = {}, tonumber(ARGV[1]), ARGV[2], ARGV[3]
-for i = 4, #KEYS do
-  while #taken < limit do
-    local raw = redis.call('RPOP', KEYS[i])
-    if not raw then break end
-    local ok, message = pcall(cjson.decode, raw)
-    local properties = ok and type(message) == 'table' and message['properties']
-    local info = type(properties) == 'table' and properties['delivery_info']
-    if type(info) == 'table' and type(properties['delivery_tag']) == 'string' then
-      local tag = properties['delivery_tag']
-      redis.call('ZADD', KEYS[2], now, tag)
-      redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
-                 .. cjson.encode(info['routing_key']) .. ']')
-      redis.call('HSET', KEYS[3], tag, owner)
-    end  -- else unreadable: returned, never recorded, so the caller drops it for good
-    table.insert(taken, raw)
+local share, split = tonumber(ARGV[5]), 4 + tonumber(ARGV[6])
+local function drain(first, last, cap)
+  for i = first, last do
+    while #taken < cap do
+      local raw = redis.call('RPOP', KEYS[i])
+      if not raw then break end
+      local ok, message = pcall(cjson.decode, raw)
+      local properties = ok and type(message) == 'table' and message['properties']
+      local info = type(properties) == 'table' and properties['delivery_info']
+      if type(info) == 'table' and type(properties['delivery_tag']) == 'string' then
+        local tag = properties['delivery_tag']
+        redis.call('ZADD', KEYS[2], now, tag)
+        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
+                   .. cjson.encode(info['routing_key']) .. ']')
+        redis.call('HSET', KEYS[3], tag, owner)
+      end  -- else unreadable: returned, never recorded, so the caller drops it for good
+      table.insert(taken, raw)
+    end
   end
 end
+if share > 0 and redis.call('HINCRBY', KEYS[4], ARGV[4], 1) % share == 0 then
+  drain(split + 1, #KEYS, math.ceil(limit / 2))
+end
+drain(5, #KEYS, limit)
 return taken
 """
 
-# Put messages back at the head of their queue (the next to be taken, in their order: consumers take
-# from the right, so the first goes in last) and forget them as unacked.
+# Put messages back at the head of their priority list (the next to be taken, in their order:
+# consumers take from the right, so the first goes in last) and forget them as unacked.
+# KEYS: unacked hash, unacked index, taken-by hash, the queue's lists by step. ARGV: (tag, message,
+# step) triples.
 _REQUEUE = """
-for i = #ARGV - 1, 1, -2 do
-  redis.call('RPUSH', KEYS[4], ARGV[i + 1])
+for i = #ARGV - 2, 1, -3 do
+  redis.call('RPUSH', KEYS[4 + tonumber(ARGV[i + 2])], ARGV[i + 1])
   redis.call('HDEL', KEYS[1], ARGV[i])
   redis.call('ZREM', KEYS[2], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
 end
-return #ARGV / 2
+return #ARGV / 3
 """
+
+
+def message_step(message: dict) -> int:
+    """The priority step a kombu message was sent with (kombu's own reading: 0 to 9, else 0)."""
+    try:
+        return max(PRIORITY_STEPS[0], min(int(message["properties"]["priority"]), PRIORITY_STEPS[-1]))
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 @dataclasses.dataclass
@@ -82,36 +105,42 @@ class Pending:
 class BatchReceiver:
     """Takes up to N inference messages of a queue in one round trip; acknowledges them in a pipeline."""
 
-    def __init__(self, channel, owner: str = ""):
+    def __init__(self, channel, owner: str = "", bulk_share: int = 0):
+        self.bulk_share = bulk_share  # every bulk_share-th take starts with the bulk lane; 0: never
         self.client = channel._create_client()  # kombu's own connection pool: same server, same options
         self.owner = owner  # this child's heartbeat name, recorded against every message it takes
         self.unacked, self.index = channel.unacked_key, channel.unacked_index_key
         self.queues = {}
-        self._channel = channel
         self._take = self.client.register_script(_TAKE)
         self._requeue = self.client.register_script(_REQUEUE)
 
     @classmethod
-    def for_connection(cls, connection, owner: str = "") -> "BatchReceiver | None":
+    def for_connection(cls, connection, owner: str = "", bulk_share: int = 0) -> "BatchReceiver | None":
         """A receiver on the broker connection, or None where its transport is not kombu's Redis."""
         channel = connection.default_channel
         if not hasattr(channel, "unacked_index_key") or getattr(channel, "global_keyprefix", ""):
             log.warning("broker transport %s is not plain Redis: batching takes no extra messages",
                         type(channel).__name__)
             return None
-        return cls(channel, owner)
+        if getattr(channel, "sep", None) != PRIORITY_SEP:
+            log.warning("broker transport %s names priority lists otherwise: batching takes no extra messages",
+                        type(channel).__name__)
+            return None
+        return cls(channel, owner, bulk_share)
 
     def _lists(self, queue: str) -> list[str]:
+        """The queue's lists in the service's layout (shared.tasks: every step, whatever steps this
+        channel was configured with), the first served first."""
         if queue not in self.queues:
-            self.queues[queue] = [self._channel._q_for_pri(queue, p) for p in self._channel.priority_steps]
+            self.queues[queue] = priority_lists(queue)
         return self.queues[queue]
 
     def take(self, queue: str, limit: int) -> list[Pending]:
         """Take up to ``limit`` waiting inference messages of ``queue`` (none if it is empty)."""
         if limit <= 0:
             return []
-        raws = self._take(keys=[self.unacked, self.index, TAKEN_BY_KEY, *self._lists(queue)],
-                          args=[limit, time.time(), self.owner])
+        raws = self._take(keys=[self.unacked, self.index, TAKEN_BY_KEY, TAKES_KEY, *self._lists(queue)],
+                          args=[limit, time.time(), self.owner, queue, self.bulk_share, LANE_STEPS])
         taken, strays = [], []
         for raw in raws:
             pending = self._parse(raw)
@@ -160,12 +189,12 @@ class BatchReceiver:
             pipe.execute()
 
     def requeue(self, queue: str, messages: list[tuple[str, bytes]] | list[Pending]) -> None:
-        """Put taken messages back at the head of ``queue``, for any consumer to take again."""
+        """Put taken messages back at the head of their priority lists of ``queue``, for any consumer to take again."""
         pairs = [(m.tag, m.raw) if isinstance(m, Pending) else m for m in messages]
-        pairs = [(tag, raw) for tag, raw in pairs if tag is not None]
-        if pairs:
-            self._requeue(keys=[self.unacked, self.index, TAKEN_BY_KEY, self._lists(queue)[0]],
-                          args=[part for pair in pairs for part in pair])
+        triples = [(tag, raw, message_step(json.loads(raw))) for tag, raw in pairs if tag is not None]
+        if triples:
+            self._requeue(keys=[self.unacked, self.index, TAKEN_BY_KEY, *self._lists(queue)],
+                          args=[part for triple in triples for part in triple])
 
     def close(self) -> None:
         self.client.close()
@@ -190,7 +219,8 @@ def restore_taken_by(client, dead: set[str]) -> int:
             if entry:
                 message, _exchange, routing_key = json.loads(entry)
                 message.get("headers", {})["redelivered"] = True
-                pipe.rpush(routing_key, json.dumps(message))  # the head: taken next
+                # the head of its own priority list: taken next of its step
+                pipe.rpush(priority_lists(routing_key)[message_step(message)], json.dumps(message))
                 pipe.hdel("unacked", tag)
                 pipe.zrem("unacked_index", tag)
                 restored += 1

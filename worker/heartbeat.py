@@ -21,6 +21,7 @@ import redis
 
 from shared import stats
 from shared.keys import WORKERS_KEY, worker_key
+from shared.tasks import priority_lists
 
 log = logging.getLogger(__name__)
 LATENCY_WINDOW = 200
@@ -83,10 +84,13 @@ class Heartbeat:
         pipe.expire(worker_key(self.name), self.ttl_s)
         pipe.zadd(WORKERS_KEY, {self.name: now})
         pipe.zremrangebyscore(WORKERS_KEY, 0, now - self.ttl_s)
-        for queue in self.queues:
-            pipe.llen(queue)
-        depths = pipe.execute()[4:]
-        stats.record_queue_depths(self.client, dict(zip(self.queues, depths)), now)
+        lists = {queue: priority_lists(queue) for queue in self.queues}
+        for names in lists.values():
+            for name in names:
+                pipe.llen(name)
+        lengths = iter(pipe.execute()[4:])
+        depths = {queue: sum(next(lengths) for _ in names) for queue, names in lists.items()}
+        stats.record_queue_depths(self.client, depths, now)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -109,7 +109,8 @@ class Runtime:
                               probe=lambda: _probe(device, sizers),
                               queues=tuple(inference_queue(card.name) for card in catalog))
         heartbeat.start()
-        receiver = BatchReceiver.for_connection(broker_connection, owner=name) if broker_connection else None
+        receiver = None if broker_connection is None else BatchReceiver.for_connection(
+            broker_connection, owner=name, bulk_share=settings.bulk_share)
         log.info("child %s ready on %s with batch sizes %s", name, info["device"], info["max_batch"])
         store = announcing_store(client, settings, sender) if sender is not None else JobStore.from_settings(
             client, settings)  # the sender (the worker's Celery app) carries webhook events

@@ -36,11 +36,11 @@ import redis
 from celery import Celery
 
 from shared.errors import ImageExpired
-from shared.jobscripts import RECONCILE_QUEUED_BYTES
-from shared.keys import (COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, TAKEN_BY_KEY, WORKERS_KEY,
-                         Computation)
+from shared.jobscripts import RECONCILE_QUEUED_BYTES, RECONCILE_QUEUED_SHARES
+from shared.keys import (COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY, QUEUED_SIZES_KEY,
+                         TAKEN_BY_KEY, WORKERS_KEY, Computation)
 from shared.settings import Settings
-from shared.tasks import INFER_TASK, inference_queue, send_inference
+from shared.tasks import INFER_TASK, inference_queue, priority_lists, send_inference
 from shared.webhooks import announcing_store
 from worker.broker import restore_taken_by
 
@@ -58,6 +58,7 @@ class Sweeper:
         self.catalog_queues = queues  # the inference queues whose waiting messages count as a backlog
         self.store = announcing_store(client, settings, celery)  # failed jobs still get their events
         self._reconcile = client.register_script(RECONCILE_QUEUED_BYTES)
+        self._reconcile_shares = client.register_script(RECONCILE_QUEUED_SHARES)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 
@@ -122,6 +123,9 @@ class Sweeper:
         before, now = self._reconcile(keys=[QUEUED_BYTES_KEY, QUEUED_SIZES_KEY], args=[IMAGE_PREFIX])
         if before != now:
             log.warning("queued:bytes counted %d bytes of uploads waiting; %d really wait", before, now)
+        before, now = self._reconcile_shares(keys=[QUEUED_KEYS_KEY, QUEUED_SHARES_KEY, COMPUTATIONS_KEY])
+        if before != now:
+            log.warning("queued:shares counted %d computations in flight; %d really are", before, now)
 
     def _extend(self, comp: Computation, now: float, treatment: str) -> str:
         self.client.zadd(COMPUTATIONS_KEY, {comp.suffix: now + self.settings.stuck_after_s})
@@ -159,7 +163,8 @@ class Sweeper:
         """
         pipe = self.client.pipeline(transaction=False)
         for queue in sorted(queues):
-            pipe.lrange(queue, 0, -1)
+            for name in priority_lists(queue):
+                pipe.lrange(name, 0, -1)
         pipe.zrangebyscore("unacked_index", now - self.settings.stuck_after_s, "+inf")
         *lists, recent_tags = pipe.execute()
         in_queues = {suffix for raw in (m for reply in lists for m in reply) if (suffix := _message_suffix(raw))}

@@ -112,10 +112,16 @@ function renderWebhookWorkers(nodes) {
   document.getElementById("webhook-workers-body").replaceChildren(...rows);
 }
 
-function renderQueues(queues) {
+function renderQueues(queues, shares) {
   document.getElementById("queues-body").replaceChildren(...queues.map((q) =>
     el("tr", { "data-queue": q.name }, el("td", {}, q.name), el("td", { class: "num" }, q.depth),
+      el("td", { class: "num" }, q.lanes ? q.lanes.interactive : "–"),
+      el("td", { class: "num" }, q.lanes ? q.lanes.bulk : "–"),
       el("td", { class: "num" }, fmt.age(q.oldest_age_s)))));
+  const rows = (shares || []).map((s) => el("tr", { "data-share": s.share }, el("td", {}, s.share),
+    el("td", { class: "num" }, s.in_flight)));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 2 }, "Nothing in flight.")));
+  document.getElementById("shares-body").replaceChildren(...rows);
 }
 
 function renderModels(stats) {
@@ -164,7 +170,7 @@ async function refresh() {
     renderTiles(workers.workers, queues.queues, stats);
     renderWorkers(workers.workers);
     renderWebhookWorkers(workers.webhook_workers || []);
-    renderQueues(queues.queues);
+    renderQueues(queues.queues, queues.shares);
     renderModels(stats);
     renderCharts(stats.series);
     setStatus("ok", `live · ${new Date().toLocaleTimeString()}`);
