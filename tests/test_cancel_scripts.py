@@ -7,7 +7,8 @@ import pytest
 from shared.jobs import Claim, JobStore
 from shared.jobtypes import JobContext
 from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
-from shared.keys import ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_SIZES_KEY, Computation, OutputOptions
+from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY,
+                         QUEUED_SIZES_KEY, Computation, OutputOptions)
 
 MODEL = {"name": "m", "version": "1"}
 RESULT = {"predictions": [], "gradcam": None}
@@ -50,6 +51,19 @@ def test_a_canceled_queued_job_is_skipped_at_claim_and_its_bookkeeping_released(
     assert int(redis_client.get(QUEUED_BYTES_KEY) or 0) == before
     assert store.get(job_id)["status"] == "canceled"
     assert store.cancel([job_id]) == ["already"]  # a second cancel changes nothing
+
+
+def test_a_skipped_computation_gives_back_its_senders_share(store, redis_client):
+    """A sender's count of computations in flight (its lane step, MAX_QUEUE_DEPTH_PER_KEY) drops when
+    its canceled computation is skipped, not only when one is finished."""
+    comp = _comp("9" * 64)
+    info = {"sha256": comp.sha256, "format": "PNG", "width": 1, "height": 1}
+    job_id = store.submit(comp, MODEL, b"img", info, share="key:k1").job_id
+    assert redis_client.hget(QUEUED_SHARES_KEY, "key:k1") == b"1"
+    store.cancel([job_id])
+    assert store.claim([comp])[0].skipped
+    assert redis_client.hget(QUEUED_SHARES_KEY, "key:k1") is None
+    assert redis_client.hget(QUEUED_KEYS_KEY, comp.suffix) is None
 
 
 def test_cancel_detaches_one_job_and_the_computation_goes_on_for_the_others(store, redis_client):
