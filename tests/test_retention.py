@@ -48,7 +48,8 @@ def small_main(tmp_path_factory):
         "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"))
     settings = Settings(redis_url=main_url, cache_url=cache_url, model_cards_dir=cards, models=(null_model.NAME,),
                         default_model=null_model.NAME, heartbeat_interval_s=1, worker_ttl_s=5,
-                        worker_concurrency=1, torch_threads=1, max_batch=64, rate_limit="10000000/minute")
+                        worker_concurrency=1, torch_threads=1, max_batch=64, rate_limit="10000000/minute",
+                        max_queue_depth_per_key=0)  # one client address sends everything
     ARTIFACTS.mkdir(exist_ok=True)
     worker = stack.start_worker(settings, ARTIFACTS / "worker-retention.log", name="retention")
     web, url = stack.start_web(settings, threads=8, processes=2)
@@ -147,7 +148,7 @@ def test_a_backlog_of_tiny_uploads_is_bounded_with_its_records_and_messages(tmp_
     settings = Settings(redis_url=main_url, model_cards_dir=cards, models=(null_model.NAME,),
                         default_model=null_model.NAME, heartbeat_interval_s=1, worker_ttl_s=5,
                         worker_concurrency=1, torch_threads=1, max_batch=64, rate_limit="10000000/minute",
-                        max_queue_depth=0)  # the bytes bound alone
+                        max_queue_depth=0, max_queue_depth_per_key=0)  # the bytes bound alone
     web, url = stack.start_web(settings, threads=4, processes=1)
     main, worker, accepted, refusal = redis.Redis.from_url(main_url), None, [], None
     try:
