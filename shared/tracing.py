@@ -41,7 +41,19 @@ def configure(settings, service_name: str) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    class _Resource(Resource):
+        """The process's resource, its hash computed once: the OTLP encoder hashes it for every span
+        it exports (a JSON dump of the attributes each time, 3 us)."""
+
+        def __init__(self, attributes, schema_url=None):
+            super().__init__(attributes, schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self):
+            return self._hash
+
+    created = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    resource = _Resource(created.attributes, created.schema_url)
     provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
         exporter = ConsoleSpanExporter()
@@ -129,6 +141,15 @@ def _span_context(traceparent: str):
     return found if found.is_valid else None
 
 
+def _unsampled(parent) -> bool:
+    """Whether ``parent`` is a span of a trace that is not sampled: a child of it would not be either
+    (the sampler follows the parent, or decides on the same trace id), so it is not made at all.
+    The sampled flag, not ``is_recording()``: that is false too once the parent ended (a batch's
+    write span may start after the batch span ended)."""
+    found = parent.get_span_context()
+    return found.is_valid and not found.trace_flags.sampled
+
+
 def _in_context(span_context):
     """The context of a span started under ``span_context``: a new trace where it is None."""
     if span_context is None:
@@ -141,7 +162,7 @@ def span(name: str, *, parent: str | None = None, attributes: dict | None = None
     """A span around the block, child of ``parent`` (a traceparent) or of the current span. It is not
     made the current span (what runs inside takes its traceparent from ``traceparent_of``): an
     exception out of the block is recorded on it. Yields the span, or None when tracing is off."""
-    if _tracer is None:
+    if _tracer is None or (parent is None and _unsampled(_api.get_current_span())):
         yield None
         return
     current = _tracer.start_span(name, context=None if parent is None else _in_context(_span_context(parent)),
@@ -157,8 +178,8 @@ def span(name: str, *, parent: str | None = None, attributes: dict | None = None
 
 
 def child(parent_span, name: str, *, start_s: float | None = None, attributes: dict | None = None):
-    """Start a span under ``parent_span`` (None when tracing is off or there is no parent)."""
-    if _tracer is None or parent_span is None:
+    """Start a span under ``parent_span`` (None when tracing is off, there is no parent, or it is not sampled)."""
+    if _tracer is None or parent_span is None or _unsampled(parent_span):
         return None
     return _tracer.start_span(name, context=_api.set_span_in_context(parent_span), attributes=attributes,
                               start_time=None if start_s is None else int(start_s * 1e9))
