@@ -59,7 +59,7 @@ def traced(tmp_path, monkeypatch, cards_dir):
     with Receiver() as collector, Receiver() as hooks:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export within the test's patience
-        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")  # the default: a caller decides
         redis_proc, url = stack.start_redis(tmp_path)
         settings = Settings(redis_url=url, model_cards_dir=cards_dir, worker_concurrency=1, torch_threads=1,
                             max_batch=4, heartbeat_interval_s=1, worker_ttl_s=5, webhook_secret=WEBHOOK_SECRET,
@@ -120,6 +120,23 @@ def test_a_computed_job_with_a_callback_is_one_trace_hop_by_hop(traced):
     cached = [s for s in collected_spans(collector) if s["trace"] == cached_id]
     assert not WORKER_HOPS & {s["name"] for s in cached} and {s["service"] for s in cached} == {"imgsvc-web"}
     (ARTIFACTS / "trace-cached.txt").write_text(tree(cached) + "\n")
+
+
+@pytest.mark.integration
+def test_a_caller_that_does_not_sample_gets_no_spans_anywhere(traced):
+    """A ``traceparent`` with the sampled flag off is followed (the default sampler is parent-based):
+    no process exports a span of that trace, and the job is done as any other."""
+    base, collector, _ = traced
+    unsampled = secrets.token_hex(16)
+    answer = requests.post(f"{base}/api/v1/jobs", files={"image": ("photo.jpg", images.noise_png(22), "image/jpeg")},
+                           headers={"traceparent": f"00-{unsampled}-{secrets.token_hex(8)}-00"}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    job_url = f"{base}/api/v1/jobs/{answer.json()['id']}"
+    stack.wait_for(lambda: requests.get(job_url, timeout=10).json()["status"] == "done", 60, "the unsampled job")
+    sampled = secrets.token_hex(16)  # sent after it: its spans are exported after the unsampled job's would be
+    assert _submit(base, images.noise_png(23), sampled).status_code == 202
+    _trace(collector, sampled, WORKER_HOPS | {"cache lookup"})
+    assert not [s for s in collected_spans(collector) if s["trace"] == unsampled]
 
 
 @pytest.mark.integration

@@ -83,7 +83,7 @@ class Deliverer:
         number = event.attempts + 1
         with tracing.span("webhook attempt", parent=event.traceparent or None,
                           attributes={"webhook.event_id": event.id, "webhook.attempt": number}) as attempt:
-            answer = self._send(event)
+            answer = self._send(event, tracing.traceparent_of(attempt))
             if attempt is not None:
                 attempt.set_attribute("http.response.status_code", answer.status or 0)
         entry = {"event_id": event.id, "attempt": number, "at": utc_now(), "url": event.url,
@@ -122,9 +122,10 @@ class Deliverer:
             delay = min(answer.retry_after_s, MAX_RETRY_AFTER_S)  # the receiver said when
         return delay
 
-    def _send(self, event: Event) -> Answer:
+    def _send(self, event: Event, traceparent: str = "") -> Answer:
         """Make the attempt within WEBHOOK_TIMEOUT_S, name lookup included; never raise: whatever
-        goes wrong is the attempt's error, logged, and retried on the schedule."""
+        goes wrong is the attempt's error, logged, and retried on the schedule. ``traceparent``:
+        the attempt's span, sent for the receiver's own trace."""
         started = time.monotonic()
         deadline = started + self.settings.webhook_timeout_s
         try:
@@ -136,7 +137,6 @@ class Deliverer:
             headers = {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": event.id,
                        "webhook-timestamp": str(timestamp),
                        "webhook-signature": sign(secret, event.id, timestamp, event.body)}
-            traceparent = tracing.current_traceparent()  # the attempt's span, for the receiver's own trace
             if traceparent:
                 headers["traceparent"] = traceparent
             return post(target, event.body, headers, connect_timeout=self.settings.webhook_connect_timeout_s,

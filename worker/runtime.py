@@ -186,11 +186,8 @@ class Runtime:
     def _stage(self, batch: list[Pending], requested: int) -> StagedBatch:
         """Claim a batch (one round trip), then decode and preprocess its images."""
         taken_at = time.time()
-        span = tracing.start("batch", parent=batch[0].traceparent, links=[p.traceparent for p in batch[1:]],
-                             attributes={"batch.size": len(batch), "batch.requested": requested})
-        for pending in batch:  # each job's wait, in its own trace, linked to the batch that took it
-            tracing.record("queue wait", parent=pending.traceparent, start_s=pending.enqueued_at, end_s=taken_at,
-                           links=(span,))
+        span = tracing.batch_started([p.traceparent for p in batch], [p.enqueued_at for p in batch], taken_at,
+                                     requested=requested)  # and each job's wait, linked to it
         claims, draining = self.store.claim_batch([p.comp for p in batch], owner=self.heartbeat.name,
                                                   drain_key=drain_key(self.labels["worker"]))
         retried = [p.comp.model for p, c in zip(batch, claims) if c.attempt > 1]
