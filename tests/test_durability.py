@@ -86,7 +86,8 @@ def killed_stack(request, tmp_path, settings):
     port, extra = stack.free_port(), ("--appendfsync", fsync)
     proc, url = stack.start_redis(tmp_path, port=port, aof=True, extra=extra)
     own = dataclasses.replace(settings, redis_url=url, durable_accept=fsync == "always", stuck_after_s=3,
-                              sweep_interval_s=1, visibility_timeout_s=10, job_time_limit_s=9)
+                              sweep_interval_s=1, visibility_timeout_s=10, job_time_limit_s=9,
+                              max_queue_depth_per_key=0)  # one client sends the whole stream
     worker = stack.start_worker(own, ARTIFACTS / f"durable-{fsync}-worker.log", name=f"durable{fsync}")
     holder = {"redis": proc, "extra": extra}
     yield fsync, own, tmp_path, port, holder

@@ -13,7 +13,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
 from shared.settings import Settings
-from shared.tasks import inference_queue
+from shared.tasks import inference_queue, priority_lists
 from tests import images
 from tests.conftest import ARTIFACTS, submit
 from tools import stack
@@ -131,7 +131,7 @@ def test_results_refused_after_the_claim_leave_their_messages_unacknowledged(slo
         queue = inference_queue(SLOW)
 
         def held() -> int:  # the batch's messages not acknowledged: in kombu's unacked set or queued
-            return admin.hlen("unacked") + admin.llen(queue)
+            return admin.hlen("unacked") + sum(admin.llen(name) for name in priority_lists(queue))
 
         stack.wait_for(lambda: held() >= 4, 10, "every unwritten message to be held, not acknowledged")  # 1 before
     finally:

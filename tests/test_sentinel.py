@@ -76,7 +76,8 @@ def test_without_sentinels_celery_and_the_limiter_use_redis_url_as_before():
     settings = Settings.from_env({"REDIS_URL": "redis://h:1/2", "VISIBILITY_TIMEOUT_S": "777"})
     config = celery_config(settings)
     assert config["broker_url"] == "redis://h:1/2"
-    assert config["broker_transport_options"] == {"visibility_timeout": 777}
+    # no sentinel options: only the visibility timeout and the lanes' priority lists
+    assert config["broker_transport_options"] == {"visibility_timeout": 777, "priority_steps": list(range(10))}
     assert sentinel.limiter_storage(settings) == ("redis://h:1/2", {})
     assert isinstance(redisconn.client(settings).connection_pool.connection_class(), redis.Connection)
 
