@@ -5,8 +5,9 @@
 #         AOF, noeviction so nothing queued is ever evicted (every job/cache key carries its own TTL).
 #         fsync every second, or on every write with DURABLE_ACCEPT=true.
 #   cache (CACHE_PORT, 6380): results, heatmaps and their pictures. No persistence, evicts the
-#         least recently used entry past CACHE_MAXMEMORY (default 512mb): an evicted result is
-#         computed again, never an error.
+#         least recently used entry past CACHE_MAXMEMORY (default 2gb, what 24 h of settled jobs at
+#         10 img/s take: docs/scaling.md): an evicted result is computed again, an evicted
+#         settled job answers 404 `expired`; never an error.
 # Each runs under scripts/stop_in_order.py: on Ctrl-C it stops after its clients (workers, web), so their
 # goodbyes still reach it. `python` is the project's virtualenv's (make run puts it first on PATH).
 set -euo pipefail
@@ -25,7 +26,7 @@ case "$role" in
       --save "" --protected-mode yes ;;
   cache)
     exec python "${last[@]}" "${CACHE_PORT:-6380}" "$server" --bind 127.0.0.1 --port "${CACHE_PORT:-6380}" \
-      --appendonly no --save "" --maxmemory "${CACHE_MAXMEMORY:-512mb}" \
+      --appendonly no --save "" --maxmemory "${CACHE_MAXMEMORY:-2gb}" \
       --maxmemory-policy allkeys-lru --protected-mode yes ;;
   *) echo "usage: $0 [main|cache]" >&2; exit 2 ;;
 esac
