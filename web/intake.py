@@ -18,7 +18,7 @@ from shared.errors import (IdempotencyInProgress, InvalidCallbackUrl, InvalidOpt
 from shared.jobs import JobContext, Submission, new_job_id
 from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.jobtypes import WEBHOOK_EVENTS
-from shared.keys import QUEUED_SHARES_KEY, Computation, OutputOptions, batch_key, image_digest, job_key
+from shared.keys import QUEUED_BYTES_KEY, QUEUED_SHARES_KEY, Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
 from shared.tasks import LANES, inference_queue, priority_lists, send_inference, step_for
 from web import auth
@@ -263,13 +263,14 @@ def ensure_capacity(model: str, incoming_bytes: int = 0, incoming_jobs: int = 1)
     for name in priority_lists(inference_queue(model)) if limit else ():
         pipe.llen(name)
     pipe.hget(QUEUED_SHARES_KEY, auth.share())
-    *lengths, in_flight = pipe.execute()
+    pipe.get(QUEUED_BYTES_KEY)  # the three bounds in one round trip
+    *lengths, in_flight, queued_bytes = pipe.execute()
     if limit and sum(lengths) >= limit:
         raise _overloaded(model)
     if per_key and int(in_flight or 0) + incoming_jobs > per_key:
         raise _share_full()
     incoming = incoming_bytes + incoming_jobs * (WAITING_JOB_BYTES + WAITING_COMPUTATION_BYTES)
-    if svc.max_queued_bytes and svc.store.queued_bytes() + incoming > svc.max_queued_bytes:
+    if svc.max_queued_bytes and int(queued_bytes or 0) + incoming > svc.max_queued_bytes:
         raise _too_many_bytes()
 
 
