@@ -53,6 +53,18 @@ def test_a_canceled_queued_job_is_skipped_at_claim_and_its_bookkeeping_released(
     assert store.cancel([job_id]) == ["already"]  # a second cancel changes nothing
 
 
+def test_a_skipped_computations_message_delivered_again_is_skipped_again(store, redis_client):
+    """A worker that skipped a computation dies before acknowledging its message: the copy delivered
+    again is skipped again, with nothing left to release twice and no attempt counted."""
+    comp = _comp("8" * 64)
+    before = int(redis_client.get(QUEUED_BYTES_KEY) or 0)
+    store.cancel([_submit(store, comp)])
+    assert store.claim([comp])[0].skipped
+    assert store.claim([comp]) == [Claim(already_done=False, image=None, attempt=0, skipped=True)]
+    assert _released(redis_client, comp)
+    assert int(redis_client.get(QUEUED_BYTES_KEY) or 0) == before  # released once, not twice
+
+
 def test_a_skipped_computation_gives_back_its_senders_share(store, redis_client):
     """A sender's count of computations in flight (its lane step, MAX_QUEUE_DEPTH_PER_KEY) drops when
     its canceled computation is skipped, not only when one is finished."""
