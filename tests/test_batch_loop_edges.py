@@ -131,10 +131,10 @@ def test_a_refused_claim_of_the_next_batch_puts_it_back_at_once(tmp_path, cards)
         stack.stop(redis_proc)
 
 
-def _submit(client, data: bytes) -> str:
+def _submit(client, data: bytes, **fields) -> str:
     from tests.conftest import submit
 
-    answer = submit(client, data)
+    answer = submit(client, data, **fields)
     assert answer.status_code == 202, answer.get_json()
     return answer.get_json()["id"]
 
@@ -192,3 +192,71 @@ def test_two_lives_of_a_child_with_one_host_and_pid_have_different_names():
     names = [child_name(), child_name()]
     assert names[0] != names[1]
     assert all(name.startswith(f"{socket.gethostname()}:{os.getpid()}:") for name in names)
+
+
+def _loop_runtime(tmp_path, cards, models: tuple[str, ...]):
+    """A web app and an in-process worker child serving ``models`` that looks at other models'
+    queues every 0.1 s (LOOP_BUDGET_S is 10 s in service)."""
+    from kombu import Connection
+
+    from web import create_app
+    from worker.runtime import Runtime
+
+    redis_proc, url = stack.start_redis(tmp_path)
+    settings = Settings(redis_url=url, model_cards_dir=cards, models=models, default_model=models[0],
+                        worker_devices="cpu", torch_threads=1, max_batch=4, max_wait_ms=50,
+                        heartbeat_interval_s=1, worker_ttl_s=5, rate_limit="100000/minute")
+    app = create_app(settings)
+    runtime = Runtime.start(settings, ModelCatalog.load(cards, models, models[0]), 0,
+                            broker_connection=Connection(url), node="loops@test")
+    runtime.loop_budget_s = 0.1
+    return redis_proc, app, runtime
+
+
+def test_a_backlog_is_served_in_one_loop_while_no_other_model_waits(tmp_path, cards):
+    """Twelve jobs of the one model this child serves, three batches of about 0.3 s each: one
+    Celery task's loop does them all, looking at other models' queues every 0.1 s and finding none
+    served. Before, the loop ended at its first 10 s budget whatever waited: under a steady backlog
+    each restart staged its first batch without overlap (a batch of extra wait for whatever had
+    arrived just before it, the worst of issue 22's queue waits)."""
+    from worker.broker import BatchReceiver
+
+    redis_proc, app, runtime = _loop_runtime(tmp_path, cards, (SLOW,))
+    try:
+        client, store = app.test_client(), app.extensions["imgsvc"].store
+        job_ids = [_submit(client, images.noise_png(seed=44_000 + i)) for i in range(12)]
+        receiver = BatchReceiver.for_connection(_connection(runtime), owner="test")
+        runtime.handle(receiver.take(inference_queue(SLOW), 1)[0])
+        assert [store.get(job_id)["status"] for job_id in job_ids] == ["done"] * 12
+    finally:
+        runtime.close()
+        stack.stop(redis_proc)
+
+
+def test_a_loop_gives_way_when_another_model_it_serves_has_work(tmp_path, cards):
+    """The same backlog of one model, and one job of the other model this child serves: the loop
+    ends at its first look (0.1 s here) with most of its own backlog still queued, so the other
+    model's job is taken by the next Celery task instead of waiting for the whole backlog."""
+    from worker.broker import BatchReceiver
+
+    redis_proc, app, runtime = _loop_runtime(tmp_path, cards, (SLOW, PILL))
+    try:
+        client, store = app.test_client(), app.extensions["imgsvc"].store
+        job_ids = [_submit(client, images.noise_png(seed=45_000 + i)) for i in range(12)]
+        other = _submit(client, images.noise_png(seed=45_100), model=PILL)
+        receiver = BatchReceiver.for_connection(_connection(runtime), owner="test")
+        runtime.handle(receiver.take(inference_queue(SLOW), 1)[0])
+        statuses = [store.get(job_id)["status"] for job_id in job_ids]
+        assert statuses.count("done") <= 8 and statuses.count("queued") >= 4, statuses
+        assert store.get(other)["status"] == "queued"
+        runtime.handle(receiver.take(inference_queue(PILL), 1)[0])
+        assert store.get(other)["status"] == "done"
+    finally:
+        runtime.close()
+        stack.stop(redis_proc)
+
+
+def _connection(runtime):
+    from kombu import Connection
+
+    return Connection(runtime.settings.redis_url)

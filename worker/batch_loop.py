@@ -63,7 +63,9 @@ class BatchLoop:
         # A retried computation runs alone (it may be what crashed a child), and so does a drained node.
         self.alone = runtime.receiver is None or self.sizer is None or runtime.store.redis.exists(
             first.comp.attempts_key, drain_key(runtime.labels["worker"]))
-        self.deadline = time.monotonic() + runtime.loop_budget_s
+        started = time.monotonic()
+        self.deadline = started + runtime.loop_budget_s  # the next look at other models' queues
+        self.limit = started + runtime.loop_limit_s
         self.writes: collections.deque[tuple[Future, StagedBatch]] = collections.deque()
         self.current: StagedBatch | None = None
         self.following: Future | None = None
@@ -101,7 +103,7 @@ class BatchLoop:
         """Take the next batch and stage it in the stage thread, unless the loop should end here
         (or the current batch holds a computation retried after a crash: nothing else is taken
         while it may kill this child)."""
-        if self.alone or self.current.draining or self.current.retried_groups() or time.monotonic() >= self.deadline:
+        if self.alone or self.current.draining or self.current.retried_groups() or self._budget_spent():
             return None
         requested = self.sizer.size
         try:
@@ -110,6 +112,17 @@ class BatchLoop:
             log.warning("could not take the next batch of %s; finishing the one in hand: %s", self.queue, exc)
             return None
         return self.runtime.stager.submit(self.runtime._stage, taken, requested) if taken else None
+
+    def _budget_spent(self) -> bool:
+        """Whether the loop should end here: its time limit passed, or at a look (every
+        LOOP_BUDGET_S) another model this child serves has work waiting."""
+        now = time.monotonic()
+        if now < self.deadline:
+            return False
+        if now >= self.limit or self.runtime.others_waiting(self.queue):
+            return True
+        self.deadline = now + self.runtime.loop_budget_s
+        return False
 
     def _staged_following(self) -> StagedBatch | None:
         """The next batch, staged; None when there is none or staging it failed (its messages go

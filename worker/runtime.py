@@ -1,8 +1,11 @@
 """What one pool child holds for its whole life, and the pipelined loop that keeps its device busy.
 
 Celery hands the child one message. While more wait in the model's queue, the child keeps going
-in a loop of batches (up to ``LOOP_BUDGET_S`` per Celery task, so time limits, drains and other
-models' queues still get their turn), three stages deep:
+in a loop of batches, three stages deep. Every ``LOOP_BUDGET_S`` the loop looks whether another model
+this child serves has work waiting; it ends for it then, and in any case at a quarter of the soft time
+limit (one Celery task's time limit covers the whole loop). A drain ends it after the batch in hand.
+Under a steady backlog the loop so restarts rarely: each restart stages its first batch without
+overlap, which is a batch of extra wait for whatever arrived just before it.
 
     task thread:    take batch k+1 ─┐            compute batch k (device) ─┐
     stage threads:                  └ claim + decode + preprocess k+1      │
@@ -33,7 +36,7 @@ from shared.errors import (ImageExpired, InferenceFailed, ModelVersionUnavailabl
 from shared.jobs import Claim, JobStore
 from shared.keys import TAKEN_BY_KEY, drain_key
 from shared.settings import Settings
-from shared.tasks import inference_queue
+from shared.tasks import inference_queue, priority_lists
 from shared.webhooks import announcing_store
 from worker import devices
 from worker.batch_loop import BatchLoop, StagedBatch
@@ -80,7 +83,11 @@ class Runtime:
         # here until only its crop is left, whatever the batch size (MAX_BATCH_PIXELS).
         self.pixels = PixelBudget(settings.max_batch_pixels)
         self._ack_if_written = store.redis.register_script(_ACK_IF_WRITTEN)
-        self.loop_budget_s = min(LOOP_BUDGET_S, settings.job_soft_time_limit_s / 4)
+        self.loop_limit_s = settings.job_soft_time_limit_s / 4  # one loop's longest run (one Celery task)
+        self.loop_budget_s = min(LOOP_BUDGET_S, self.loop_limit_s)  # how often it looks at other models' queues
+        self._other_lists = {inference_queue(name): [lst for other in models if other != name
+                                                     for lst in priority_lists(inference_queue(other))]
+                             for name in models}
 
     @classmethod
     def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int,
@@ -145,6 +152,20 @@ class Runtime:
         finally:
             loop.finish()
         return loop.outcomes
+
+    def others_waiting(self, queue: str) -> bool:
+        """Whether another model this child serves has messages waiting (one round trip; none when the
+        child serves one model). A Redis error counts as yes: the loop ends and Celery takes over."""
+        lists = self._other_lists.get(queue)
+        if not lists or self.receiver is None:
+            return False
+        try:
+            pipe = self.receiver.client.pipeline(transaction=False)
+            for name in lists:
+                pipe.llen(name)
+            return any(pipe.execute())
+        except redis.RedisError:
+            return True
 
     def _take_first(self, queue: str, limit: int) -> list[Pending]:
         """Fill the first batch: wait up to MAX_WAIT_MS for more only when the queue already had some."""
