@@ -87,3 +87,37 @@ def test_a_wait_past_max_waiters_is_answered_at_once(settings, worker):
     answer = post_job(app.test_client(), images.noise_png(seed=21_530), headers={"Prefer": "wait=20"})
     assert answer.status_code == 202 and "Preference-Applied" not in answer.headers
     assert answer.headers["Wait-Skipped"] == "too-many-waiters"
+
+
+def test_a_held_submit_is_answered_at_once_when_its_job_is_canceled(slow_app):
+    """A submit holding `Prefer: wait=20` for a job that computes for SLOW_S: the job's owner cancels
+    it meanwhile (the same anonymous client), and the held request answers the canceled job right
+    away, not at the end of its wait or of the computation."""
+    import threading
+
+    from shared.keys import Computation, OutputOptions, image_digest
+    from tests.slow_model import SLOW_S
+
+    client = slow_app.test_client()
+    bright = images.encode(Image.new("RGB", (64, 48), (251, 251, 251)), "PNG")
+    held: dict = {}
+
+    def hold() -> None:
+        started = time.monotonic()
+        held["answer"] = post_job(client, bright, headers={"Prefer": "wait=20"}, model=SLOW)
+        held["waited"] = time.monotonic() - started
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    store = slow_app.extensions["imgsvc"].store
+    [card] = [m for m in client.get("/api/v1/models").get_json()["models"] if m["name"] == SLOW]
+    attached = Computation(SLOW, card["version"], image_digest(bright), OutputOptions()).attached_key
+    job_id = stack.wait_for(lambda: store.redis.lindex(attached, 0), 10, "the held job to be accepted",
+                            interval=0.02).decode()
+    time.sleep(0.3)  # the submit is holding its answer by now
+    canceled_at = time.monotonic()
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+    holder.join(20)
+    answer = held["answer"]
+    assert (answer.status_code, answer.get_json()["status"]) == (200, "canceled"), answer.get_json()
+    assert held["waited"] < SLOW_S and time.monotonic() - canceled_at < 2, held["waited"]
