@@ -298,9 +298,10 @@ def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, tracepa
     the answer stored for its Idempotency-Key, so that a retry makes it again) if that fails."""
     svc = services()
     try:
-        send_inference(svc.celery, comp, traceparent, priority)
-    except (OperationalError, AttributeError) as exc:  # AttributeError: kombu's channel, closed by another
-        # thread's publish that Redis refused (a full Redis), has no connection left
+        send_inference(svc.celery, comp, traceparent, priority, broker=svc.redis)  # the broker's server
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError, AttributeError) as exc:
+        # OperationalError, AttributeError: Celery's send (TASK_EVENTS on); AttributeError: kombu's
+        # channel, closed by another thread's publish that Redis refused (a full Redis), has no connection left
         log.error("could not enqueue %s: %s", comp.suffix, exc)
         svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
         if in_use:
