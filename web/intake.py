@@ -29,6 +29,10 @@ from web.upload import ImageInfo, inspect_image
 log = logging.getLogger(__name__)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 MAX_TOP_K = 20
+# An upload up to this size is header-checked and submitted with its bytes in one round trip, hit
+# or not; a bigger one is looked up first without them (a hit then costs neither the bytes' trip to
+# Redis nor their header check, and a miss a second round trip).
+LOOKUP_FIRST_BYTES = 256 * 1024
 MAX_DEADLINE_S = 7 * 24 * 3600  # as long as a job in flight is kept (JOB_TTL_S's default)
 # Replicate's Cancel-After: a duration such as 30s, 5m, 1h30m (or plain seconds)
 _DURATION = re.compile(r"(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,9}(?:\.\d{1,3})?)s)?")
@@ -224,19 +228,17 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
 
 def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *, job_id, count, key, info,
             check_capacity: bool) -> Submission:
-    """One lookup without the bytes (a hit or an attach needs neither them nor their header check);
-    on a miss, the header check and the submit that stores the bytes and starts the computation."""
+    """One submit that answers a hit, attaches, or stores the bytes and starts the computation, after
+    the header check. An upload over LOOKUP_FIRST_BYTES is looked up first without its bytes (a hit or
+    an attach needs neither them nor their header check), then, on a miss, submitted with them."""
     svc = services()
     model_info = {"name": order.card.name, "version": order.card.version}
     max_bytes = svc.max_queued_bytes if check_capacity else 0
-    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key,
-                                  max_queued_bytes=max_bytes)  # one more job waiting counts too
-    if submission.outcome == "overloaded_bytes":
-        raise _too_many_bytes()
-    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
-        svc.pictures.keep(comp, data, order.card.resize)
-    if submission.outcome != "miss":
-        return submission
+    if len(data) > LOOKUP_FIRST_BYTES:
+        submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key,
+                                      max_queued_bytes=max_bytes)  # one more job waiting counts too
+        if submission.outcome != "miss":
+            return _answered(submission, data, order, comp)
     info = info or inspect_image(data, svc.settings.max_image_pixels)
     submission = svc.store.submit(comp, model_info, data, info.to_dict(comp.sha256), context=context, job_id=job_id,
                                   count=count, queue=inference_queue(order.card.name),
@@ -247,8 +249,15 @@ def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *
         raise _overloaded(order.card.name)
     if submission.outcome == "overloaded_share":
         raise _share_full()
+    return _answered(submission, data, order, comp)
+
+
+def _answered(submission: Submission, data: bytes, order: Order, comp: Computation) -> Submission:
+    """Refuse a submission past MAX_QUEUED_MB (503); a hit's bytes are kept as its heatmap's picture."""
     if submission.outcome == "overloaded_bytes":
         raise _too_many_bytes()
+    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
+        services().pictures.keep(comp, data, order.card.resize)
     return submission
 
 
