@@ -366,8 +366,10 @@ class JobStore:
         key = notify_key(job_id)
         blocking.blmove(key, key, timeout_s, "RIGHT", "LEFT")
 
-    def wait_json(self, blocking: redis.Redis, job_id: str, timeout_s: float, owner: str | None = None) -> str | None:
-        """``wait``, then ``get_json``, in one round trip: Redis answers the read the moment the wait ends."""
+    def wait_json(self, blocking: redis.Redis, job_id: str, timeout_s: float,
+                  owner: str | None = None) -> tuple[str, str] | None:
+        """``wait``, then ``get_json``, in one round trip: Redis answers the read the moment the wait
+        ends. Return the job's JSON text and its stored status (the caller need not parse the text)."""
         key = notify_key(job_id)
         pipe = blocking.pipeline(transaction=False)
         pipe.blmove(key, key, timeout_s, "RIGHT", "LEFT")
@@ -376,8 +378,9 @@ class JobStore:
         if not fields or (owner is not None and fields.get("owner", "") != owner):
             return None
         if "result_key" in fields and "result" not in fields:  # settled by an older version: read its result
-            return self.get_json(job_id, owner)
-        return job_json(fields, fields.get("result"))
+            text = self.get_json(job_id, owner)
+            return None if text is None else (text, fields["status"])
+        return job_json(fields, fields.get("result")), fields["status"]
 
     def get_json(self, job_id: str, owner: str | None = None) -> str | None:
         """Return the job as the contract's JSON text, or None when unknown, expired or (when
