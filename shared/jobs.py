@@ -24,6 +24,7 @@ from shared.jobscripts import CANCEL, CLAIM, DROP_UNWAITED, FINISH, SUBMIT
 from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
+from shared.tasks import StepMessage
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY,
                          QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY, Computation, OutputOptions, job_key, notify_key,
                          overlay_key_for_result, picture_key_for_result)
@@ -72,6 +73,7 @@ class Submission:
     fields: dict[str, str]  # the job hash as written
     cached_result: bytes | None = None
     in_flight: int = 0  # ``new``: the sender's (``share``'s) computations in flight before this one
+    step: int | None = None  # ``new``: the priority step its task message was pushed at; None: not pushed
 
     def json(self) -> str:
         """Return the job JSON without another Redis round trip."""
@@ -125,7 +127,8 @@ class JobStore:
                image_info: dict | None = None, context: JobContext = JobContext(),
                job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
                max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None,
-               key: KeyRecord | None = None, share: str = "", max_share_depth: int = 0) -> Submission:
+               key: KeyRecord | None = None, share: str = "", max_share_depth: int = 0,
+               message: StepMessage | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
@@ -136,8 +139,10 @@ class JobStore:
         ``addr:<address>``) already has ``max_share_depth`` computations in flight
         (``overloaded_share``); a new computation counts against its ``share``. A job it writes is
         counted with ``count``, and its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
-        written) when that key no longer holds this request's claim. One round trip either way; the
-        returned fields are what the script wrote, so the caller answers without reading the job back.
+        written) when that key no longer holds this request's claim. A new computation's task
+        ``message`` (when given) is pushed on ``queue`` in the same step too, at the step its sender's
+        backlog gives it (``Submission.step``). One round trip either way; the returned fields are
+        what the script wrote, so the caller answers without reading the job back.
         """
         job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
@@ -160,7 +165,9 @@ class JobStore:
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
                   *count_args, given, "1" if self.split else "0", max_queued_bytes,
                   *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)),
-                  self.settled_ttl_s, share, max_share_depth if queue else 0, *extra],
+                  self.settled_ttl_s, share, max_share_depth if queue else 0,
+                  *((message.head, message.tail, message.lane_step, message.weight) if message and queue
+                    else ("", "", 0, 1)), *extra],
         )
         outcome = outcome.decode()
         if outcome in ("overloaded", "overloaded_bytes", "overloaded_share", "key_lost", "canceled"):
@@ -175,7 +182,10 @@ class JobStore:
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
         fields.update(status="queued", cached="0")
-        return Submission(outcome, job_id, fields, in_flight=int(rest[0]) if outcome == "new" else 0)
+        if outcome != "new":
+            return Submission(outcome, job_id, fields)
+        in_flight, step = int(rest[0]), int(rest[1])
+        return Submission(outcome, job_id, fields, in_flight=in_flight, step=step if step >= 0 else None)
 
     def _from_cache(self, comp: Computation) -> tuple[bytes, str | None]:
         """The cached result and header facts of ``comp`` on the cache server; a cache that is

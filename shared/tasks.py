@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 import uuid
@@ -56,6 +57,14 @@ def step_for(lane: str, in_flight: int, weight: float = 1.0) -> int:
     return LANES[lane] + level
 
 
+def inference_args(comp: Computation, traceparent: str = "") -> list:
+    """The inference task's arguments: the computation, when it was sent and the trace it belongs to."""
+    message = {**comp.to_message(), "enqueued_at": time.time()}
+    if traceparent:
+        message["traceparent"] = traceparent
+    return [message]
+
+
 def send_inference(celery, comp: Computation, traceparent: str = "", priority: int = 0, broker=None) -> None:
     """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike);
     ``traceparent``: the trace of the job that started it (shared.tracing), for the worker's spans;
@@ -65,14 +74,32 @@ def send_inference(celery, comp: Computation, traceparent: str = "", priority: i
     there directly, byte for byte what Celery and kombu would push (``task_message``), for a tenth
     of their CPU; with task events on (TASK_EVENTS) Celery sends it, since it sends the event too.
     """
-    message = {**comp.to_message(), "enqueued_at": time.time()}
-    if traceparent:
-        message["traceparent"] = traceparent
-    queue = inference_queue(comp.model)
+    args, queue = inference_args(comp, traceparent), inference_queue(comp.model)
     if broker is None or celery.conf.task_send_sent_event:
-        celery.send_task(INFER_TASK, args=[message], queue=queue, priority=priority)
+        celery.send_task(INFER_TASK, args=args, queue=queue, priority=priority)
         return
-    broker.lpush(priority_lists(queue)[priority], task_message(celery, INFER_TASK, [message], queue, priority))
+    broker.lpush(priority_lists(queue)[priority], task_message(celery, INFER_TASK, args, queue, priority))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMessage:
+    """A task message whose priority step is chosen where it is pushed (the submit script, from the
+    sender's computations in flight, as ``step_for``): its text before and after the step's digits,
+    the lane's first step and the sender's weight."""
+
+    head: str
+    tail: str
+    lane_step: int
+    weight: float = 1.0
+
+    def text(self, step: int) -> str:
+        return f"{self.head}{step}{self.tail}"
+
+
+def inference_message(celery, comp: Computation, traceparent: str, lane: str, weight: float = 1.0) -> StepMessage:
+    """The inference message for ``comp`` in ``lane``, for the submit script to push at its step."""
+    head, tail = task_message_parts(celery, INFER_TASK, inference_args(comp, traceparent), inference_queue(comp.model))
+    return StepMessage(head, tail, LANES[lane], weight)
 
 
 _NO_WORKFLOW = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -84,6 +111,12 @@ def task_message(celery, task: str, args: list, queue: str, priority: int = 0) -
     ``[args, kwargs, embed]``) as kombu serialises it (the body in base64, a delivery tag, the
     anonymous exchange routed by the queue's name). ``args`` must be JSON-safe; tests/test_broker.py
     checks this against what Celery itself pushes."""
+    head, tail = task_message_parts(celery, task, args, queue)
+    return f"{head}{priority}{tail}"
+
+
+def task_message_parts(celery, task: str, args: list, queue: str) -> tuple[str, str]:
+    """``task_message``'s text before and after its priority step's digits (the last property but two)."""
     task_id = str(uuid.uuid4())
     argsrepr = repr(args)
     if len(argsrepr) > celery.amqp.argsrepr_maxsize:  # Celery shortens long ones
@@ -94,10 +127,13 @@ def task_message(celery, task: str, args: list, queue: str, priority: int = 0) -
                "argsrepr": argsrepr, "kwargsrepr": "{}", "origin": anon_nodename(), "ignore_result": None,
                "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
     properties = {"correlation_id": task_id, "reply_to": celery.thread_oid, "delivery_mode": 2,
-                  "delivery_info": {"exchange": "", "routing_key": queue}, "priority": priority,
-                  "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}
-    return json.dumps({"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
-                       "content-type": "application/json", "headers": headers, "properties": properties})
+                  "delivery_info": {"exchange": "", "routing_key": queue}}
+    message = json.dumps({"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
+                          "content-type": "application/json", "headers": headers})
+    # properties is the message's last field, and priority follows delivery_info in it, as kombu writes them
+    head = f'{message[:-1]}, "properties": {json.dumps(properties)[:-1]}, "priority": '
+    tail = f', "body_encoding": "base64", "delivery_tag": {json.dumps(str(uuid.uuid4()))}}}}}'
+    return head, tail
 
 
 def send_webhook(celery, event_id: str) -> None:

@@ -20,7 +20,8 @@ from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.jobtypes import WEBHOOK_EVENTS
 from shared.keys import QUEUED_BYTES_KEY, QUEUED_SHARES_KEY, Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
-from shared.tasks import LANES, inference_queue, priority_lists, send_inference, step_for
+from shared.tasks import (LANES, StepMessage, inference_message, inference_queue, priority_lists, send_inference,
+                          step_for)
 from web import auth
 from web.durability import remember_written
 from web.idempotency import Created, Lease, check_key, fingerprint
@@ -208,9 +209,14 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     traceparent = tracing.current_traceparent()  # the request's span: the job's trace from here on
     if traceparent:
         context = dataclasses.replace(context, traceparent=traceparent)
+    key_record = auth.current_key()
+    # the submit script pushes a new computation's message itself (Celery sends it when it must send a
+    # task event too: TASK_EVENTS)
+    message = None if svc.celery.conf.task_send_sent_event else inference_message(
+        svc.celery, comp, traceparent, order.lane(context), key_record.weight if key_record else 1.0)
     with tracing.span("cache lookup") as lookup:
         submission = _submit(data, order, comp, context, job_id=job_id, count=count, key=key, info=info,
-                             check_capacity=check_capacity)
+                             check_capacity=check_capacity, message=message)
         if lookup is not None:
             lookup.set_attribute("imgsvc.outcome", submission.outcome)
     if submission.outcome == "key_lost":
@@ -219,15 +225,14 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     remember_written(job_key(submission.job_id))
     if in_use:
         in_use.stored = True
-    if submission.outcome == "new":
-        key_record = auth.current_key()
+    if submission.outcome == "new" and submission.step is None:
         step = step_for(order.lane(context), submission.in_flight, key_record.weight if key_record else 1.0)
         enqueue_inference(comp, in_use, traceparent, step)
     return submission
 
 
 def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *, job_id, count, key, info,
-            check_capacity: bool) -> Submission:
+            check_capacity: bool, message: StepMessage | None) -> Submission:
     """One submit that answers a hit, attaches, or stores the bytes and starts the computation, after
     the header check. An upload over LOOKUP_FIRST_BYTES is looked up first without its bytes (a hit or
     an attach needs neither them nor their header check), then, on a miss, submitted with them."""
@@ -244,7 +249,8 @@ def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *
                                   count=count, queue=inference_queue(order.card.name),
                                   max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
                                   max_queued_bytes=max_bytes, key=key, share=auth.share(),
-                                  max_share_depth=svc.settings.max_queue_depth_per_key if check_capacity else 0)
+                                  max_share_depth=svc.settings.max_queue_depth_per_key if check_capacity else 0,
+                                  message=message)
     if submission.outcome == "overloaded":
         raise _overloaded(order.card.name)
     if submission.outcome == "overloaded_share":
