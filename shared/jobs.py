@@ -225,8 +225,8 @@ class JobStore:
                                                            *self._expiry_args(now)], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        claims = {comp: Claim(bool(done), image, int(attempt), bool(skipped))
-                  for comp, (done, image, attempt, _, skipped, *_) in zip(distinct, replies)}
+        claims = {comp: Claim(bool(done), image, int(attempt), bool(skipped), len(records))
+                  for comp, (done, image, attempt, _, skipped, _, records) in zip(distinct, replies)}
         # jobs past their deadline, failed by the claim: to the cache role, and their events
         self._settled_here([from_flat(r) for *_, records in replies for r in records],
                            [i.decode() for *_, announce, _ in replies for i in announce])

@@ -104,6 +104,17 @@ def record_failures(client: redis.Redis, labels: dict, count: int = 1, now: floa
     pipe.execute()
 
 
+def record_claim_outcomes(client: redis.Redis, labels: dict, deadline_exceeded: int, skipped: int) -> None:
+    """Count what a worker's claim ended without computing: jobs failed ``deadline_exceeded``, and
+    computations skipped because no job waited for them any more (canceled, or past their deadline)."""
+    pipe = client.pipeline(transaction=False)
+    if deadline_exceeded:
+        pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_jobs_deadline_exceeded", labels), deadline_exceeded)
+    if skipped:
+        pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_computations_skipped", labels), skipped)
+    pipe.execute()
+
+
 @dataclasses.dataclass(frozen=True)
 class SubmissionCount:
     """How an accepted job is counted (the same series as ``record_submission``), for the submit
