@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Callable
 
 import redis
 from flask import Blueprint, current_app, jsonify, request
@@ -55,7 +56,7 @@ def submit_job():
 
     def create() -> Created:
         submission = accept(images[0], order, order.context(auth.owner()), sha=sha)
-        answered["json"] = submission.json()
+        answered["json"] = submission.json  # made only if answered: a held answer is read when it settles
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 
     created, replayed = idempotent("job", order.fingerprint(sha), create)
@@ -76,19 +77,26 @@ def submit_by_url(url: str, fields):
     return submitted(created, answered.get("json"), replayed)
 
 
-def submitted(created: Created, text: str | None, replayed: bool):
-    """Answer a submit: the job as accepted or, with ``Prefer: wait=N``, once it settles or N seconds pass."""
-    text = text or job_or_404(created.id)
+def submitted(created: Created, answer: str | Callable[[], str] | None, replayed: bool):
+    """Answer a submit: the job as accepted (``answer``: its JSON text, or what makes it; None: read it
+    back) or, with ``Prefer: wait=N``, once it settles or N seconds pass."""
+    made: list[str] = []
+
+    def accepted() -> str:
+        if not made:
+            made.append((answer() if callable(answer) else answer) or job_or_404(created.id))
+        return made[0]
+
     location = f"/api/v1/jobs/{created.id}"
     wait_s = preferred_wait()
     if wait_s is None:
-        return json_response(text, created.status, location, replayed)
+        return json_response(accepted(), created.status, location, replayed)
     # a job accepted just now as new work is queued: no need to read that back (a replay may be settled)
-    settled = not (created.status == 202 and not replayed) and _settled(text)
+    settled = not (created.status == 202 and not replayed) and _settled(text := accepted())
     if not settled:
         held = hold(created.id, wait_s)
         if held is None:
-            response = json_response(text, created.status, location, replayed)
+            response = json_response(accepted(), created.status, location, replayed)
             response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
             return response
         text, settled = held
