@@ -16,8 +16,8 @@ from shared.tasks import FETCH_QUEUE, INFERENCE_QUEUE_PREFIX, PRIORITY_STEPS, WE
     priority_lists
 
 JSON_FIELDS = ("models", "max_batch", "gpu_memory", "latency_ms")
-NUMBER_FIELDS = ("pid", "child_index", "threads", "model_loads", "started_at", "jobs_done", "jobs_failed",
-                 "current_batch", "last_seen")
+COUNTED = ("jobs_done", "jobs_failed", "jobs_deadline_exceeded", "computations_skipped")  # heartbeat counters
+NUMBER_FIELDS = ("pid", "child_index", "threads", "model_loads", "started_at", *COUNTED, "current_batch", "last_seen")
 
 
 def _decode_child(raw: dict) -> dict:
@@ -61,8 +61,7 @@ def nodes(client: redis.Redis, ttl_s: int) -> list[dict]:
             "name": name, "host": children[0].get("host"), "pool_size": len(children),
             "status": "draining" if drained else "active",
             "devices": sorted({child.get("device", "?") for child in children}), "models": models,
-            "jobs_done": sum(c.get("jobs_done", 0) for c in children),
-            "jobs_failed": sum(c.get("jobs_failed", 0) for c in children),
+            **{counter: sum(c.get(counter, 0) for c in children) for counter in COUNTED},
             "children": children,
         })
     return result

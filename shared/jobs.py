@@ -24,6 +24,7 @@ from shared.jobscripts import CANCEL, CLAIM, DROP_UNWAITED, FINISH, SUBMIT
 from shared.jobjson import job_json
 from shared.jobtypes import Claim, JobContext, KeyRecord
 from shared.retention import MAIN_TAIL_S, copy_settled, from_flat, new_job_id
+from shared.tasks import StepMessage
 from shared.keys import (ANNOUNCE_KEY, COMPUTATIONS_KEY, QUEUED_BYTES_KEY, QUEUED_KEYS_KEY, QUEUED_SHARES_KEY,
                          QUEUED_SIZES_KEY, STARTED_KEY, STATS_KEY, Computation, OutputOptions, job_key, notify_key,
                          overlay_key_for_result, picture_key_for_result)
@@ -72,6 +73,7 @@ class Submission:
     fields: dict[str, str]  # the job hash as written
     cached_result: bytes | None = None
     in_flight: int = 0  # ``new``: the sender's (``share``'s) computations in flight before this one
+    step: int | None = None  # ``new``: the priority step its task message was pushed at; None: not pushed
 
     def json(self) -> str:
         """Return the job JSON without another Redis round trip."""
@@ -125,7 +127,8 @@ class JobStore:
                image_info: dict | None = None, context: JobContext = JobContext(),
                job_id: str | None = None, *, queue: str = "", max_queue_depth: int = 0,
                max_queued_bytes: int = 0, count: stats.SubmissionCount | None = None,
-               key: KeyRecord | None = None, share: str = "", max_share_depth: int = 0) -> Submission:
+               key: KeyRecord | None = None, share: str = "", max_share_depth: int = 0,
+               message: StepMessage | None = None) -> Submission:
         """Answer a job from the cache, attach it to a running computation, or start one.
 
         Without ``image_bytes`` this is a lookup: a cache hit or an attach needs neither the bytes
@@ -136,8 +139,10 @@ class JobStore:
         ``addr:<address>``) already has ``max_share_depth`` computations in flight
         (``overloaded_share``); a new computation counts against its ``share``. A job it writes is
         counted with ``count``, and its Idempotency-Key's answer (``key``) is stored in the same step; ``key_lost`` (nothing
-        written) when that key no longer holds this request's claim. One round trip either way; the
-        returned fields are what the script wrote, so the caller answers without reading the job back.
+        written) when that key no longer holds this request's claim. A new computation's task
+        ``message`` (when given) is pushed on ``queue`` in the same step too, at the step its sender's
+        backlog gives it (``Submission.step``). One round trip either way; the returned fields are
+        what the script wrote, so the caller answers without reading the job back.
         """
         job_id, now = job_id or new_job_id(), utc_now()
         fields = {"id": job_id, "created_at": now, "model": json.dumps(model_info),
@@ -160,7 +165,9 @@ class JobStore:
                   time.time() + self.stuck_after_s, comp.suffix, max_queue_depth if queue else 0,
                   *count_args, given, "1" if self.split else "0", max_queued_bytes,
                   *((key.claim, key.cached, key.queued, key.ttl_s) if key else ("", "", "", 0)),
-                  self.settled_ttl_s, share, max_share_depth if queue else 0, *extra],
+                  self.settled_ttl_s, share, max_share_depth if queue else 0,
+                  *((message.head, message.tail, message.lane_step, message.weight) if message and queue
+                    else ("", "", 0, 1)), *extra],
         )
         outcome = outcome.decode()
         if outcome in ("overloaded", "overloaded_bytes", "overloaded_share", "key_lost", "canceled"):
@@ -175,7 +182,10 @@ class JobStore:
                 self._announce([job_id])
             return Submission(outcome, job_id, fields, rest[0])
         fields.update(status="queued", cached="0")
-        return Submission(outcome, job_id, fields, in_flight=int(rest[0]) if outcome == "new" else 0)
+        if outcome != "new":
+            return Submission(outcome, job_id, fields)
+        in_flight, step = int(rest[0]), int(rest[1])
+        return Submission(outcome, job_id, fields, in_flight=in_flight, step=step if step >= 0 else None)
 
     def _from_cache(self, comp: Computation) -> tuple[bytes, str | None]:
         """The cached result and header facts of ``comp`` on the cache server; a cache that is
@@ -215,8 +225,8 @@ class JobStore:
                                                            *self._expiry_args(now)], client=pipe)
         replies = pipe.execute()
         draining = bool(replies.pop(0)) if drain_key is not None else False
-        claims = {comp: Claim(bool(done), image, int(attempt), bool(skipped))
-                  for comp, (done, image, attempt, _, skipped, *_) in zip(distinct, replies)}
+        claims = {comp: Claim(bool(done), image, int(attempt), bool(skipped), len(records))
+                  for comp, (done, image, attempt, _, skipped, _, records) in zip(distinct, replies)}
         # jobs past their deadline, failed by the claim: to the cache role, and their events
         self._settled_here([from_flat(r) for *_, records in replies for r in records],
                            [i.decode() for *_, announce, _ in replies for i in announce])
@@ -366,8 +376,10 @@ class JobStore:
         key = notify_key(job_id)
         blocking.blmove(key, key, timeout_s, "RIGHT", "LEFT")
 
-    def wait_json(self, blocking: redis.Redis, job_id: str, timeout_s: float, owner: str | None = None) -> str | None:
-        """``wait``, then ``get_json``, in one round trip: Redis answers the read the moment the wait ends."""
+    def wait_json(self, blocking: redis.Redis, job_id: str, timeout_s: float,
+                  owner: str | None = None) -> tuple[str, str] | None:
+        """``wait``, then ``get_json``, in one round trip: Redis answers the read the moment the wait
+        ends. Return the job's JSON text and its stored status (the caller need not parse the text)."""
         key = notify_key(job_id)
         pipe = blocking.pipeline(transaction=False)
         pipe.blmove(key, key, timeout_s, "RIGHT", "LEFT")
@@ -376,8 +388,9 @@ class JobStore:
         if not fields or (owner is not None and fields.get("owner", "") != owner):
             return None
         if "result_key" in fields and "result" not in fields:  # settled by an older version: read its result
-            return self.get_json(job_id, owner)
-        return job_json(fields, fields.get("result"))
+            text = self.get_json(job_id, owner)
+            return None if text is None else (text, fields["status"])
+        return job_json(fields, fields.get("result")), fields["status"]
 
     def get_json(self, job_id: str, owner: str | None = None) -> str | None:
         """Return the job as the contract's JSON text, or None when unknown, expired or (when

@@ -1,7 +1,8 @@
 """The Lua scripts behind shared/jobs.py's JobStore: each is one atomic step of a job's life.
 
 - ``SUBMIT``: answer an upload from the cache, attach it to the identical computation in flight, or
-  start a new computation (job record, upload, single-flight keys, queued-bytes bound), in one step.
+  start a new computation (job record, upload, single-flight keys, queued-bytes bound, and, when
+  given one, its task message pushed at its priority step), in one step.
 - ``CLAIM``: a worker starts a computation: its jobs running (those that asked for ``job.started``
   listed for the announcer), its owner, one more attempt. Queued jobs past their deadline fail
   ``deadline_exceeded`` there; a computation no job waits for any more (all canceled or expired) is
@@ -17,6 +18,7 @@
 
 Their keys and arguments are passed by JobStore; read them beside the method that calls each.
 """
+from shared.tasks import LANE_STEPS
 
 # What one job waiting for a worker takes on the main Redis beside its upload, measured with
 # MEMORY USAGE on Redis 7 (an 8x8 PNG, the null model): its record ~860 bytes; and per computation,
@@ -26,7 +28,8 @@ Their keys and arguments are passed by JobStore; read them beside the method tha
 WAITING_JOB_BYTES = 900
 WAITING_COMPUTATION_BYTES = 2_800
 
-SUBMIT = f"local JOB_BYTES, COMPUTATION_BYTES = {WAITING_JOB_BYTES}, {WAITING_COMPUTATION_BYTES}\n" + """
+SUBMIT = (f"local JOB_BYTES, COMPUTATION_BYTES = {WAITING_JOB_BYTES}, {WAITING_COMPUTATION_BYTES}\n"
+          f"local LANE_STEPS = {LANE_STEPS}\n") + """
 local result_key, inflight, attached, job, image, meta =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local job_id, job_ttl, inflight_ttl, image_ttl, now, model_json, options_json, image_json, image_bytes =
@@ -51,8 +54,11 @@ end
 -- Fair share (KEYS[15] queued:keys, KEYS[16] queued:shares): ARGV[27] the sender's share (API key
 -- or address; '' none), ARGV[28] the most computations one share may have in flight (0: no limit).
 local share, share_limit = ARGV[27], tonumber(ARGV[28])
+-- ARGV[29..32]: the task message to push when this starts new work (shared.tasks.StepMessage: its
+-- text before and after its priority step, the lane's first step, the sender's weight); '' none.
+local message_head, message_tail, lane_step, weight = ARGV[29], ARGV[30], tonumber(ARGV[31]), tonumber(ARGV[32])
 local function write_job(status, extra)
-  for i = 29, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
+  for i = 33, #ARGV do table.insert(extra, ARGV[i]) end  -- owner, callback_url, batch_id, announce
   redis.call('HSET', job, 'id', job_id, 'status', status, 'created_at', now,
              'image', image_json, 'model', model_json, 'options', options_json, unpack(extra))
   redis.call('EXPIRE', job, job_ttl)
@@ -117,7 +123,7 @@ end
 local waiting = redis.call('ZSCORE', KEYS[7], ARGV[11])
 local function depth(queue)  -- every priority list of the queue (shared.tasks.priority_lists)
   local n = redis.call('LLEN', queue)
-  for step = 1, 9 do n = n + redis.call('LLEN', queue .. '\6\22' .. step) end
+  for step = 1, 9 do n = n + redis.call('LLEN', queue .. '\\6\\22' .. step) end
   return n
 end
 if not waiting and tonumber(ARGV[12]) > 0 and depth(KEYS[9]) >= tonumber(ARGV[12]) then
@@ -149,7 +155,16 @@ if share ~= '' then
   redis.call('HSET', KEYS[15], ARGV[11], share)
   redis.call('HINCRBY', KEYS[16], share, 1)
 end
-return {'new', image_json, in_flight}  -- in_flight: the share's computations before this one
+if message_head == '' then
+  return {'new', image_json, in_flight, -1}  -- in_flight: the share's computations before this one
+end
+-- the step grows with the sender's backlog (shared.tasks.step_for), and the message goes to its list
+-- (shared.tasks.priority_lists) in this same step: no job of a new computation is without its message
+local backlog, level = in_flight / math.max(weight, 1e-9), 0
+while backlog >= 10 and level < LANE_STEPS - 1 do backlog, level = backlog / 10, level + 1 end
+local step = lane_step + level
+redis.call('LPUSH', step == 0 and KEYS[9] or KEYS[9] .. '\\6\\22' .. step, message_head .. step .. message_tail)
+return {'new', image_json, in_flight, step}
 """
 
 # Settle one job as a script does when it ends it here (CLAIM: past its deadline; CANCEL): wake its

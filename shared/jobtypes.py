@@ -15,6 +15,7 @@ class Claim:
     image: bytes | None
     attempt: int  # 1 on the first delivery; more after deliveries that crashed; 0: not in flight (not counted)
     skipped: bool = False  # no job waits for it any more (canceled, or past its deadline): not computed
+    expired: int = 0  # its queued jobs this claim failed ``deadline_exceeded`` (past their deadline_s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,10 @@ WEB_COUNTERS = {
 WORKER_COUNTERS = {
     "imgsvc_jobs_completed": "Computations finished by workers (one per image, model and options).",
     "imgsvc_jobs_failed": "Computations that ended failed.",
+    "imgsvc_jobs_deadline_exceeded": "Jobs failed deadline_exceeded when a worker claimed their computation "
+                                     "(not started by their deadline_s; never computed).",
+    "imgsvc_computations_skipped": "Computations a worker skipped at claim, no job waiting for them any more "
+                                   "(all canceled or past their deadline): no forward pass.",
 }
 HISTOGRAM_HELP = {
     "imgsvc_inference_seconds": "Forward pass (and GradCAM) time per image.",

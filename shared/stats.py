@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -104,6 +105,17 @@ def record_failures(client: redis.Redis, labels: dict, count: int = 1, now: floa
     pipe.execute()
 
 
+def record_claim_outcomes(client: redis.Redis, labels: dict, deadline_exceeded: int, skipped: int) -> None:
+    """Count what a worker's claim ended without computing: jobs failed ``deadline_exceeded``, and
+    computations skipped because no job waited for them any more (canceled, or past their deadline)."""
+    pipe = client.pipeline(transaction=False)
+    if deadline_exceeded:
+        pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_jobs_deadline_exceeded", labels), deadline_exceeded)
+    if skipped:
+        pipe.hincrby(COUNTERS_KEY, series_field("imgsvc_computations_skipped", labels), skipped)
+    pipe.execute()
+
+
 @dataclasses.dataclass(frozen=True)
 class SubmissionCount:
     """How an accepted job is counted (the same series as ``record_submission``), for the submit
@@ -114,11 +126,15 @@ class SubmissionCount:
 
     def script_parts(self) -> tuple[list[str], list]:
         """Keys (minute bucket, counters) and arguments (TTL, then hit/miss fields) for the script."""
-        model = {"model": self.model}
-        return [minute_key(minute_of(self.now)), COUNTERS_KEY], [
-            MINUTE_TTL_S, f"hit:{self.model}", f"miss:{self.model}",
-            series_field("imgsvc_jobs_submitted", model), series_field("imgsvc_cache_hits", model),
-            series_field("imgsvc_cache_misses", model)]
+        return [minute_key(minute_of(self.now)), COUNTERS_KEY], [MINUTE_TTL_S, *_submission_fields(self.model)]
+
+
+@functools.lru_cache(maxsize=256)
+def _submission_fields(model: str) -> tuple[str, ...]:
+    """The per-minute and cumulative fields an accepted job of ``model`` counts in (made once per model)."""
+    labels = {"model": model}
+    return (f"hit:{model}", f"miss:{model}", series_field("imgsvc_jobs_submitted", labels),
+            series_field("imgsvc_cache_hits", labels), series_field("imgsvc_cache_misses", labels))
 
 
 def record_submission(client: redis.Redis, model: str, cached: bool, now: float | None = None) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from shared.jobjson import GRADCAM_URL_SLOT
 from shared.keys import Computation, OutputOptions, image_digest
-from shared.tasks import inference_queue
+from shared.tasks import inference_queue, priority_lists
 from tests import images
 from tests.conftest import submit
 
@@ -45,6 +45,18 @@ def test_full_queue_refuses_new_work_but_answers_hits(unserved_app, redis_client
     store.finish(comp, {"predictions": [], "gradcam": {"class_index": 0, "url": GRADCAM_URL_SLOT}}, None)
     hit = submit(client, data, model="unserved")
     assert hit.status_code == 200 and hit.get_json()["cached"] is True
+
+
+def test_work_waiting_at_any_priority_step_counts_towards_the_depth(unserved_app, redis_client):
+    """The bulk lane's messages wait on the queue's step-5 list: they fill MAX_QUEUE_DEPTH too."""
+    client = unserved_app.test_client()
+    for seed in (1, 2):
+        assert submit(client, images.noise_png(seed=7200 + seed), model="unserved", priority="bulk").status_code == 202
+    lists = priority_lists(inference_queue("unserved"))
+    assert [redis_client.llen(name) for name in lists] == [0] * 5 + [2] + [0] * 4
+    refused = submit(client, images.noise_png(seed=7203), model="unserved")
+    assert (refused.status_code, refused.get_json()["error"]["code"]) == (503, "overloaded")
+    redis_client.delete(*lists)
 
 
 def test_a_batch_is_refused_whole_when_the_queue_is_full(unserved_app, redis_client):

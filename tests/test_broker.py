@@ -1,4 +1,6 @@
 """Batched take and ack of inference messages, in kombu's own Redis layout (a real redis-server)."""
+import base64
+import json
 import time
 
 import pytest
@@ -7,7 +9,7 @@ from celery import Celery
 
 from shared.keys import Computation, OutputOptions
 from shared.settings import Settings
-from shared.tasks import celery_config, inference_queue, send_inference
+from shared.tasks import INFER_TASK, celery_config, inference_queue, priority_lists, send_inference, task_message
 from tools.stack import start_redis, stop
 from worker.broker import BatchReceiver, restore_taken_by
 
@@ -31,11 +33,55 @@ def _comp(i: int) -> Computation:
     return Computation("broker-test", "1", f"{i:064x}", OutputOptions(top_k=1 + i % 5))
 
 
-def _send(app, count: int) -> list[Computation]:
+def _send(app, count: int, broker=None) -> list[Computation]:
     comps = [_comp(i) for i in range(count)]
     for comp in comps:
-        send_inference(app, comp)
+        send_inference(app, comp, broker=broker)
     return comps
+
+
+def _comparable(raw: bytes) -> dict:
+    """A stored message with its random ids blanked and its body decoded."""
+    message = json.loads(raw)
+    for name in ("id", "root_id"):
+        message["headers"][name] = "-"
+    message["properties"]["correlation_id"] = message["properties"]["delivery_tag"] = "-"
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    return message
+
+
+@pytest.mark.parametrize("priority, extra", [(0, {}), (7, {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}),
+                                             (3, {"note": "x" * 2000})])  # a long one: argsrepr shortened
+def test_a_message_pushed_directly_is_the_one_celery_pushes(broker, priority, extra):
+    """send_inference's direct push (the web's) stores what Celery's send_task stores, in the same list."""
+    app, _receiver, client = broker
+    args = [{**_comp(1).to_message(), "enqueued_at": time.time(), **extra}]
+    app.send_task(INFER_TASK, args=args, queue=QUEUE, priority=priority)
+    target = priority_lists(QUEUE)[priority]
+    [by_celery] = client.lrange(target, 0, -1)
+    client.lpush(target, task_message(app, INFER_TASK, args, QUEUE, priority))
+    direct, _ = client.lrange(target, 0, -1)
+    assert _comparable(direct) == _comparable(by_celery)
+    for part in (lambda m: m, lambda m: m["headers"], lambda m: m["properties"]):  # the same fields, in order
+        assert list(part(json.loads(direct))) == list(part(json.loads(by_celery)))
+    for raw in (direct, by_celery):  # both written as json.dumps writes them: byte for byte alike but the ids
+        assert json.dumps(json.loads(raw)) == raw.decode()
+    assert json.loads(direct)["properties"]["delivery_tag"] != json.loads(by_celery)["properties"]["delivery_tag"]
+
+
+def test_messages_pushed_directly_are_taken_acknowledged_and_restored_as_celerys(broker):
+    app, receiver, client = broker
+    comps = _send(app, 3, broker=client)
+    assert client.llen(QUEUE) == 3
+    taken = receiver.take(QUEUE, 2)
+    assert [p.comp for p in taken] == comps[:2]
+    pipe = client.pipeline(transaction=False)
+    receiver.ack(pipe, taken[:1])
+    pipe.execute()
+    time.sleep(1.2)  # the other one was never acknowledged: kombu restores it after the visibility timeout
+    with app.connection_for_read() as connection:
+        connection.default_channel.qos.restore_visible(num=100)
+    assert sorted(p.comp.sha256 for p in receiver.take(QUEUE, 5)) == sorted(c.sha256 for c in comps[1:])
 
 
 def test_a_batch_is_taken_in_order_and_acknowledged_in_one_pipeline(broker):

@@ -12,7 +12,11 @@ import time
 import pytest
 from standardwebhooks import Webhook
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared import fleet
 from shared.keys import Computation, OutputOptions
+from shared.metrics import exposition, registry_for
 from shared.settings import Settings
 from tests import images
 from tests.conftest import ARTIFACTS, WEBHOOK_SECRET, write_card
@@ -110,6 +114,24 @@ def comp_of(job: dict) -> Computation:
     return Computation(MODEL, job["model"]["version"], job["image"]["sha256"], OutputOptions(**job["options"]))
 
 
+def unstarted(app) -> tuple[float, float]:
+    """/metrics' count of jobs failed past their deadline at claim, and of computations skipped at claim."""
+    svc = app.extensions["imgsvc"]
+    text = exposition(registry_for(svc.redis, ttl_s=60, models=[MODEL])).decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == MODEL:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    return found.get("imgsvc_jobs_deadline_exceeded_total", 0.0), found.get("imgsvc_computations_skipped_total", 0.0)
+
+
+def heartbeat_counts(app) -> tuple[int, int]:
+    """The same two counts, summed over the live workers' heartbeats (the admin API's nodes)."""
+    nodes = fleet.nodes(app.extensions["imgsvc"].redis, ttl_s=60)
+    return (sum(n["jobs_deadline_exceeded"] for n in nodes), sum(n["computations_skipped"] for n in nodes))
+
+
 def test_a_canceled_queued_job_is_never_computed_and_calls_back(env, workers):
     app, client, receiver, _, log_path = env
     job = post_job(client, images.noise_png(seed=91_001), callback_url=receiver.url + "/canceled").get_json()
@@ -118,11 +140,13 @@ def test_a_canceled_queued_job_is_never_computed_and_calls_back(env, workers):
     answer = client.post(f"/api/v1/jobs/{job['id']}/cancel")
     assert answer.status_code == 200 and answer.get_json()["status"] == "canceled"
     assert answer.get_json()["finished_at"] is not None
-    before = computed(log_path)
+    before, counted = computed(log_path), unstarted(app)
     workers()
     assert settle(client, control["id"])["status"] == "done"
     stack.wait_for(lambda: queue_drained(app), 30, "the queue to be drained")
     assert computed(log_path) == before + 1  # the control image only
+    assert unstarted(app) == (counted[0], counted[1] + 1)  # one computation skipped, no job past a deadline
+    stack.wait_for(lambda: heartbeat_counts(app) == (0, 1), 10, "the worker's heartbeat to count the skip")
     assert client.get(f"/api/v1/jobs/{job['id']}").get_json()["status"] == "canceled"
     # the skipped computation's bookkeeping is released, as a finished one's is
     store = app.extensions["imgsvc"].store
@@ -187,7 +211,7 @@ def test_a_job_not_started_by_its_deadline_fails_without_a_forward_pass(env, wor
     by_cli = json.loads(waited.stdout)["job"]
     control = post_job(client, images.noise_png(seed=91_022), deadline_s=600).get_json()
     time.sleep(max(0.0, accepted + 1.5 - time.time()))  # the workers start after the deadlines passed
-    before = computed(log_path)
+    before, counted = computed(log_path), unstarted(app)
     workers()
     assert settle(client, control["id"])["status"] == "done"
     for job in (late, header, by_cli):
@@ -195,6 +219,9 @@ def test_a_job_not_started_by_its_deadline_fails_without_a_forward_pass(env, wor
         assert (failed["status"], failed["error"]["code"]) == ("failed", "deadline_exceeded")
     stack.wait_for(lambda: queue_drained(app), 30, "the queue to be drained")
     assert computed(log_path) == before + 1
+    # each late job failed at its computation's claim, which then had no job left: skipped
+    assert unstarted(app) == (counted[0] + 3, counted[1] + 3)
+    stack.wait_for(lambda: heartbeat_counts(app) == (3, 3), 10, "the worker's heartbeat to count them")
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "nan", str(8 * 24 * 3600)])

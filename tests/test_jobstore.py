@@ -119,3 +119,29 @@ def test_a_second_finish_of_the_same_computation_keeps_the_first_answer(store, r
     assert store.finish(comp, {"predictions": [{"index": 1}], "gradcam": None, "batch_size": 4}, b"thumb-2") == []
     assert store.get(sub.job_id)["result"] == first
     assert redis_client.get(comp.picture_key) == b"thumb-1"
+
+
+@pytest.mark.parametrize("lane, weight", [("interactive", 1.0), ("bulk", 1.0), ("interactive", 10.0), ("bulk", 0.5)])
+def test_a_new_computations_message_is_pushed_in_the_same_step_at_step_fors_step(store, redis_client, lane, weight):
+    """SUBMIT picks the step from the sender's computations in flight as shared.tasks.step_for does,
+    and pushes the message on that step's list; an attach or a hit pushes nothing."""
+    from celery import Celery
+
+    from shared.keys import QUEUED_SHARES_KEY, image_digest
+    from shared.tasks import inference_message, inference_queue, priority_lists, step_for
+
+    celery, queue = Celery("jobstore-test", set_as_current=False), inference_queue("m")
+    for in_flight in (0, 9, 10, 99, 100, 4_999, 12_345, 10**6):
+        redis_client.hset(QUEUED_SHARES_KEY, "key:k", in_flight)
+        comp = _comp(image_digest(f"step-test {lane} {weight} {in_flight}".encode()))
+        message = inference_message(celery, comp, "", lane, weight)
+        new = store.submit(comp, MODEL, b"img", INFO, queue=queue, share="key:k", message=message)
+        step = step_for(lane, in_flight, weight)
+        assert (new.outcome, new.in_flight, new.step) == ("new", in_flight, step)
+        assert [redis_client.llen(name) for name in priority_lists(queue)] == [int(s == step) for s in range(10)]
+        assert redis_client.rpop(priority_lists(queue)[step]).decode() == message.text(step)
+        attached = store.submit(comp, MODEL, b"img", INFO, queue=queue, share="key:k", message=message)
+        assert (attached.outcome, attached.step) == ("attached", None)
+        assert not any(redis_client.llen(name) for name in priority_lists(queue))
+    plain = store.submit(_comp(image_digest(f"step-test {lane} {weight}".encode())), MODEL, b"img", INFO, queue=queue, share="key:k")
+    assert (plain.outcome, plain.step) == ("new", None) and not redis_client.llen(queue)  # no message: none pushed

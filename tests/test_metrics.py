@@ -39,6 +39,8 @@ def test_histograms_counters_and_the_worker_filter(scratch):
     stats.record_batch(scratch, a, [(0.2, 0.004), (0.3, 0.02), (7.0, 0.02)], batch_size=3)
     stats.record_batch(scratch, {**a, "worker": "b@h", "device": "cpu"}, [(1.0, 0.5)], batch_size=1)
     stats.record_failures(scratch, a, 2)
+    stats.record_claim_outcomes(scratch, a, deadline_exceeded=4, skipped=1)
+    stats.record_claim_outcomes(scratch, a, deadline_exceeded=0, skipped=2)
     stats.record_submission(scratch, "m", cached=True)
     stats.record_submission(scratch, "m", cached=False)
 
@@ -52,6 +54,8 @@ def test_histograms_counters_and_the_worker_filter(scratch):
     assert fleet[("imgsvc_batch_size_count", labels)] == 1
     assert fleet[("imgsvc_jobs_completed_total", labels)] == 3
     assert fleet[("imgsvc_jobs_failed_total", labels)] == 2
+    assert fleet[("imgsvc_jobs_deadline_exceeded_total", labels)] == 4
+    assert fleet[("imgsvc_computations_skipped_total", labels)] == 3
     assert total(fleet, "imgsvc_jobs_submitted_total", model="m") == 2
     assert total(fleet, "imgsvc_cache_hits_total") == total(fleet, "imgsvc_cache_misses_total") == 1
     assert fleet[("imgsvc_queue_depth", (("queue", "inference.m"),))] == 0

@@ -40,3 +40,27 @@ def test_non_images_are_described():
     with pytest.raises(ServiceError, match="PDF"):
         inspect_image(BAD["pdf_as_jpg"][0], MAX_PIXELS)
     assert sniff(images.chelsea_jpeg()) == "JPEG"
+
+
+def _jpeg_cases() -> dict[str, tuple[bytes, bool]]:
+    """JPEGs whose scan data is whole or cut, where markers appear more than once."""
+    progressive = images.encode(images.chelsea(), "JPEG", quality=90, progressive=True)
+    last_scan = progressive.rfind(b"\xff\xda")
+    plain = images.chelsea_jpeg()
+    return {"progressive": (progressive, True),
+            "progressive_cut_in_its_last_scan": (progressive[:last_scan + 200], False),
+            "progressive_cut_before_its_last_scan": (progressive[:last_scan], False),
+            "with_bytes_after_its_end": (plain + b"\x00trailer", True),
+            "followed_by_a_whole_second_jpeg": (plain + progressive, True),
+            "followed_by_a_cut_second_jpeg": (plain + progressive[:len(progressive) // 2], False)}
+
+
+@pytest.mark.parametrize("name", sorted(_jpeg_cases()))
+def test_a_jpeg_passes_only_with_an_end_of_image_after_its_last_scan(name):
+    data, whole = _jpeg_cases()[name]
+    if whole:
+        assert inspect_image(data, MAX_PIXELS).format == "JPEG"
+    else:
+        with pytest.raises(ServiceError) as caught:
+            inspect_image(data, MAX_PIXELS)
+        assert caught.value.code == "corrupt_image"

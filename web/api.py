@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Callable
 
 import redis
 from flask import Blueprint, current_app, jsonify, request
@@ -55,7 +56,7 @@ def submit_job():
 
     def create() -> Created:
         submission = accept(images[0], order, order.context(auth.owner()), sha=sha)
-        answered["json"] = submission.json()
+        answered["json"] = submission.json  # made only if answered: a held answer is read when it settles
         return Created("job", submission.job_id, 200 if submission.outcome == "cached" else 202)
 
     created, replayed = idempotent("job", order.fingerprint(sha), create)
@@ -76,37 +77,46 @@ def submit_by_url(url: str, fields):
     return submitted(created, answered.get("json"), replayed)
 
 
-def submitted(created: Created, text: str | None, replayed: bool):
-    """Answer a submit: the job as accepted or, with ``Prefer: wait=N``, once it settles or N seconds pass."""
-    text = text or job_or_404(created.id)
+def submitted(created: Created, answer: str | Callable[[], str] | None, replayed: bool):
+    """Answer a submit: the job as accepted (``answer``: its JSON text, or what makes it; None: read it
+    back) or, with ``Prefer: wait=N``, once it settles or N seconds pass."""
+    made: list[str] = []
+
+    def accepted() -> str:
+        if not made:
+            made.append((answer() if callable(answer) else answer) or job_or_404(created.id))
+        return made[0]
+
     location = f"/api/v1/jobs/{created.id}"
     wait_s = preferred_wait()
     if wait_s is None:
-        return json_response(text, created.status, location, replayed)
+        return json_response(accepted(), created.status, location, replayed)
     # a job accepted just now as new work is queued: no need to read that back (a replay may be settled)
-    fresh_queued = created.status == 202 and not replayed
-    held = hold(created.id, wait_s) if fresh_queued or not _settled(text) else text
-    if held is None:
-        response = json_response(text, created.status, location, replayed)
-        response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
-        return response
-    response = json_response(held, 200 if _settled(held) else 202, location, replayed)
+    settled = not (created.status == 202 and not replayed) and _settled(text := accepted())
+    if not settled:
+        held = hold(created.id, wait_s)
+        if held is None:
+            response = json_response(accepted(), created.status, location, replayed)
+            response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
+            return response
+        text, settled = held
+    response = json_response(text, 200 if settled else 202, location, replayed)
     response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     return response
 
 
 def preferred_wait() -> float | None:
     """Return the seconds a ``Prefer: wait=N`` header asks for, held to MAX_WAIT_S; None without one
-    (or with N = 0, which asks for nothing)."""
-    match = _PREFER_WAIT.search(", ".join(request.headers.getlist("Prefer")))
+    (or with N = 0, which asks for nothing). Repeated Prefer headers reach us joined by commas."""
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
     if match is None or float(match.group(1)) <= 0:
         return None
     return min(float(match.group(1)), MAX_WAIT_S)
 
 
-def hold(job_id: str, wait_s: float) -> str | None:
-    """Block until the job settles or ``wait_s`` pass, then return it as JSON text; None (at once) when
-    MAX_WAITERS requests of this process already wait."""
+def hold(job_id: str, wait_s: float) -> tuple[str, bool] | None:
+    """Block until the job settles or ``wait_s`` pass, then return it as JSON text and whether it is
+    settled; None (at once) when MAX_WAITERS requests of this process already wait."""
     svc = services()
     if svc.waiters is None or not svc.waiters.acquire(blocking=False):
         return None
@@ -116,7 +126,8 @@ def hold(job_id: str, wait_s: float) -> str | None:
         svc.waiters.release()
     if job is None:
         raise NotFound(f"No job with id {job_id!r} (it may have expired).")
-    return job
+    text, status = job
+    return text, status in SETTLED
 
 
 def valid_id(job_id: str) -> bool:
@@ -172,7 +183,7 @@ def get_job(job_id: str):
             response = json_response(job)
             response.headers.update({"Wait-Skipped": "too-many-waiters", "Retry-After": "1"})
             return response
-        job = held
+        job = held[0]
     return json_response(job)
 
 

@@ -20,7 +20,8 @@ from shared.jobscripts import WAITING_COMPUTATION_BYTES, WAITING_JOB_BYTES
 from shared.jobtypes import WEBHOOK_EVENTS
 from shared.keys import QUEUED_BYTES_KEY, QUEUED_SHARES_KEY, Computation, OutputOptions, batch_key, image_digest, job_key
 from shared.netguard import RefusedUrl, normalise_url, resolve_within
-from shared.tasks import LANES, inference_queue, priority_lists, send_inference, step_for
+from shared.tasks import (LANES, StepMessage, inference_message, inference_queue, priority_lists, send_inference,
+                          step_for)
 from web import auth
 from web.durability import remember_written
 from web.idempotency import Created, Lease, check_key, fingerprint
@@ -29,6 +30,10 @@ from web.upload import ImageInfo, inspect_image
 log = logging.getLogger(__name__)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 MAX_TOP_K = 20
+# An upload up to this size is header-checked and submitted with its bytes in one round trip, hit
+# or not; a bigger one is looked up first without them (a hit then costs neither the bytes' trip to
+# Redis nor their header check, and a miss a second round trip).
+LOOKUP_FIRST_BYTES = 256 * 1024
 MAX_DEADLINE_S = 7 * 24 * 3600  # as long as a job in flight is kept (JOB_TTL_S's default)
 # Replicate's Cancel-After: a duration such as 30s, 5m, 1h30m (or plain seconds)
 _DURATION = re.compile(r"(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,9}(?:\.\d{1,3})?)s)?")
@@ -204,9 +209,14 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     traceparent = tracing.current_traceparent()  # the request's span: the job's trace from here on
     if traceparent:
         context = dataclasses.replace(context, traceparent=traceparent)
+    key_record = auth.current_key()
+    # the submit script pushes a new computation's message itself (Celery sends it when it must send a
+    # task event too: TASK_EVENTS)
+    message = None if svc.celery.conf.task_send_sent_event else inference_message(
+        svc.celery, comp, traceparent, order.lane(context), key_record.weight if key_record else 1.0)
     with tracing.span("cache lookup") as lookup:
         submission = _submit(data, order, comp, context, job_id=job_id, count=count, key=key, info=info,
-                             check_capacity=check_capacity)
+                             check_capacity=check_capacity, message=message)
         if lookup is not None:
             lookup.set_attribute("imgsvc.outcome", submission.outcome)
     if submission.outcome == "key_lost":
@@ -215,40 +225,45 @@ def accept(data: bytes, order: Order, context: JobContext, *, sha: str | None = 
     remember_written(job_key(submission.job_id))
     if in_use:
         in_use.stored = True
-    if submission.outcome == "new":
-        key_record = auth.current_key()
+    if submission.outcome == "new" and submission.step is None:
         step = step_for(order.lane(context), submission.in_flight, key_record.weight if key_record else 1.0)
         enqueue_inference(comp, in_use, traceparent, step)
     return submission
 
 
 def _submit(data: bytes, order: Order, comp: Computation, context: JobContext, *, job_id, count, key, info,
-            check_capacity: bool) -> Submission:
-    """One lookup without the bytes (a hit or an attach needs neither them nor their header check);
-    on a miss, the header check and the submit that stores the bytes and starts the computation."""
+            check_capacity: bool, message: StepMessage | None) -> Submission:
+    """One submit that answers a hit, attaches, or stores the bytes and starts the computation, after
+    the header check. An upload over LOOKUP_FIRST_BYTES is looked up first without its bytes (a hit or
+    an attach needs neither them nor their header check), then, on a miss, submitted with them."""
     svc = services()
     model_info = {"name": order.card.name, "version": order.card.version}
     max_bytes = svc.max_queued_bytes if check_capacity else 0
-    submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key,
-                                  max_queued_bytes=max_bytes)  # one more job waiting counts too
-    if submission.outcome == "overloaded_bytes":
-        raise _too_many_bytes()
-    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
-        svc.pictures.keep(comp, data, order.card.resize)
-    if submission.outcome != "miss":
-        return submission
+    if len(data) > LOOKUP_FIRST_BYTES:
+        submission = svc.store.submit(comp, model_info, context=context, job_id=job_id, count=count, key=key,
+                                      max_queued_bytes=max_bytes)  # one more job waiting counts too
+        if submission.outcome != "miss":
+            return _answered(submission, data, order, comp)
     info = info or inspect_image(data, svc.settings.max_image_pixels)
     submission = svc.store.submit(comp, model_info, data, info.to_dict(comp.sha256), context=context, job_id=job_id,
                                   count=count, queue=inference_queue(order.card.name),
                                   max_queue_depth=svc.settings.max_queue_depth if check_capacity else 0,
                                   max_queued_bytes=max_bytes, key=key, share=auth.share(),
-                                  max_share_depth=svc.settings.max_queue_depth_per_key if check_capacity else 0)
+                                  max_share_depth=svc.settings.max_queue_depth_per_key if check_capacity else 0,
+                                  message=message)
     if submission.outcome == "overloaded":
         raise _overloaded(order.card.name)
     if submission.outcome == "overloaded_share":
         raise _share_full()
+    return _answered(submission, data, order, comp)
+
+
+def _answered(submission: Submission, data: bytes, order: Order, comp: Computation) -> Submission:
+    """Refuse a submission past MAX_QUEUED_MB (503); a hit's bytes are kept as its heatmap's picture."""
     if submission.outcome == "overloaded_bytes":
         raise _too_many_bytes()
+    if submission.outcome == "cached":  # these bytes are its heatmap's picture, should the cache have lost it
+        services().pictures.keep(comp, data, order.card.resize)
     return submission
 
 
@@ -298,9 +313,10 @@ def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, tracepa
     the answer stored for its Idempotency-Key, so that a retry makes it again) if that fails."""
     svc = services()
     try:
-        send_inference(svc.celery, comp, traceparent, priority)
-    except (OperationalError, AttributeError) as exc:  # AttributeError: kombu's channel, closed by another
-        # thread's publish that Redis refused (a full Redis), has no connection left
+        send_inference(svc.celery, comp, traceparent, priority, broker=svc.redis)  # the broker's server
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError, AttributeError) as exc:
+        # OperationalError, AttributeError: Celery's send (TASK_EVENTS on); AttributeError: kombu's
+        # channel, closed by another thread's publish that Redis refused (a full Redis), has no connection left
         log.error("could not enqueue %s: %s", comp.suffix, exc)
         svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
         if in_use:

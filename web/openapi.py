@@ -474,14 +474,16 @@ def admin_schemas() -> dict:
                            "properties": {"used": counts, "total": counts}},
             "models": {"type": "object", "additionalProperties": {"type": "string"}},
             "max_batch": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "jobs_done": counts, "jobs_failed": counts, "current_batch": counts,
+            "jobs_done": counts, "jobs_failed": counts, "jobs_deadline_exceeded": counts,
+            "computations_skipped": counts, "current_batch": counts,
             "latency_ms": p50_p95, "last_seen": {"type": "number"}}},
         "WorkerNode": {"type": "object", "required": ["name", "status", "pool_size", "children"], "properties": {
             "name": {"type": "string", "description": "Celery node name, e.g. worker1@host"},
             "host": {"type": ["string", "null"]}, "status": {"type": "string", "enum": ["active", "draining"]},
             "pool_size": counts, "devices": {"type": "array", "items": {"type": "string"}},
             "models": {"type": "object", "additionalProperties": {"type": "string"}},
-            "jobs_done": counts, "jobs_failed": counts,
+            "jobs_done": counts, "jobs_failed": counts, "jobs_deadline_exceeded": counts,
+            "computations_skipped": counts,
             "queues": {"type": "array", "items": {"type": "string"}},
             "children": {"type": "array", "items": ref("WorkerChild")}}},
         "WebhookWorker": {"type": "object", "required": ["name", "last_seen"], "properties": {

@@ -105,9 +105,10 @@ def _check_complete(fmt: str, data: bytes, image: Image.Image) -> None:
     """Raise CorruptImage when the file visibly ends early (cheap checks, no pixel decoding)."""
     if fmt == "JPEG":
         # Entropy-coded data never holds FF D9 (FF is byte-stuffed), so the end-of-image marker
-        # after the last start-of-scan proves the scan data is all there.
-        last_scan = data.rfind(b"\xff\xda")
-        if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+        # after the last start-of-scan proves the scan data is all there. Searched from the ends
+        # (the last EOI, no SOS after it, an SOS before it), not through the scan data: the same answer.
+        last_end = data.rfind(b"\xff\xd9")
+        if last_end < 0 or data.find(b"\xff\xda", last_end) >= 0 or data.find(b"\xff\xda", 0, last_end) < 0:
             raise CorruptImage("The JPEG is truncated: its scan data has no end-of-image marker.")
     elif fmt == "PNG":
         try:

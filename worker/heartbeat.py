@@ -1,7 +1,8 @@
 """Each pool child announces itself in Redis so the web tier (readyz, admin, metrics) can see it.
 
 Fields of ``worker:<host>:<pid>:<boot>``: what the child is (node, host, pid, device and its name, models
-with versions, batch sizes) and how it is doing (jobs done/failed, current batch size, inference
+with versions, batch sizes) and how it is doing (computations done/failed, jobs failed past their
+deadline and computations skipped at claim, current batch size, inference
 latency p50/p95 over its last LATENCY_WINDOW images, GPU memory, last seen). The beat also samples
 the depth of the child's queues into the per-minute statistics for the admin page's charts.
 """
@@ -45,7 +46,8 @@ class Heartbeat:
         self.client, self.name, self.info = client, name, info
         self.interval_s, self.ttl_s = interval_s, ttl_s
         self.probe, self.queues = probe, queues
-        self.counters = {"jobs_done": 0, "jobs_failed": 0, "current_batch": 0}
+        self.counters = {"jobs_done": 0, "jobs_failed": 0, "jobs_deadline_exceeded": 0, "computations_skipped": 0,
+                         "current_batch": 0}
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)

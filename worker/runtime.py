@@ -214,6 +214,7 @@ class Runtime:
         retried = [p.comp.model for p, c in zip(batch, claims) if c.attempt > 1]
         if retried:
             self.store.count_redeliveries(retried)
+        self._count_unstarted(batch, claims)
         outcomes: dict[int, str] = {}
         runnable: list[tuple[int, Pending, bytes, int]] = []
         for index, (pending, claim) in enumerate(zip(batch, claims)):
@@ -382,6 +383,23 @@ class Runtime:
                 batch.outcomes[item.index] = self._fail(batch.pendings[item.index], error)
         if self.receiver is not None:
             self.receiver.ack_now(batch.pendings)
+
+    def _count_unstarted(self, batch: list[Pending], claims: list) -> None:
+        """Count the jobs the claim failed past their deadline and the computations it skipped (rare: no
+        round trip otherwise), per model, as the heartbeat and /metrics show them."""
+        per_model: dict[str, list[int]] = {}
+        for pending, claim in zip(batch, claims):
+            if claim.expired or claim.skipped:
+                counts = per_model.setdefault(pending.comp.model, [0, 0])
+                counts[0] += claim.expired
+                counts[1] += int(claim.skipped)
+        for model, (expired, skipped) in per_model.items():
+            self.heartbeat.count("jobs_deadline_exceeded", expired)
+            self.heartbeat.count("computations_skipped", skipped)
+            try:
+                stats.record_claim_outcomes(self.store.redis, {**self.labels, "model": model}, expired, skipped)
+            except redis.RedisError:
+                log.warning("could not count the unstarted work of %s", model, exc_info=True)
 
     def _fail(self, pending: Pending, error: ServiceError) -> str:
         """Fail a computation's jobs now (its message is acknowledged with the rest of its batch)."""
