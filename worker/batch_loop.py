@@ -20,7 +20,7 @@ import redis
 from shared import tracing
 from shared.errors import JobTimeout
 from shared.keys import drain_key
-from shared.tasks import inference_queue
+from shared.tasks import inference_queue, priority_lists
 from worker.broker import Pending
 from worker.models import LoadedModel
 from worker.pipeline import Staged
@@ -83,7 +83,7 @@ class BatchLoop:
 
     def _run(self) -> None:
         requested = 1 if self.alone else self.sizer.size
-        batch = [self.first] if self.alone else [self.first, *self.runtime._take_first(self.queue, requested - 1)]
+        batch = [self.first] if self.alone else [self.first, *self._take_first(requested - 1)]
         self.next_taken = batch[1:]  # Celery puts the first back itself if the claim fails
         self.current = self.runtime._stage(batch, requested)
         self.next_taken = []
@@ -119,10 +119,38 @@ class BatchLoop:
         now = time.monotonic()
         if now < self.deadline:
             return False
-        if now >= self.limit or self.runtime.others_waiting(self.queue):
+        if now >= self.limit or self._others_waiting():
             return True
         self.deadline = now + self.runtime.loop_budget_s
         return False
+
+    def _others_waiting(self) -> bool:
+        """Whether another model this child serves has messages waiting (one round trip; none when the
+        child serves one model). A Redis error counts as yes: the loop ends and Celery takes over."""
+        lists = [name for model in self.runtime.models if inference_queue(model) != self.queue
+                 for name in priority_lists(inference_queue(model))]
+        if not lists:
+            return False
+        try:
+            pipe = self.runtime.receiver.client.pipeline(transaction=False)
+            for name in lists:
+                pipe.llen(name)
+            return any(pipe.execute())
+        except redis.RedisError:
+            return True
+
+    def _take_first(self, limit: int) -> list[Pending]:
+        """Fill the first batch: wait up to MAX_WAIT_MS for more only when the queue already had some."""
+        taken = self.runtime.receiver.take(self.queue, limit)
+        deadline = time.monotonic() + self.runtime.settings.max_wait_ms / 1000
+        while taken and len(taken) < limit and time.monotonic() < deadline:
+            time.sleep(0.001)
+            try:
+                taken += self.runtime.receiver.take(self.queue, limit - len(taken))
+            except redis.RedisError as exc:  # what was taken already goes into this batch
+                log.warning("could not take more for a batch of %s; going on with %d: %s", self.queue, len(taken), exc)
+                break
+        return taken
 
     def _staged_following(self) -> StagedBatch | None:
         """The next batch, staged; None when there is none or staging it failed (its messages go
@@ -167,7 +195,7 @@ class BatchLoop:
         """After the soft time limit: put the staged batch back, fail the one being computed (or, when
         the limit passed while the first batch was still being staged, its first message, which Celery
         acknowledges next, and put back what was taken with it)."""
-        self.runtime._give_back(self.queue, self.following)
+        self._give_back()
         limit = self.runtime.settings.job_soft_time_limit_s
         error = JobTimeout(f"The computation took longer than {limit} s.")
         if self.current is None:
@@ -175,6 +203,16 @@ class BatchLoop:
             self.runtime._put_back(self.queue, self.next_taken)
         elif not any(self.current is staged for _, staged in self.writes):
             self.runtime._fail_all(self.current, error)
+
+    def _give_back(self) -> None:
+        """Put a staged but never computed batch back on its queue."""
+        if self.following is None:
+            return
+        try:
+            staged = self.following.result(timeout=30)
+            self.runtime.receiver.requeue(self.queue, [p for p in staged.pendings if p.tag is not None])
+        except Exception:  # the messages stay unacked: the visibility timeout brings them back
+            log.exception("could not put a staged batch back on %s", self.queue)
 
     def finish(self) -> None:
         self.outcomes += self.runtime._collect(self.writes, block=True)

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import torch
@@ -36,7 +36,7 @@ from shared.errors import (ImageExpired, InferenceFailed, ModelVersionUnavailabl
 from shared.jobs import Claim, JobStore
 from shared.keys import TAKEN_BY_KEY, drain_key
 from shared.settings import Settings
-from shared.tasks import inference_queue, priority_lists
+from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
 from worker import devices
 from worker.batch_loop import BatchLoop, StagedBatch
@@ -85,9 +85,6 @@ class Runtime:
         self._ack_if_written = store.redis.register_script(_ACK_IF_WRITTEN)
         self.loop_limit_s = settings.job_soft_time_limit_s / 4  # one loop's longest run (one Celery task)
         self.loop_budget_s = min(LOOP_BUDGET_S, self.loop_limit_s)  # how often it looks at other models' queues
-        self._other_lists = {inference_queue(name): [lst for other in models if other != name
-                                                     for lst in priority_lists(inference_queue(other))]
-                             for name in models}
 
     @classmethod
     def start(cls, settings: Settings, catalog: ModelCatalog, child_index: int,
@@ -153,33 +150,6 @@ class Runtime:
             loop.finish()
         return loop.outcomes
 
-    def others_waiting(self, queue: str) -> bool:
-        """Whether another model this child serves has messages waiting (one round trip; none when the
-        child serves one model). A Redis error counts as yes: the loop ends and Celery takes over."""
-        lists = self._other_lists.get(queue)
-        if not lists or self.receiver is None:
-            return False
-        try:
-            pipe = self.receiver.client.pipeline(transaction=False)
-            for name in lists:
-                pipe.llen(name)
-            return any(pipe.execute())
-        except redis.RedisError:
-            return True
-
-    def _take_first(self, queue: str, limit: int) -> list[Pending]:
-        """Fill the first batch: wait up to MAX_WAIT_MS for more only when the queue already had some."""
-        taken = self.receiver.take(queue, limit)
-        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        while taken and len(taken) < limit and time.monotonic() < deadline:
-            time.sleep(0.001)
-            try:
-                taken += self.receiver.take(queue, limit - len(taken))
-            except redis.RedisError as exc:  # what was taken already goes into this batch
-                log.warning("could not take more for a batch of %s; going on with %d: %s", queue, len(taken), exc)
-                break
-        return taken
-
     def _put_back(self, queue: str, pendings: list[Pending]) -> None:
         """Put messages this child took but will not compute back on their queue; if Redis refuses
         (full, or away), a thread tries again until a minute before the visibility timeout would."""
@@ -191,16 +161,6 @@ class Runtime:
         except redis.RedisError as exc:
             log.warning("could not put %d taken messages back on %s; trying again: %s", len(taken), queue, exc)
             requeue_later(self.receiver, queue, taken, max(1, self.settings.visibility_timeout_s - 60))
-
-    def _give_back(self, queue: str, following: Future | None) -> None:
-        """Put a staged but never computed batch back on its queue."""
-        if following is None:
-            return
-        try:
-            staged = following.result(timeout=30)
-            self.receiver.requeue(queue, [p for p in staged.pendings if p.tag is not None])
-        except Exception:  # the messages stay unacked: the visibility timeout brings them back
-            log.exception("could not put a staged batch back on %s", queue)
 
     # -- the stages -------------------------------------------------------------------------------
 
