@@ -120,7 +120,8 @@ def web_part(workdir: Path) -> dict:
     redis_proc, url = stack.start_redis(workdir)
     try:
         settings = Settings(redis_url=url, model_cards_dir=cards, models=(null_model.NAME,),
-                            rate_limit="1000000/minute", max_queue_depth=0)
+                            rate_limit="1000000/minute", max_queue_depth=0,
+                            max_queue_depth_per_key=0)
         tracer, tracing._tracer = tracing._tracer, None
         untraced = create_app(settings).test_client()  # no request hooks
         tracing._tracer = tracer

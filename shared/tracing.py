@@ -41,63 +41,21 @@ def configure(settings, service_name: str) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    class _Resource(Resource):
-        """The process's resource, its hash computed once: the OTLP encoder hashes it for every span
-        it exports (a JSON dump of the attributes each time, 3 us)."""
-
-        def __init__(self, attributes, schema_url=None):
-            super().__init__(attributes, schema_url)
-            self._hash = super().__hash__()
-
-        def __hash__(self):
-            return self._hash
-
-    created = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
-    resource = _Resource(created.attributes, created.schema_url)
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
     provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
         exporter = ConsoleSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_*
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from shared.otlp import EncodedExporter, EncodingProcessor
 
-        exporter = OTLPSpanExporter()  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
-    provider.add_span_processor(_lean(BatchSpanProcessor(exporter)))  # OTEL_BSP_*
+        exporter = EncodedExporter(resource)  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+        provider.add_span_processor(EncodingProcessor(exporter))  # OTEL_BSP_*
     trace.set_tracer_provider(provider)
     _tracer, _propagator, _api, _NEW_TRACE = (trace.get_tracer("imgsvc"), TraceContextTextMapPropagator(), trace,
                                               Context())
     log.info("tracing on: %s spans exported by %s", resource.attributes["service.name"], type(exporter).__name__)
     return True
-
-
-def _lean(processor):
-    """``processor`` (the batch processor), handed a lean copy of each sampled span as it ends.
-
-    A span waits in the export queue until its batch goes (512 spans, or 5 s): long enough for
-    its objects to reach the collector's oldest generation, whose full collections they then bring
-    nearer (measured: ~1.5 us of collection per such object). The SDK's ended span holds ~15 (its
-    attribute, event and link containers, each with a lock); the copy holds ~6: plain dict and
-    tuples, links without attribute containers. What the exporter reads is the same."""
-    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-
-    class Lean(SpanProcessor):
-        def on_end(self, span) -> None:
-            if not span.context.trace_flags.sampled:
-                return  # the batch processor drops these too
-            links = tuple(_api.Link(link.context, dict(link.attributes) if link.attributes else None)
-                          for link in span.links)
-            processor.on_end(ReadableSpan(
-                name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-                attributes=dict(span.attributes) if span.attributes else None, events=span.events, links=links,
-                kind=span.kind, status=span.status, start_time=span.start_time, end_time=span.end_time,
-                instrumentation_scope=span.instrumentation_scope))
-
-        def shutdown(self) -> None:
-            processor.shutdown()
-
-        def force_flush(self, timeout_millis: int = 30000) -> bool:
-            return processor.force_flush(timeout_millis)
-
-    return Lean()
 
 
 def enabled() -> bool:

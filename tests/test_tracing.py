@@ -198,3 +198,55 @@ def test_with_tracing_off_no_process_loads_opentelemetry():
                          env={"PATH": "/usr/bin:/bin", "WORKER_DEVICES": "cpu", "REDIS_URL": "redis://127.0.0.1:1/0"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_span_encoded_as_it_ends_is_what_the_sdk_exporter_would_send():
+    """``shared.otlp`` writes each ended span's protobuf itself (nothing but bytes waits for export):
+    byte for byte the SDK encoder's ``Span``, in a request the OTLP protobuf parser reads whole."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    from shared import otlp
+
+    class Keep(SpanProcessor):
+        def __init__(self):
+            self.ended = []
+
+        def on_end(self, span):
+            self.ended.append(span)
+
+    resource, kept = Resource.create({"service.name": "encoded"}), Keep()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(kept)
+    tracer = provider.get_tracer("imgsvc")
+    caller = trace.SpanContext(int(secrets.token_hex(16), 16), int(secrets.token_hex(8), 16), is_remote=True,
+                               trace_flags=trace.TraceFlags(1), trace_state=trace.TraceState([("vendor", "x")]))
+    full = tracer.start_span("batch", context=trace.set_span_in_context(trace.NonRecordingSpan(caller)),
+                             kind=trace.SpanKind.SERVER, links=[trace.Link(caller, {"n": 1})],
+                             attributes={"s": "é", "i": -5, "f": 1.5, "b": False, "l": ["a", "b"], "n": [1, 2]})
+    full.add_event("noted", {"e": "v"})
+    full.record_exception(ValueError("boom"))
+    full.set_status(trace.Status(trace.StatusCode.ERROR, "bad"))
+    full.end()
+    tracer.start_span("plain").end()
+    for span in kept.ended:
+        expected = encode_spans([span]).resource_spans[0].scope_spans[0].spans[0]
+        assert otlp.encode_span(span) == expected.SerializeToString(deterministic=True)
+
+    exporter = otlp.EncodedExporter(resource, endpoint="http://127.0.0.1:9/v1/traces")
+    processor, queued = otlp.EncodingProcessor(exporter), []
+    processor._batch._batch_processor.emit = queued.append  # what the batch processor would hand the exporter
+    for span in kept.ended:
+        processor.on_end(span)
+    request = ExportTraceServiceRequest.FromString(otlp._field(b"\x0a", exporter._resource + b"".join(queued)))
+    expected = encode_spans(kept.ended).resource_spans[0]
+    assert request.resource_spans[0].resource == expected.resource
+    assert [s.scope for s in request.resource_spans[0].scope_spans] == [expected.scope_spans[0].scope] * 2
+    assert [s for scoped in request.resource_spans[0].scope_spans for s in scoped.spans] == list(
+        expected.scope_spans[0].spans)
+    assert isinstance(request.resource_spans[0].scope_spans[0].spans[0], Span)
+    processor.shutdown()
