@@ -14,13 +14,14 @@ and the batch processor's ``OTEL_BSP_*`` apply as before. Loaded only when traci
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Mapping
 
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes, _encode_instrumentation_scope
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PB2Resource
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 _INT64 = (1 << 64) - 1
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags: what the SDK's encoder writes of the parent
@@ -71,83 +72,130 @@ def _attributes(tag: bytes, attributes) -> bytes:
                     for key, value in attributes.items()) if attributes else b""
 
 
-def _flags(parent) -> bytes:
-    return _FLAGS(_HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE)
+def _flags(remote: bool) -> bytes:
+    return _FLAGS(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
 
 
-def encode_span(span) -> bytes:
-    """A ``Span`` message of an ended span (the fields the SDK's OTLP encoder writes)."""
-    context, parent = span.context, span.parent
-    out = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
-    if context.trace_state:
-        out.append(_field(b"\x1a", context.trace_state.to_header().encode()))
-    if parent is not None:
-        out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    out += (_field(b"\x2a", span.name.encode()), b"\x30", _varint(span.kind.value + 1),
-            _TIMES(0x39, span.start_time, 0x41, span.end_time), _attributes(b"\x4a", span.attributes))
-    for event in span.events:
-        out.append(_field(b"\x5a", b"\x09" + _FIXED64(event.timestamp) + _field(b"\x12", event.name.encode())
-                          + _attributes(b"\x1a", event.attributes)))
-    for link in span.links:
-        linked = link.context
-        body = [b"\x0a\x10", linked.trace_id.to_bytes(16, "big"), b"\x12\x08", linked.span_id.to_bytes(8, "big")]
-        body += (_attributes(b"\x22", link.attributes), b"\x35", _flags(linked))
-        out.append(_field(b"\x6a", b"".join(body)))
-    status = span.status
-    message = _field(b"\x12", status.description.encode()) if status.description else b""
-    code = b"\x18" + _varint(status.status_code.value) if status.status_code.value else b""
-    out += (_field(b"\x7a", message + code), b"\x85\x01", _flags(parent))
-    for tag, dropped in ((b"\x50", span.dropped_attributes), (b"\x60", span.dropped_events),
-                         (b"\x70", span.dropped_links)):
-        if dropped:
-            out.append(tag + _varint(dropped))
+def encode(trace_id: int, span_id: int, parent_id: int, remote_parent: bool, name: str, kind: int, start: int,
+           end: int, attributes=None, trace_state: str = "", events=(), links=(), status: tuple = (0, ""),
+           dropped: tuple = (0, 0, 0)) -> bytes:
+    """A ``Span`` message, the fields in the order the SDK's OTLP encoder writes them. ``parent_id`` 0:
+    a root span; ``kind``: OTLP's (1 internal, 2 server); ``events``: (time, name, attributes) each;
+    ``links``: (trace id, span id, attributes, remote) each; ``status``: (code, message)."""
+    out = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    if trace_state:
+        out.append(_field(b"\x1a", trace_state.encode()))
+    if parent_id:
+        out += (b"\x22\x08", parent_id.to_bytes(8, "big"))
+    out += (_field(b"\x2a", name.encode()), b"\x30", _varint(kind), _TIMES(0x39, start, 0x41, end),
+            _attributes(b"\x4a", attributes))
+    for at, event, values in events:
+        out.append(_field(b"\x5a", b"\x09" + _FIXED64(at) + _field(b"\x12", event.encode())
+                          + _attributes(b"\x1a", values)))
+    for linked_trace, linked_span, values, remote in links:
+        out.append(_field(b"\x6a", b"".join((b"\x0a\x10", linked_trace.to_bytes(16, "big"), b"\x12\x08",
+                                              linked_span.to_bytes(8, "big"), _attributes(b"\x22", values),
+                                              b"\x35", _flags(remote)))))
+    code, message = status
+    out += (_field(b"\x7a", (_field(b"\x12", message.encode()) if message else b"")
+                   + (b"\x18" + _varint(code) if code else b"")), b"\x85\x01", _flags(remote_parent))
+    for tag, count in zip((b"\x50", b"\x60", b"\x70"), dropped):
+        if count:
+            out.append(tag + _varint(count))
     return b"".join(out)
 
 
-class EncodedExporter(OTLPSpanExporter):
-    """The SDK's OTLP/HTTP span exporter, sending ``ScopeSpans`` already encoded (``EncodingProcessor``)."""
+def encode_span(span) -> bytes:
+    """A ``Span`` message of an ended span of the SDK."""
+    context, parent, status = span.context, span.parent, span.status
+    return encode(context.trace_id, context.span_id, parent.span_id if parent is not None else 0,
+                  parent is not None and parent.is_remote, span.name, span.kind.value + 1, span.start_time,
+                  span.end_time, span.attributes,
+                  trace_state=context.trace_state.to_header() if context.trace_state else "",
+                  events=[(e.timestamp, e.name, e.attributes) for e in span.events],
+                  links=[(k.context.trace_id, k.context.span_id, k.attributes, k.context.is_remote) for k in span.links],
+                  status=(status.status_code.value, status.description or ""),
+                  dropped=(span.dropped_attributes, span.dropped_events, span.dropped_links))
 
-    def __init__(self, resource, **kwargs):
+
+class _Requests:
+    """``ExportTraceServiceRequest`` bytes of queued spans: each an SDK span's ``ScopeSpans`` (bytes),
+    or the arguments of ``encode`` (a tuple) for a span of ``scope`` (``shared.tracing``'s, all in one
+    ``ScopeSpans``). The resource is the provider's as it is now (a forked child's may differ from its
+    parent's), encoded again only when it changed."""
+
+    def __init__(self, provider, scope):
+        self._provider, self._seen, self._resource = provider, None, b""
+        self._scope = _scope_field(scope)
+
+    def __call__(self, spans) -> bytes:
+        if (resource := self._provider.resource) is not self._seen:
+            encoded = PB2Resource(attributes=_encode_attributes(resource.attributes)).SerializeToString()
+            self._resource = _field(b"\x0a", encoded) + (
+                _field(b"\x1a", resource.schema_url.encode()) if resource.schema_url else b"")
+            self._seen = resource
+        scoped = [span for span in spans if type(span) is bytes]
+        if ours := [_field(b"\x12", encode(*span)) for span in spans if type(span) is tuple]:
+            scoped.append(_field(b"\x12", self._scope + b"".join(ours)))
+        return _field(b"\x0a", self._resource + b"".join(scoped))  # ExportTraceServiceRequest.resource_spans
+
+
+def _scope_field(scope) -> bytes:
+    """A ``ScopeSpans``' scope and schema fields."""
+    if scope is None:
+        return b""
+    encoded = _field(b"\x0a", _encode_instrumentation_scope(scope).SerializeToString())
+    return encoded + (_field(b"\x1a", scope.schema_url.encode()) if scope.schema_url else b"")
+
+
+class EncodedExporter(OTLPSpanExporter):
+    """The SDK's OTLP/HTTP span exporter, sending what ``EncodingProcessor`` queued."""
+
+    def __init__(self, provider, scope, **kwargs):
         super().__init__(**kwargs)
-        encoded = _field(b"\x0a", PB2Resource(attributes=_encode_attributes(resource.attributes)).SerializeToString())
-        self._resource = encoded + (_field(b"\x1a", resource.schema_url.encode()) if resource.schema_url else b"")
+        self.request = _Requests(provider, scope)
 
     def export(self, spans) -> SpanExportResult:
         if self._shutdown:
             return SpanExportResult.FAILURE
-        request = _field(b"\x0a", self._resource + b"".join(spans))  # ExportTraceServiceRequest.resource_spans
         with self._metrics.export_operation(len(spans)) as result:
-            answer = self._client.export(request)
+            answer = self._client.export(self.request(spans))
             if not answer.success:
                 result.error = answer.error
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
 
-class EncodingProcessor(SpanProcessor):
-    """Encode each sampled span as it ends, and queue those bytes in the SDK's batch processor."""
+class PrintedExporter(SpanExporter):
+    """``OTEL_TRACES_EXPORTER=console``: each batch printed as OTLP JSON (what a collector's file exporter writes)."""
 
-    def __init__(self, exporter: EncodedExporter):
+    def __init__(self, provider, scope):
+        self.request = _Requests(provider, scope)
+
+    def export(self, spans) -> SpanExportResult:
+        from google.protobuf import json_format
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        sys.stdout.write(json_format.MessageToJson(ExportTraceServiceRequest.FromString(self.request(spans))) + "\n")
+        sys.stdout.flush()
+        return SpanExportResult.SUCCESS
+
+
+class EncodingProcessor(SpanProcessor):
+    """Queue each sampled span as it ends, in the SDK's batch processor: an SDK span encoded at once,
+    a span of ``shared.tracing`` as the tuple ``queue`` is handed."""
+
+    def __init__(self, exporter: EncodedExporter | PrintedExporter):
         self._batch = BatchSpanProcessor(exporter)  # OTEL_BSP_*: queue size, batch size, delay
+        self.queue = self._batch._batch_processor.emit
         self._scopes: dict = {}  # instrumentation scope -> its encoded ``scope`` field
 
     def on_end(self, span) -> None:
         if span.context.trace_flags.sampled:
-            self.emit(span.instrumentation_scope, encode_span(span))
-
-    def emit(self, scope, span: bytes) -> None:
-        """Queue one encoded ``Span`` of ``scope`` for export."""
-        prefix = self._scopes.get(scope)
-        if prefix is None:
-            prefix = self._scopes[scope] = self._scope_field(scope)
-        self._batch._batch_processor.emit(_field(b"\x12", prefix + _field(b"\x12", span)))
-
-    @staticmethod
-    def _scope_field(scope) -> bytes:
-        if scope is None:
-            return b""
-        encoded = _field(b"\x0a", _encode_instrumentation_scope(scope).SerializeToString())
-        return encoded + (_field(b"\x1a", scope.schema_url.encode()) if scope.schema_url else b"")
+            scope = span.instrumentation_scope
+            if (prefix := self._scopes.get(scope)) is None:
+                prefix = self._scopes[scope] = _scope_field(scope)
+            self.queue(_field(b"\x12", prefix + _field(b"\x12", encode_span(span))))
 
     def shutdown(self) -> None:
         self._batch.shutdown()

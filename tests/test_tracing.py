@@ -237,12 +237,12 @@ def test_a_span_encoded_as_it_ends_is_what_the_sdk_exporter_would_send():
         expected = encode_spans([span]).resource_spans[0].scope_spans[0].spans[0]
         assert otlp.encode_span(span) == expected.SerializeToString(deterministic=True)
 
-    exporter = otlp.EncodedExporter(resource, endpoint="http://127.0.0.1:9/v1/traces")
+    exporter = otlp.EncodedExporter(provider, None, endpoint="http://127.0.0.1:9/v1/traces")
     processor, queued = otlp.EncodingProcessor(exporter), []
-    processor._batch._batch_processor.emit = queued.append  # what the batch processor would hand the exporter
+    processor.queue = queued.append  # what the batch processor would hand the exporter
     for span in kept.ended:
         processor.on_end(span)
-    request = ExportTraceServiceRequest.FromString(otlp._field(b"\x0a", exporter._resource + b"".join(queued)))
+    request = ExportTraceServiceRequest.FromString(exporter.request(queued))
     expected = encode_spans(kept.ended).resource_spans[0]
     assert request.resource_spans[0].resource == expected.resource
     assert [s.scope for s in request.resource_spans[0].scope_spans] == [expected.scope_spans[0].scope] * 2
@@ -250,3 +250,37 @@ def test_a_span_encoded_as_it_ends_is_what_the_sdk_exporter_would_send():
         expected.scope_spans[0].spans)
     assert isinstance(request.resource_spans[0].scope_spans[0].spans[0], Span)
     processor.shutdown()
+
+
+@pytest.mark.parametrize("name", ["always_on", "always_off", "traceidratio", "parentbased_always_on",
+                                  "parentbased_always_off", "parentbased_traceidratio", "custom"])
+def test_the_sdks_samplers_decide_here_as_they_decide_themselves(name, monkeypatch):
+    """``shared.tracing`` decides the SDK's standard samplers without building the context objects they
+    read (and asks any other): for new traces and for remote and local parents, sampled or not, the
+    decision is the sampler's own."""
+    from opentelemetry.sdk.trace import sampling
+
+    from shared import tracing
+
+    if name == "custom":  # not one of the standard compositions: asked each time
+        sampler = sampling.ParentBased(sampling.ALWAYS_ON, remote_parent_sampled=sampling.ALWAYS_OFF)
+    else:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.3")
+        sampler = sampling._get_from_env_or_default()
+    decide = tracing._sampling(sampler)
+
+    def local(flags: int):
+        span = tracing._Span()
+        span.trace_id, span.span_id, span.flags, span.trace_state = 7, 9, flags, ""
+        return span
+
+    parents = [None, tracing._Remote(7, 9, 1), tracing._Remote(7, 9, 0), local(1), local(0)]
+    decisions = set()
+    for _ in range(300):
+        trace_id = int(secrets.token_hex(16), 16)
+        for parent in parents:
+            expected = tracing._asked(sampler, parent, trace_id, "batch", 1, None)
+            assert decide(parent, trace_id, "batch", 1, None) is expected, (parent, trace_id)
+            decisions.add(expected)
+    assert decisions == ({True} if name == "always_on" else {False} if name == "always_off" else {True, False})
