@@ -1,15 +1,17 @@
-"""Spans encoded to OTLP protobuf as they end, and exported in batches of those bytes over OTLP/HTTP.
+"""Spans kept as plain values until their export, encoded to OTLP protobuf by hand, sent over OTLP/HTTP.
 
 The SDK's batch processor keeps each ended span, with its dozen Python objects, in its export queue
 until the batch goes (512 spans or 5 s): long enough for the garbage collector to move them to its
-oldest generation, whose full collections they then bring nearer; the exporter encodes the batch
-through protobuf message objects (3-4 us per attribute). Here a span is written straight to the wire
-format of one ``ScopeSpans`` (its scope and the span) when it ends, and only those bytes wait in the
-queue (bytes are not tracked by the collector). An export is the request's one ``ResourceSpans``: the
-process's resource, encoded once, and the queued ``ScopeSpans`` one after the other (a repeated field
-of protobuf is its entries written in turn), sent by the SDK's own OTLP/HTTP exporter client, so the
-standard ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout, compression, certificates)
-and the batch processor's ``OTEL_BSP_*`` apply as before. Loaded only when tracing is on.
+oldest generation, whose full collections they then bring nearer; and its exporter encodes a batch
+through protobuf message objects (3-4 us per attribute). Here what waits in the queue is a tuple of
+numbers and strings (``shared.tracing``'s spans: the collector stops tracking it at its first look)
+or, for a span of the SDK (another instrumentation's), its bytes, encoded as it ended. The exporter's
+thread writes the wire format itself: one ``ResourceSpans`` with the process's resource, a
+``ScopeSpans`` of the tuples' spans and the SDK spans' own (a repeated protobuf field is its entries
+written in turn), byte for byte what the SDK's encoder makes of the same spans, sent by the SDK's
+own OTLP/HTTP exporter client: the standard ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers,
+timeout, compression, certificates) and the batch processor's ``OTEL_BSP_*`` apply as before.
+Loaded only when tracing is on.
 """
 from __future__ import annotations
 

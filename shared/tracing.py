@@ -93,6 +93,8 @@ class _Span:
 
     def failed(self, exc: BaseException) -> None:
         """Record ``exc`` as the SDK's ``record_exception`` and an error status would."""
+        if not self.flags & _SAMPLED:
+            return
         kind = type(exc)
         name = kind.__qualname__ if kind.__module__ in (None, "builtins") else f"{kind.__module__}.{kind.__qualname__}"
         self.events = ((time.time_ns(), "exception", {
@@ -196,7 +198,7 @@ def instrument_flask(app) -> None:
     from flask import request
 
     def start_request_span():
-        if _tracer is None or request.path in _UNTRACED:
+        if request.path in _UNTRACED:
             return
         route = request.url_rule.rule if request.url_rule else request.path
         headers = request.headers
@@ -256,13 +258,13 @@ def span(name: str, *, parent: str | None = None, attributes: dict | None = None
     """A span around the block, child of ``parent`` (a traceparent) or of the request's span. It is not
     made the current span (what runs inside takes its traceparent from ``traceparent_of``): an
     exception out of the block is recorded on it. Yields the span, or None when tracing is off or
-    the parent is not sampled (a child would not be either, so none is made)."""
+    the request's span is not sampled (a child would not be either, so none is made)."""
     if _tracer is None:
         yield None
         return
     above = _current.get() if parent is None else _span_context(parent)
-    if above is not None and not above.flags & _SAMPLED:
-        yield None
+    if parent is None and above is not None and not above.flags & _SAMPLED:
+        yield None  # under the request's unsampled span (a given parent's context goes on, unsampled)
         return
     current = _tracer.start(name, above, attributes=attributes)
     try:
