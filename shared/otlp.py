@@ -20,6 +20,7 @@ import sys
 from collections.abc import Mapping
 
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes, _encode_instrumentation_scope
+from opentelemetry.exporter.otlp.proto.http._common import RequestPayloadTooLargeError, _is_request_too_large
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PB2Resource
 from opentelemetry.sdk.trace import SpanProcessor
@@ -161,7 +162,11 @@ class EncodedExporter(OTLPSpanExporter):
         if self._shutdown:
             return SpanExportResult.FAILURE
         with self._metrics.export_operation(len(spans)) as result:
-            answer = self._client.export(self.request(spans))
+            request = self.request(spans)
+            if _is_request_too_large(request, self._max_request_size):  # as the SDK's export does
+                result.error = RequestPayloadTooLargeError(f"span batch of {len(request)} bytes dropped")
+                return SpanExportResult.FAILURE
+            answer = self._client.export(request)
             if not answer.success:
                 result.error = answer.error
                 return SpanExportResult.FAILURE
