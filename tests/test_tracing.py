@@ -284,3 +284,36 @@ def test_the_sdks_samplers_decide_here_as_they_decide_themselves(name, monkeypat
             assert decide(parent, trace_id, "batch", 1, None) is expected, (parent, trace_id)
             decisions.add(expected)
     assert decisions == ({True} if name == "always_on" else {False} if name == "always_off" else {True, False})
+
+
+def test_a_span_the_block_fails_in_is_exported_with_the_error_and_its_parent(monkeypatch):
+    """``tracing.span``: a child of the given ``traceparent`` (kept when unsampled, so the context goes
+    on), and an exception out of the block recorded as the SDK records one: an ``exception`` event
+    and an error status, in the protobuf the exporter sends."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from shared import otlp, tracing
+
+    provider, queued = TracerProvider(), []
+    monkeypatch.setattr(tracing, "_tracer", tracing._Tracer(provider, queued.append))
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    with pytest.raises(ValueError), tracing.span("webhook attempt", parent=f"00-{trace_id}-{parent_id}-01",
+                                                 attributes={"webhook.attempt": 1}) as attempt:
+        attempt.set_attribute("http.response.status_code", 500)
+        raise ValueError("refused")
+    with tracing.span("webhook attempt", parent=f"00-{trace_id}-{parent_id}-00") as unsampled:
+        assert tracing.traceparent_of(unsampled).endswith("-00")  # the receiver still gets the (unsampled) trace
+
+    request = otlp.EncodedExporter(provider, InstrumentationScope("imgsvc"), endpoint="http://127.0.0.1:9").request
+    (scoped,) = ExportTraceServiceRequest.FromString(request(queued)).resource_spans[0].scope_spans
+    (span,) = scoped.spans
+    assert scoped.scope.name == "imgsvc" and span.name == "webhook attempt"
+    assert (span.trace_id.hex(), span.parent_span_id.hex()) == (trace_id, parent_id)
+    assert span.status.code == span.status.STATUS_CODE_ERROR and span.status.message == "ValueError: refused"
+    (event,) = span.events
+    assert event.name == "exception" and {a.key: a.value.string_value for a in event.attributes}[
+        "exception.type"] == "ValueError"
+    assert {a.key: a.value.int_value for a in span.attributes} == {"webhook.attempt": 1,
+                                                                   "http.response.status_code": 500}
