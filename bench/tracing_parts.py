@@ -15,6 +15,7 @@ on block ends with a flush, so its spans' encoding and export count in it. The p
   ``worker.runtime`` makes them), per image, at the null-model ceiling's pace, with the worker's
   modules (torch) loaded: a full collection scans them all, and span objects that live until their
   export bring the next one nearer;
+- web-spans: the web tier's spans alone, on a route that does nothing else (per request);
 - webhooks: one attempt's span and the traceparent it sends, per attempt.
 
 ``python -m bench.tracing_parts [turns]``.
@@ -120,7 +121,8 @@ def web_part(workdir: Path) -> dict:
     redis_proc, url = stack.start_redis(workdir)
     try:
         settings = Settings(redis_url=url, model_cards_dir=cards, models=(null_model.NAME,),
-                            rate_limit="1000000/minute", max_queue_depth=0)
+                            rate_limit="1000000/minute", max_queue_depth=0,
+                            max_queue_depth_per_key=0)
         tracer, tracing._tracer = tracing._tracer, None
         untraced = create_app(settings).test_client()  # no request hooks
         tracing._tracer = tracer
@@ -141,6 +143,45 @@ def web_part(workdir: Path) -> dict:
         return measured.result()
     finally:
         stack.stop(redis_proc)
+
+
+def web_spans_part(_workdir: Path) -> dict:
+    """CPU ms per request for the web tier's spans alone: the submit's (the request span through the
+    hooks, the job's traceparent, the cache lookup span) on a route that does nothing else, paced,
+    without the submit's own 2-3 ms whose spread hides them in ``web``."""
+    from flask import Flask
+
+    from shared import tracing
+
+    def app(traced: bool):
+        made = Flask(__name__)
+
+        @made.post("/api/v1/jobs")
+        def submit():
+            traceparent = tracing.current_traceparent()
+            with tracing.span("cache lookup") as lookup:
+                if lookup is not None:
+                    lookup.set_attribute("imgsvc.outcome", "new")
+            return {"traceparent": traceparent}, 202
+
+        if traced:
+            tracing.instrument_flask(made)
+        return made.test_client()
+
+    tracer, tracing._tracer = tracing._tracer, None
+    untraced = app(False)
+    tracing._tracer = tracer
+    traced = app(True)
+
+    def submit(_number: int) -> None:
+        (traced if tracing._tracer is not None else untraced).post("/api/v1/jobs")
+
+    per_block = 250
+    requests = [(n,) for n in range(per_block * 2 * (PAIRS + 1))]
+    measured = Blocks()
+    measured.run([requests[i:i + per_block] for i in range(0, len(requests), per_block)],
+                 lambda block: _paced(block, 200, submit))
+    return measured.result()
 
 
 def worker_part(_workdir: Path) -> dict:
@@ -186,7 +227,7 @@ def webhook_part(_workdir: Path) -> dict:
     return measured.result()
 
 
-PARTS = {"web": web_part, "worker": worker_part, "webhooks": webhook_part}
+PARTS = {"web": web_part, "web-spans": web_spans_part, "worker": worker_part, "webhooks": webhook_part}
 
 
 def _one(part: str) -> None:

@@ -6,6 +6,15 @@ is a no-op, so tracing costs nothing. On, each process exports over OTLP/HTTP (p
 background batch; the sampler (``OTEL_TRACES_SAMPLER``, ``..._ARG``) and the service name
 (``OTEL_SERVICE_NAME``) are the SDK's own settings.
 
+The spans named below are made here, not through the SDK's ``Tracer``: a small span object that
+asks the SDK's sampler (the standard ones decided here as they would decide, without building the
+context objects they read) and id generator, and is encoded to OTLP protobuf when it ends
+(``shared.otlp``); only those bytes wait in the SDK's batch processor for the exporter. The SDK's
+``Tracer`` costs ~50 us per span with its export (locks, attribute validation, a context per
+parent, an ended copy); this, ~10 us (BENCHMARKS.md). A span from another instrumentation, should
+one be added, goes through the SDK and is exported with them; the spans here are not the API's
+current span (``current_traceparent`` reads the request's).
+
 A job's trace, as W3C ``traceparent`` text, travels with it: in its record (for the webhook
 attempts) and in its broker message (for the worker). The spans of one job:
 
@@ -21,83 +30,155 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+import traceback
+from contextvars import ContextVar
 
 log = logging.getLogger(__name__)
-_tracer = None  # the process's tracer once configure() turned tracing on
-_propagator = None
-_api = None  # opentelemetry.trace, once on
-_NEW_TRACE = None  # an empty context: a span started in it begins a trace
+_tracer = None  # the process's _Tracer once configure() turned tracing on
+_current: ContextVar = ContextVar("imgsvc_request_span", default=None)  # the web request's span
+_SAMPLED, _RANDOM_TRACE_ID = 0x01, 0x02  # W3C trace flags
+_INTERNAL, _SERVER = 1, 2  # OTLP span kinds
 
 
 def configure(settings, service_name: str) -> bool:
     """Turn tracing on for this process where the settings ask for it; return whether it is on."""
-    global _tracer, _propagator, _api, _NEW_TRACE
+    global _tracer
     if not settings.tracing or _tracer is not None:
         return _tracer is not None
     from opentelemetry import trace
-    from opentelemetry.context import Context
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    class _Resource(Resource):
-        """The process's resource, its hash computed once: the OTLP encoder hashes it for every span
-        it exports (a JSON dump of the attributes each time, 3 us)."""
+    from shared import otlp
 
-        def __init__(self, attributes, schema_url=None):
-            super().__init__(attributes, schema_url)
-            self._hash = super().__hash__()
-
-        def __hash__(self):
-            return self._hash
-
-    created = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
-    resource = _Resource(created.attributes, created.schema_url)
+    scope = InstrumentationScope("imgsvc")  # the spans made here
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
     provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
-        exporter = ConsoleSpanExporter()
+        exporter = otlp.PrintedExporter(provider, scope)
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
-    provider.add_span_processor(_lean(BatchSpanProcessor(exporter)))  # OTEL_BSP_*
+        exporter = otlp.EncodedExporter(provider, scope)  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+    processor = otlp.EncodingProcessor(exporter)  # OTEL_BSP_*
+    provider.add_span_processor(processor)  # spans of any other instrumentation
     trace.set_tracer_provider(provider)
-    _tracer, _propagator, _api, _NEW_TRACE = (trace.get_tracer("imgsvc"), TraceContextTextMapPropagator(), trace,
-                                              Context())
+    _tracer = _Tracer(provider, processor.queue)
     log.info("tracing on: %s spans exported by %s", resource.attributes["service.name"], type(exporter).__name__)
     return True
 
 
-def _lean(processor):
-    """``processor`` (the batch processor), handed a lean copy of each sampled span as it ends.
+class _Remote:
+    """A span context read from a ``traceparent`` (a span of another process)."""
 
-    A span waits in the export queue until its batch goes (512 spans, or 5 s): long enough for
-    its objects to reach the collector's oldest generation, whose full collections they then bring
-    nearer (measured: ~1.5 us of collection per such object). The SDK's ended span holds ~15 (its
-    attribute, event and link containers, each with a lock); the copy holds ~6: plain dict and
-    tuples, links without attribute containers. What the exporter reads is the same."""
-    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+    __slots__ = ("trace_id", "span_id", "flags", "trace_state")
+    remote = True
 
-    class Lean(SpanProcessor):
-        def on_end(self, span) -> None:
-            if not span.context.trace_flags.sampled:
-                return  # the batch processor drops these too
-            links = tuple(_api.Link(link.context, dict(link.attributes) if link.attributes else None)
-                          for link in span.links)
-            processor.on_end(ReadableSpan(
-                name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-                attributes=dict(span.attributes) if span.attributes else None, events=span.events, links=links,
-                kind=span.kind, status=span.status, start_time=span.start_time, end_time=span.end_time,
-                instrumentation_scope=span.instrumentation_scope))
+    def __init__(self, trace_id: int, span_id: int, flags: int, trace_state: str = ""):
+        self.trace_id, self.span_id, self.flags, self.trace_state = trace_id, span_id, flags, trace_state
 
-        def shutdown(self) -> None:
-            processor.shutdown()
 
-        def force_flush(self, timeout_millis: int = 30000) -> bool:
-            return processor.force_flush(timeout_millis)
+class _Span:
+    """A span of this process: what the OTLP ``Span`` message holds, encoded and queued when it ends
+    (if sampled; an unsampled one only carries its context on)."""
 
-    return Lean()
+    __slots__ = ("trace_id", "span_id", "flags", "trace_state", "parent_id", "remote_parent", "name", "kind",
+                 "start", "attributes", "links", "events", "status", "ended")
+    remote = False
+
+    def set_attribute(self, key: str, value) -> None:
+        if self.attributes is None:
+            self.attributes = {}
+        self.attributes[key] = value
+
+    def failed(self, exc: BaseException) -> None:
+        """Record ``exc`` as the SDK's ``record_exception`` and an error status would."""
+        if not self.flags & _SAMPLED:
+            return
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ in (None, "builtins") else f"{kind.__module__}.{kind.__qualname__}"
+        self.events = ((time.time_ns(), "exception", {
+            "exception.type": name, "exception.message": str(exc),
+            "exception.stacktrace": "".join(traceback.format_exception(exc)), "exception.escaped": "False"}),)
+        self.status = (2, f"{kind.__name__}: {exc}")
+
+    def end(self, end_ns: int | None = None) -> None:
+        if self.ended or not self.flags & _SAMPLED:
+            return
+        self.ended = True
+        _tracer.emit(self, time.time_ns() if end_ns is None else end_ns)
+
+
+class _Tracer:
+    """Starts spans with the SDK provider's sampler and id generator; queues each ended one encoded."""
+
+    def __init__(self, provider, queue):
+        self._queue = queue  # the batch processor's: a span's fields, encoded in the exporter's thread
+        self._sampled = _sampling(provider.sampler)
+        ids = provider.id_generator
+        self._new_span_id, self._new_trace_id = ids.generate_span_id, ids.generate_trace_id
+        self._random_ids = _RANDOM_TRACE_ID if ids.is_trace_id_random() else 0
+
+    def start(self, name: str, parent=None, *, kind: int = _INTERNAL, attributes: dict | None = None,
+              links: tuple = (), start_ns: int | None = None) -> _Span:
+        """A span, child of ``parent`` (a ``_Span`` or ``_Remote``; None: it begins a trace)."""
+        span = _Span()
+        if parent is None:
+            span.trace_id, span.parent_id, span.remote_parent = self._new_trace_id(), 0, False
+            span.trace_state, random_ids = "", self._random_ids
+        else:
+            span.trace_id, span.parent_id, span.remote_parent = parent.trace_id, parent.span_id, parent.remote
+            span.trace_state, random_ids = parent.trace_state, parent.flags & _RANDOM_TRACE_ID
+        sampled = self._sampled(parent, span.trace_id, name, kind, attributes)
+        span.span_id, span.flags = self._new_span_id(), random_ids | (_SAMPLED if sampled else 0)
+        span.name, span.kind, span.attributes, span.links, span.events = name, kind, attributes, links, ()
+        span.start, span.status, span.ended = time.time_ns() if start_ns is None else start_ns, (0, ""), False
+        return span
+
+    def emit(self, span: _Span, end_ns: int) -> None:
+        """Queue an ended span as ``shared.otlp.encode``'s arguments: a tuple of numbers, strings and
+        tuples (and a dict of them), which the collector stops tracking at its first look."""
+        self._queue((span.trace_id, span.span_id, span.parent_id, span.remote_parent, span.name, span.kind,
+                     span.start, end_ns, span.attributes, span.trace_state, span.events, span.links, span.status))
+
+
+def _sampling(sampler):
+    """``sampled(parent, trace_id, name, kind, attributes)``: the decision of ``sampler``. The SDK's own
+    samplers (always on/off, trace id ratio, parent-based on those) are decided here as they decide;
+    any other is asked, with the context and arguments it reads."""
+    from opentelemetry.sdk.trace import sampling
+
+    def root_rule(root):
+        if isinstance(root, sampling.StaticSampler):
+            decided = root._decision.is_sampled()
+            return lambda _trace_id: decided
+        if isinstance(root, sampling.TraceIdRatioBased):
+            bound, limit = root.bound, root.TRACE_ID_LIMIT
+            return lambda trace_id: trace_id & limit < bound
+        return None
+
+    if isinstance(sampler, sampling.ParentBased):
+        root = root_rule(sampler._root)
+        follows = all(isinstance(s, sampling.StaticSampler) and s._decision.is_sampled() is value for s, value in (
+            (sampler._remote_parent_sampled, True), (sampler._remote_parent_not_sampled, False),
+            (sampler._local_parent_sampled, True), (sampler._local_parent_not_sampled, False)))
+        if root is not None and follows:
+            return lambda parent, trace_id, *_: root(trace_id) if parent is None else bool(parent.flags & _SAMPLED)
+    elif (root := root_rule(sampler)) is not None:
+        return lambda _parent, trace_id, *_: root(trace_id)
+    return lambda parent, trace_id, name, kind, attributes: _asked(sampler, parent, trace_id, name, kind, attributes)
+
+
+def _asked(sampler, parent, trace_id: int, name: str, kind: int, attributes) -> bool:
+    from opentelemetry import trace
+
+    context = None
+    if parent is not None:
+        found = trace.SpanContext(parent.trace_id, parent.span_id, is_remote=parent.remote,
+                                  trace_flags=trace.TraceFlags(parent.flags),
+                                  trace_state=trace.TraceState.from_header([parent.trace_state]))
+        context = trace.set_span_in_context(trace.NonRecordingSpan(found))
+    return sampler.should_sample(context, trace_id, name, trace.SpanKind(kind - 1), attributes).decision.is_sampled()
 
 
 def enabled() -> bool:
@@ -109,33 +190,30 @@ def instrument_flask(app) -> None:
 
     Not OpenTelemetry's Flask instrumentation: measured on this app's submit, it cost 0.165 ms of CPU
     per request (WSGI attributes and HTTP metrics recorded whether the span is sampled or not),
-    these hooks 0.055 ms (BENCHMARKS.md). Registered first, so the span covers the rate limit too.
+    these hooks 0.055 ms with the SDK's spans, less with these (BENCHMARKS.md). Registered first, so
+    the span covers the rate limit too.
     """
     if _tracer is None:
         return
-    from flask import g, request
-    from opentelemetry import context
-
-    server = _api.SpanKind.SERVER
+    from flask import request
 
     def start_request_span():
         if request.path in _UNTRACED:
             return
         route = request.url_rule.rule if request.url_rule else request.path
-        caller = _propagator.extract(request.headers) if "traceparent" in request.headers else None
-        span = _tracer.start_span(f"{request.method} {route}", context=caller, kind=server,
-                                  attributes={"http.request.method": request.method, "http.route": route})
-        g.otel_request = (span, context.attach(_api.set_span_in_context(span)))
+        headers = request.headers
+        caller = _caller(headers.get("traceparent"), headers.get("tracestate")) if "traceparent" in headers else None
+        _current.set(_tracer.start(f"{request.method} {route}", caller, kind=_SERVER,
+                                   attributes={"http.request.method": request.method, "http.route": route}))
 
     def note_status(response):
-        if "otel_request" in g:
-            g.otel_request[0].set_attribute("http.response.status_code", response.status_code)
+        if (span := _current.get()) is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
         return response
 
     def end_request_span(_exc):
-        span, token = g.pop("otel_request", (None, None))
-        if span is not None:
-            context.detach(token)
+        if (span := _current.get()) is not None:
+            _current.set(None)
             span.end()
 
     app.before_request_funcs.setdefault(None, []).insert(0, start_request_span)
@@ -146,63 +224,53 @@ def instrument_flask(app) -> None:
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+def _caller(traceparent: str, tracestate: str | None):
+    """A caller's span context, its ``tracestate`` validated as the W3C propagator does."""
+    found = _span_context(traceparent.strip())
+    if found is not None and tracestate:
+        from opentelemetry.trace import TraceState
+
+        found.trace_state = TraceState.from_header([tracestate]).to_header()
+    return found
+
+
 def current_traceparent() -> str:
-    """The current span's context as a ``traceparent`` header value ("" when off or outside a trace)."""
-    return "" if _tracer is None else _format(_api.get_current_span().get_span_context())
-
-
-def _format(span_context) -> str:
-    """A span context as W3C ``traceparent`` text (what the propagator's inject writes, without a carrier)."""
-    if not span_context.is_valid:
-        return ""
-    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    """The request span's context as a ``traceparent`` header value ("" when off or outside a request)."""
+    return "" if _tracer is None else traceparent_of(_current.get())
 
 
 def _span_context(traceparent: str):
-    """The span context in a job's ``traceparent`` (written by ``_format`` in another process of the
-    service), read with a split rather than the propagator's regular expression; None when invalid."""
+    """The span context in a ``traceparent`` (one ``traceparent_of`` wrote in another process of the
+    service, or a caller's), read with a split rather than the propagator's regular expression; None
+    when invalid."""
     try:
         version, trace_id, span_id, flags = traceparent.split("-")
         if len(version) != 2 or version == "ff" or len(trace_id) != 32 or len(span_id) != 16 or len(flags) != 2:
             return None
-        found = _api.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
-                                 trace_flags=_api.TraceFlags(int(flags, 16)))
+        found = _Remote(int(trace_id, 16), int(span_id, 16), int(flags, 16))
     except ValueError:
         return None
-    return found if found.is_valid else None
-
-
-def _unsampled(parent) -> bool:
-    """Whether ``parent`` is a span of a trace that is not sampled: a child of it would not be either
-    (the sampler follows the parent, or decides on the same trace id), so it is not made at all.
-    The sampled flag, not ``is_recording()``: that is false too once the parent ended (a batch's
-    write span may start after the batch span ended)."""
-    found = parent.get_span_context()
-    return found.is_valid and not found.trace_flags.sampled
-
-
-def _in_context(span_context):
-    """The context of a span started under ``span_context``: a new trace where it is None."""
-    if span_context is None:
-        return _NEW_TRACE
-    return _api.set_span_in_context(_api.NonRecordingSpan(span_context))
+    return found if found.trace_id and found.span_id else None
 
 
 @contextlib.contextmanager
 def span(name: str, *, parent: str | None = None, attributes: dict | None = None):
-    """A span around the block, child of ``parent`` (a traceparent) or of the current span. It is not
+    """A span around the block, child of ``parent`` (a traceparent) or of the request's span. It is not
     made the current span (what runs inside takes its traceparent from ``traceparent_of``): an
-    exception out of the block is recorded on it. Yields the span, or None when tracing is off."""
-    if _tracer is None or (parent is None and _unsampled(_api.get_current_span())):
+    exception out of the block is recorded on it. Yields the span, or None when tracing is off or
+    the request's span is not sampled (a child would not be either, so none is made)."""
+    if _tracer is None:
         yield None
         return
-    current = _tracer.start_span(name, context=None if parent is None else _in_context(_span_context(parent)),
-                                 attributes=attributes)
+    above = _current.get() if parent is None else _span_context(parent)
+    if parent is None and above is not None and not above.flags & _SAMPLED:
+        yield None  # under the request's unsampled span (a given parent's context goes on, unsampled)
+        return
+    current = _tracer.start(name, above, attributes=attributes)
     try:
         yield current
     except Exception as exc:
-        current.record_exception(exc)
-        current.set_status(_api.Status(_api.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        current.failed(exc)
         raise
     finally:
         current.end()
@@ -210,21 +278,21 @@ def span(name: str, *, parent: str | None = None, attributes: dict | None = None
 
 def child(parent_span, name: str, *, start_s: float | None = None, attributes: dict | None = None):
     """Start a span under ``parent_span`` (None when tracing is off, there is no parent, or it is not sampled)."""
-    if _tracer is None or parent_span is None or _unsampled(parent_span):
+    if _tracer is None or parent_span is None or not parent_span.flags & _SAMPLED:
         return None
-    return _tracer.start_span(name, context=_api.set_span_in_context(parent_span), attributes=attributes,
-                              start_time=None if start_s is None else int(start_s * 1e9))
+    return _tracer.start(name, parent_span, attributes=attributes,
+                         start_ns=None if start_s is None else int(start_s * 1e9))
 
 
 def finish(span_, end_s: float | None = None) -> None:
     """End a span from ``batch_started`` or ``child`` (at ``end_s``, unix seconds, when given)."""
     if span_ is not None:
-        span_.end(end_time=None if end_s is None else int(end_s * 1e9))
+        span_.end(None if end_s is None else int(end_s * 1e9))
 
 
 def traceparent_of(span_) -> str:
     """A span's context as a ``traceparent`` value ("" for None)."""
-    return "" if span_ is None else _format(span_.get_span_context())
+    return "" if span_ is None else f"00-{span_.trace_id:032x}-{span_.span_id:016x}-{span_.flags:02x}"
 
 
 def batch_started(parents: list[str], enqueued_at: list[float], taken_at: float, *, requested: int):
@@ -236,13 +304,11 @@ def batch_started(parents: list[str], enqueued_at: list[float], taken_at: float,
     if _tracer is None:
         return None
     contexts = [_span_context(parent) if parent else None for parent in parents]
-    batch = _tracer.start_span("batch", context=_in_context(contexts[0]),
-                               links=[_api.Link(found) for found in contexts[1:] if found is not None],
-                               attributes={"batch.size": len(parents), "batch.requested": requested})
-    batch_context, taken_ns = batch.get_span_context(), int(taken_at * 1e9)
+    batch = _tracer.start("batch", contexts[0],
+                          links=tuple((found.trace_id, found.span_id, None, True) for found in contexts[1:] if found),
+                          attributes={"batch.size": len(parents), "batch.requested": requested})
+    to_batch, taken_ns = ((batch.trace_id, batch.span_id, None, False),), int(taken_at * 1e9)
     for found, at in zip(contexts, enqueued_at):
         if found is not None:
-            _tracer.start_span("queue wait", context=_in_context(found), links=(_api.Link(batch_context),),
-                               start_time=int(at * 1e9)).end(taken_ns)
+            _tracer.start("queue wait", found, links=to_batch, start_ns=int(at * 1e9)).end(taken_ns)
     return batch
-

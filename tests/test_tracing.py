@@ -198,3 +198,122 @@ def test_with_tracing_off_no_process_loads_opentelemetry():
                          env={"PATH": "/usr/bin:/bin", "WORKER_DEVICES": "cpu", "REDIS_URL": "redis://127.0.0.1:1/0"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_span_encoded_as_it_ends_is_what_the_sdk_exporter_would_send():
+    """``shared.otlp`` writes each ended span's protobuf itself (nothing but bytes waits for export):
+    byte for byte the SDK encoder's ``Span``, in a request the OTLP protobuf parser reads whole."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    from shared import otlp
+
+    class Keep(SpanProcessor):
+        def __init__(self):
+            self.ended = []
+
+        def on_end(self, span):
+            self.ended.append(span)
+
+    resource, kept = Resource.create({"service.name": "encoded"}), Keep()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(kept)
+    tracer = provider.get_tracer("imgsvc")
+    caller = trace.SpanContext(int(secrets.token_hex(16), 16), int(secrets.token_hex(8), 16), is_remote=True,
+                               trace_flags=trace.TraceFlags(1), trace_state=trace.TraceState([("vendor", "x")]))
+    full = tracer.start_span("batch", context=trace.set_span_in_context(trace.NonRecordingSpan(caller)),
+                             kind=trace.SpanKind.SERVER, links=[trace.Link(caller, {"n": 1})],
+                             attributes={"s": "é", "i": -5, "f": 1.5, "b": False, "l": ["a", "b"], "n": [1, 2]})
+    full.add_event("noted", {"e": "v"})
+    full.record_exception(ValueError("boom"))
+    full.set_status(trace.Status(trace.StatusCode.ERROR, "bad"))
+    full.end()
+    tracer.start_span("plain").end()
+    for span in kept.ended:
+        expected = encode_spans([span]).resource_spans[0].scope_spans[0].spans[0]
+        assert otlp.encode_span(span) == expected.SerializeToString(deterministic=True)
+
+    exporter = otlp.EncodedExporter(provider, None, endpoint="http://127.0.0.1:9/v1/traces")
+    processor, queued = otlp.EncodingProcessor(exporter), []
+    processor.queue = queued.append  # what the batch processor would hand the exporter
+    for span in kept.ended:
+        processor.on_end(span)
+    request = ExportTraceServiceRequest.FromString(exporter.request(queued))
+    expected = encode_spans(kept.ended).resource_spans[0]
+    assert request.resource_spans[0].resource == expected.resource
+    assert [s.scope for s in request.resource_spans[0].scope_spans] == [expected.scope_spans[0].scope] * 2
+    assert [s for scoped in request.resource_spans[0].scope_spans for s in scoped.spans] == list(
+        expected.scope_spans[0].spans)
+    assert isinstance(request.resource_spans[0].scope_spans[0].spans[0], Span)
+    processor.shutdown()
+
+
+@pytest.mark.parametrize("name", ["always_on", "always_off", "traceidratio", "parentbased_always_on",
+                                  "parentbased_always_off", "parentbased_traceidratio", "custom"])
+def test_the_sdks_samplers_decide_here_as_they_decide_themselves(name, monkeypatch):
+    """``shared.tracing`` decides the SDK's standard samplers without building the context objects they
+    read (and asks any other): for new traces and for remote and local parents, sampled or not, the
+    decision is the sampler's own."""
+    from opentelemetry.sdk.trace import sampling
+
+    from shared import tracing
+
+    if name == "custom":  # not one of the standard compositions: asked each time
+        sampler = sampling.ParentBased(sampling.ALWAYS_ON, remote_parent_sampled=sampling.ALWAYS_OFF)
+    else:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.3")
+        sampler = sampling._get_from_env_or_default()
+    decide = tracing._sampling(sampler)
+
+    def local(flags: int):
+        span = tracing._Span()
+        span.trace_id, span.span_id, span.flags, span.trace_state = 7, 9, flags, ""
+        return span
+
+    parents = [None, tracing._Remote(7, 9, 1), tracing._Remote(7, 9, 0), local(1), local(0)]
+    decisions = set()
+    for _ in range(300):
+        trace_id = int(secrets.token_hex(16), 16)
+        for parent in parents:
+            expected = tracing._asked(sampler, parent, trace_id, "batch", 1, None)
+            assert decide(parent, trace_id, "batch", 1, None) is expected, (parent, trace_id)
+            decisions.add(expected)
+    assert decisions == ({True} if name == "always_on" else {False} if name == "always_off" else {True, False})
+
+
+def test_a_span_the_block_fails_in_is_exported_with_the_error_and_its_parent(monkeypatch):
+    """``tracing.span``: a child of the given ``traceparent`` (kept when unsampled, so the context goes
+    on), and an exception out of the block recorded as the SDK records one: an ``exception`` event
+    and an error status, in the protobuf the exporter sends."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from shared import otlp, tracing
+
+    provider, queued = TracerProvider(), []
+    monkeypatch.setattr(tracing, "_tracer", tracing._Tracer(provider, queued.append))
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    with pytest.raises(ValueError), tracing.span("webhook attempt", parent=f"00-{trace_id}-{parent_id}-01",
+                                                 attributes={"webhook.attempt": 1}) as attempt:
+        attempt.set_attribute("http.response.status_code", 500)
+        raise ValueError("refused")
+    with tracing.span("webhook attempt", parent=f"00-{trace_id}-{parent_id}-00") as unsampled:
+        assert tracing.traceparent_of(unsampled).endswith("-00")  # the receiver still gets the (unsampled) trace
+
+    request = otlp.EncodedExporter(provider, InstrumentationScope("imgsvc"), endpoint="http://127.0.0.1:9").request
+    (scoped,) = ExportTraceServiceRequest.FromString(request(queued)).resource_spans[0].scope_spans
+    (span,) = scoped.spans
+    assert scoped.scope.name == "imgsvc" and span.name == "webhook attempt"
+    assert (span.trace_id.hex(), span.parent_span_id.hex()) == (trace_id, parent_id)
+    assert span.status.code == span.status.STATUS_CODE_ERROR and span.status.message == "ValueError: refused"
+    (event,) = span.events
+    assert event.name == "exception" and {a.key: a.value.string_value for a in event.attributes}[
+        "exception.type"] == "ValueError"
+    assert {a.key: a.value.int_value for a in span.attributes} == {"webhook.attempt": 1,
+                                                                   "http.response.status_code": 500}
