@@ -10,7 +10,9 @@ A alone (measured before and after the mixed run, on a machine that may be share
 ``python -m bench.fairness [null|real]`` runs it alone; ``make bench`` runs both models.
 ``BENCH_FAIR_IMAGES`` sets A's images for the real model (default 2,000; fewer on a slow machine),
 ``BENCH_FAIR_NULL_IMAGES`` for the null model (default 6,000: it drains 2,000 in about 8 s on a
-2-core box, too short for more than four of B's images at one every 2 s).
+2-core box, too short for more than four of B's images at one every 2 s). ``BENCH_FAIR_MAX_BATCH``
+pins the batch size (MAX_BATCH: the sizer then tries no other size). The result's ``worst`` lists the
+three longest waits of each client with the batch each rode in.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from shared.apikeys import KeyStore
 from shared.settings import REPO_ROOT
 from shared.tasks import inference_queue, priority_lists
 
+PINNED_BATCH = int(os.environ.get("BENCH_FAIR_MAX_BATCH", "0"))
 IMAGES = {"real": int(os.environ.get("BENCH_FAIR_IMAGES", "2000")),
           "null": int(os.environ.get("BENCH_FAIR_NULL_IMAGES", "6000"))}
 PER_REQUEST = 100
@@ -150,6 +153,11 @@ def mixed(service: Service, tokens: dict, images: list[bytes], singles: list[byt
             "fifo_wait_ms_estimate": deep_at / a_rate * 1000, "errors": {"B": b.errors, "interactive": person.errors},
             "b_queue_wait_ms": percentiles([r["timings_ms"]["queue"] for r in b_results]),
             "interactive_queue_wait_ms": percentiles([r["timings_ms"]["queue"] for r in person_results]),
+            # the longest waits, each with its batch (what the p99 is made of)
+            "worst": {name: sorted(({"queue_ms": r["timings_ms"]["queue"], "batch_size": r["batch_size"],
+                                     "compute_ms": round(compute_ms(r), 1), "timings_ms": r["timings_ms"]}
+                                    for r in results), key=lambda w: -w["queue_ms"])[:3]
+                      for name, results in (("B", b_results), ("interactive", person_results))},
             # the batches of this run (the sizer may have grown them since the solo run)
             "batch_compute_ms_median": float(np.median([compute_ms(r) for r in [*b_results, *person_results]])),
             "batch_size_median": float(np.median([r["batch_size"] for r in [*b_results, *person_results]])),
@@ -164,6 +172,8 @@ def run(workdir: Path, model: str = "null") -> dict:
         name, options = null_model.NAME, {"torch_threads": 1}
     else:
         cards, name, options = REPO_ROOT / "models", "efficientnet-lite0", {}
+    if PINNED_BATCH:  # a fixed MAX_BATCH: no sizer trials (see BENCHMARKS.md, fair share)
+        options["max_batch"] = PINNED_BATCH
     # A's whole backlog may wait: the depth bounds are lifted (they would refuse A, not reorder it);
     # a batch request may hold PER_REQUEST images (MAX_BATCH_IMAGES).
     service = Service(workdir, cards, models=(name,), max_queue_depth=0, max_queue_depth_per_key=0,

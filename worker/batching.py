@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -47,6 +48,11 @@ class BatchSizer:
     half the current one, in turn) and moves there when that measured at least ``gain`` better.
     Rates are averages over whole trials, so one noisy batch cannot move the choice. A trial that
     loses doubles the wait before the next (up to 8x), so a settled size costs little exploring.
+
+    ``may_grow`` (None: always) is asked before a trial of a bigger size: a bigger batch holds up
+    every job that arrives while it runs, so the worker asks it only while no light sender has work in
+    flight (``shared.tasks.light_senders_in_flight``): fair share promises such a sender about one
+    batch of wait, and a trial batch twice the size would break it (BENCHMARKS.md, fair share).
     """
 
     def __init__(self, initial: int, candidates: tuple[int, ...], *, fixed: bool = False,
@@ -60,6 +66,7 @@ class BatchSizer:
         self._since_trial = explore_every - trial_batches  # the start-up guess is tried against early
         self._interval = explore_every
         self._window: list[tuple[int, float]] = []  # (images, seconds) of the size being measured
+        self.may_grow: Callable[[], bool] | None = None
 
     @property
     def size(self) -> int:
@@ -109,7 +116,10 @@ class BatchSizer:
     def _start_trial(self) -> None:
         self._since_trial = 0
         index = self.candidates.index(self.chosen) + self._direction
+        growing = self._direction > 0
         self._direction = -self._direction
+        if growing and self.may_grow is not None and not self.may_grow():
+            return  # a light sender waits: no bigger batch on trial now (a smaller one may be next)
         if 0 <= index < len(self.candidates):
             self._trial = self.candidates[index]
 
