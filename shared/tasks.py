@@ -76,20 +76,14 @@ def light_senders_in_flight(client) -> bool:
         return True
 
 
-def send_inference(celery, comp: Computation, traceparent: str = "", priority: int = 0, broker=None) -> None:
-    """Send the inference task for ``comp`` by name to its model's queue (web and sweeper alike);
-    ``traceparent``: the trace of the job that started it (shared.tracing), for the worker's spans;
-    ``priority``: its step (``step_for``; 0, the first served, for work sent again by the sweeper).
-
-    With ``broker`` (a redis-py client of the broker's server, REDIS_URL's) the message is pushed
-    there directly, byte for byte what Celery and kombu would push (``task_message``), for a tenth
-    of their CPU; with task events on (TASK_EVENTS) Celery sends it, since it sends the event too.
-    """
-    args, queue = inference_args(comp, traceparent), inference_queue(comp.model)
-    if broker is None or celery.conf.task_send_sent_event:
-        celery.send_task(INFER_TASK, args=args, queue=queue, priority=priority)
-        return
-    broker.lpush(priority_lists(queue)[priority], task_message(celery, INFER_TASK, args, queue, priority))
+def send_inference(celery, comp: Computation, traceparent: str = "", priority: int = 0) -> None:
+    """Send the inference task for ``comp`` by name to its model's queue through Celery (the sweeper,
+    the ``image_url`` fetcher, and the web tier with TASK_EVENTS on; otherwise the web's submit script
+    pushes ``inference_message`` itself); ``traceparent``: the trace of the job that started it
+    (shared.tracing), for the worker's spans; ``priority``: its step (``step_for``; 0, the first
+    served, for work sent again by the sweeper)."""
+    celery.send_task(INFER_TASK, args=inference_args(comp, traceparent), queue=inference_queue(comp.model),
+                     priority=priority)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,8 @@ from celery import Celery
 
 from shared.keys import Computation, OutputOptions
 from shared.settings import Settings
-from shared.tasks import INFER_TASK, celery_config, inference_queue, priority_lists, send_inference, task_message
+from shared.tasks import (INFER_TASK, celery_config, inference_args, inference_queue, priority_lists, send_inference,
+                          task_message)
 from tools.stack import start_redis, stop
 from worker.broker import BatchReceiver, restore_taken_by
 
@@ -34,9 +35,14 @@ def _comp(i: int) -> Computation:
 
 
 def _send(app, count: int, broker=None) -> list[Computation]:
+    """Send through Celery, or (``broker``: a client of its server) push the message the submit script
+    pushes, ``task_message``'s text, straight onto the list."""
     comps = [_comp(i) for i in range(count)]
     for comp in comps:
-        send_inference(app, comp, broker=broker)
+        if broker is None:
+            send_inference(app, comp)
+        else:
+            broker.lpush(QUEUE, task_message(app, INFER_TASK, inference_args(comp), QUEUE))
     return comps
 
 
@@ -53,7 +59,7 @@ def _comparable(raw: bytes) -> dict:
 @pytest.mark.parametrize("priority, extra", [(0, {}), (7, {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}),
                                              (3, {"note": "x" * 2000})])  # a long one: argsrepr shortened
 def test_a_message_pushed_directly_is_the_one_celery_pushes(broker, priority, extra):
-    """send_inference's direct push (the web's) stores what Celery's send_task stores, in the same list."""
+    """The message the submit script pushes stores what Celery's send_task stores, in the same list."""
     app, _receiver, client = broker
     args = [{**_comp(1).to_message(), "enqueued_at": time.time(), **extra}]
     app.send_task(INFER_TASK, args=args, queue=QUEUE, priority=priority)

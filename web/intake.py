@@ -309,14 +309,14 @@ def _overloaded(model: str) -> Overloaded:
 
 def enqueue_inference(comp: Computation, in_use: KeyInUse | None = None, traceparent: str = "",
                       priority: int = 0) -> None:
-    """Send the inference task by name to the model's queue at its priority step; undo the job (and
-    the answer stored for its Idempotency-Key, so that a retry makes it again) if that fails."""
+    """Send the inference task through Celery (TASK_EVENTS on: Celery sends the event with it) to the
+    model's queue at its priority step; undo the job (and the answer stored for its Idempotency-Key,
+    so that a retry makes it again) if that fails."""
     svc = services()
     try:
-        send_inference(svc.celery, comp, traceparent, priority, broker=svc.redis)  # the broker's server
-    except (redis.ConnectionError, redis.TimeoutError, OperationalError, AttributeError) as exc:
-        # OperationalError, AttributeError: Celery's send (TASK_EVENTS on); AttributeError: kombu's
-        # channel, closed by another thread's publish that Redis refused (a full Redis), has no connection left
+        send_inference(svc.celery, comp, traceparent, priority)
+    except (OperationalError, AttributeError) as exc:  # AttributeError: kombu's channel, closed by another
+        # thread's publish that Redis refused (a full Redis), has no connection left
         log.error("could not enqueue %s: %s", comp.suffix, exc)
         svc.store.fail(comp, Unavailable("The job could not be queued.").to_dict())
         if in_use:
