@@ -7,12 +7,11 @@ import json
 import time
 import uuid
 
-import redis
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
 from shared import sentinel
-from shared.keys import QUEUED_SHARES_KEY, Computation
+from shared.keys import Computation
 from shared.settings import Settings
 
 INFER_TASK = "imgsvc.infer"
@@ -66,14 +65,11 @@ def inference_args(comp: Computation, traceparent: str = "") -> list:
     return [message]
 
 
-def light_senders_in_flight(client) -> bool:
-    """Whether some sender has work in flight at its lane's first step (fewer than 10 computations,
-    ``step_for``'s level 0): someone fair share promises about one batch of wait. One ``HVALS`` of
-    ``queued:shares`` (its entries leave at 0); a Redis error counts as yes (the cautious answer)."""
-    try:
-        return any(int(count) < 10 for count in client.hvals(QUEUED_SHARES_KEY))
-    except (redis.RedisError, ValueError):
-        return True
+def from_light_sender(step: int) -> bool:
+    """Whether a message at ``step`` came from a light sender: one with fewer than 10 computations
+    waiting or running per unit of weight (its lane's first step, ``step_for``), to whom fair share
+    promises about one batch of wait."""
+    return step - LANES[lane_of(step)] == 0
 
 
 def send_inference(celery, comp: Computation, traceparent: str = "", priority: int = 0) -> None:

@@ -132,22 +132,34 @@ def test_second_card_serves_through_the_whole_path(worker, client):
     assert client.get(job["result"]["gradcam"]["url"]).status_code == 200
 
 
+def child_records(redis_client) -> list[dict]:
+    """Every worker child's heartbeat record (its info and counters)."""
+    names = [n.decode() for n in redis_client.zrange(WORKERS_KEY, 0, -1)]
+    return [{k.decode(): v.decode() for k, v in redis_client.hgetall(f"worker:{n}").items()} for n in names]
+
+
 def test_each_child_loaded_each_model_exactly_once(worker, client, redis_client):
     ids = [submit(client, images.noise_png(seed=200 + i)).get_json()["id"] for i in range(6)]
     for job_id in ids:
         assert wait_done(client, job_id)["status"] == "done"
 
-    def children():
-        names = [n.decode() for n in redis_client.zrange(WORKERS_KEY, 0, -1)]
-        return [{k.decode(): v.decode() for k, v in redis_client.hgetall(f"worker:{n}").items()}
-                for n in names]
-
     def beats_counted_the_jobs():  # heartbeats publish counters once a second
-        found = children()
+        found = child_records(redis_client)
         return found if len(found) == WORKER_CHILDREN and sum(int(c["jobs_done"]) for c in found) >= 6 else None
 
     for child in wait_for(beats_counted_the_jobs, 10, "both children to report the jobs"):
         assert child["model_loads"] == "3"  # each served card once, not once per task
+
+
+def test_cpu_children_wait_passively_in_openmp(worker, redis_client):
+    """Set before torch loaded OpenMP, so a child's idle threads sleep instead of spinning on cores
+    the web tier and Redis share (an operator's own OMP_WAIT_POLICY would win)."""
+    def both_children():
+        found = child_records(redis_client)
+        return found if len(found) == WORKER_CHILDREN else None
+
+    found = wait_for(both_children, 10, "both children's heartbeats")
+    assert [(c["device"], c["openmp_wait"]) for c in found] == [("cpu", "PASSIVE")] * WORKER_CHILDREN
 
 
 def test_unknown_job_is_404_json(client):

@@ -260,3 +260,28 @@ def _connection(runtime):
     from kombu import Connection
 
     return Connection(runtime.settings.redis_url)
+
+
+def test_a_batch_holding_a_light_senders_job_stops_the_sizers_trials(tmp_path, cards):
+    """Twelve jobs of one caller: its first ten wait at its lane's first step (a light sender's), the
+    last two one step later. A loop over those two leaves the batch sizer free to try other sizes; a
+    loop that takes a light sender's job tells it to keep its size (worker.batching)."""
+    from worker.broker import BatchReceiver
+
+    redis_proc, app, runtime = _loop_runtime(tmp_path, cards, (SLOW,))
+    try:
+        client, store, queue = app.test_client(), app.extensions["imgsvc"].store, inference_queue(SLOW)
+        job_ids = [_submit(client, images.noise_png(seed=46_000 + i)) for i in range(12)]
+        receiver = BatchReceiver.for_connection(_connection(runtime), owner="test")
+        light = receiver.take(queue, 10)
+        assert [p.step for p in light] == [0] * 10
+        runtime.handle(receiver.take(queue, 1)[0])  # step 1, and the other one behind it
+        assert [store.get(job_id)["status"] for job_id in job_ids].count("done") == 2
+        assert not runtime.sizers[SLOW].light_sender_about
+        runtime._put_back(queue, light)
+        runtime.handle(receiver.take(queue, 1)[0])
+        assert [store.get(job_id)["status"] for job_id in job_ids] == ["done"] * 12
+        assert runtime.sizers[SLOW].light_sender_about
+    finally:
+        runtime.close()
+        stack.stop(redis_proc)

@@ -1,4 +1,6 @@
 """Micro-batching: waiting jobs share a forward pass, each gets its own result; idle jobs never wait."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -70,43 +72,40 @@ def test_a_model_that_gains_from_big_batches_grows_them():
     assert sizer.chosen == 64
 
 
-def test_no_bigger_batch_is_tried_while_a_light_sender_waits():
-    """A model that gains from big batches, while a light sender has work in flight: the sizer never
-    takes a batch bigger than the one it has (a trial batch twice the size would hold that sender's
-    next job up for two batches), but still tries and takes a smaller one that pays; once the light
-    sender is gone it grows again."""
-    light_sender = True
-    sizer = BatchSizer(8, (1, 2, 4, 8, 16, 32, 64), explore_every=12, trial_batches=4)
-    sizer.may_grow = lambda: not light_sender
-    sizes = _drive(sizer, lambda size: 100.0 * size / (size + 4), 400)
-    assert max(sizes) == 8 and sizer.chosen == 8
-    shrinking = BatchSizer(8, (1, 2, 4, 8, 16), explore_every=12, trial_batches=4)
-    shrinking.may_grow = lambda: False
-    _drive(shrinking, {1: 19.0, 2: 22.7, 4: 30.0, 8: 24.0, 16: 50.0}.get, 200)
-    assert shrinking.chosen == 4  # 16 would pay more, but is never tried
-    light_sender = False
-    _drive(sizer, lambda size: 100.0 * size / (size + 4), 400)
-    assert sizer.chosen == 64
+def test_no_batch_size_is_tried_while_a_light_sender_is_about():
+    """Within 30 s of a batch holding a light sender's job the sizer keeps its size: a trial batch twice
+    the size would hold that sender's next job up for two batches, and a smaller trial alone could move
+    the size down with no way back up while light senders stay. Once they are gone it explores again."""
+    growing = BatchSizer(8, (1, 2, 4, 8, 16, 32, 64), explore_every=12, trial_batches=4, defer_limit=10_000)
+    shrinking = BatchSizer(8, (1, 2, 4, 8, 16), explore_every=12, trial_batches=4, defer_limit=10_000)
+    for sizer in (growing, shrinking):
+        sizer.saw_light_job()
+    assert set(_drive(growing, lambda size: 100.0 * size / (size + 4), 400)) == {8}
+    assert set(_drive(shrinking, {1: 19.0, 2: 22.7, 4: 30.0, 8: 24.0, 16: 20.0}.get, 200)) == {8}
+    for sizer in (growing, shrinking):
+        sizer.saw_light_job(at=time.monotonic() - 31)
+    _drive(growing, lambda size: 100.0 * size / (size + 4), 400)
+    _drive(shrinking, {1: 19.0, 2: 22.7, 4: 30.0, 8: 24.0, 16: 20.0}.get, 200)
+    assert (growing.chosen, shrinking.chosen) == (64, 4)
 
 
-def test_a_light_sender_is_one_with_fewer_than_ten_computations_in_flight(tmp_path):
-    import redis
+def test_a_trial_put_off_too_long_runs_anyway():
+    """A service that always has some light sender about still finds its best size, trying rarely."""
+    sizer = BatchSizer(8, (1, 2, 4, 8, 16), explore_every=12, trial_batches=4, defer_limit=96)
+    sizes = []
+    for _ in range(100):
+        sizer.saw_light_job()
+        sizes += _drive(sizer, {1: 19.0, 2: 22.7, 4: 30.0, 8: 24.0, 16: 20.0}.get, 10)
+    assert sizer.chosen == 4
+    assert sum(size != 4 for size in sizes[-500:]) <= 500 * 4 // 96  # at most one trial per deferral
 
-    from shared.keys import QUEUED_SHARES_KEY
-    from shared.tasks import light_senders_in_flight
-    from tools import stack
 
-    proc, url = stack.start_redis(tmp_path)
-    try:
-        client = redis.Redis.from_url(url)
-        assert not light_senders_in_flight(client)  # nobody has work in flight
-        client.hset(QUEUED_SHARES_KEY, mapping={"key:heavy": 2000, "key:also-heavy": 10})
-        assert not light_senders_in_flight(client)
-        client.hset(QUEUED_SHARES_KEY, "addr:127.0.0.1", 1)
-        assert light_senders_in_flight(client)
-    finally:
-        stack.stop(proc)
-    assert light_senders_in_flight(client)  # Redis away: the cautious answer
+def test_a_light_sender_is_one_with_fewer_than_ten_computations_in_flight():
+    from shared.tasks import from_light_sender, step_for
+
+    assert [from_light_sender(step_for(lane, n)) for lane in ("interactive", "bulk") for n in (0, 9, 10, 5000)] \
+        == [True, True, False, False] * 2
+    assert from_light_sender(step_for("bulk", 19, weight=2.0)) and not from_light_sender(step_for("bulk", 20, weight=2.0))
 
 
 def test_batches_cut_short_by_an_empty_queue_say_nothing_about_the_size():

@@ -104,6 +104,14 @@ def test_a_batch_is_taken_in_order_and_acknowledged_in_one_pipeline(broker):
     assert receiver.take(QUEUE, 10) == []
 
 
+def test_each_taken_message_knows_its_priority_step(broker):
+    """The step says whether a message came from a light sender (the batch sizer asks)."""
+    app, receiver, client = broker
+    for i, step in enumerate((0, 5, 7)):
+        app.send_task(INFER_TASK, args=inference_args(_comp(i)), queue=QUEUE, priority=step)
+    assert [p.step for p in receiver.take(QUEUE, 3)] == [0, 5, 7]
+
+
 def test_requeued_messages_are_the_next_taken(broker):
     app, receiver, client = broker
     comps = _send(app, 4)

@@ -170,6 +170,21 @@ def test_a_batch_replays_under_its_idempotency_key(worker, client):
     assert again.get_json()["id"] == first.get_json()["id"]
 
 
+def test_a_replay_must_ask_for_the_same_lane(worker, app, client):
+    """Asking for the endpoint's own lane is the same request; asking for the other one is not."""
+    job_key = {**bearer(create_key(app, "lanes")), "Idempotency-Key": "lane-1"}
+    first = post_job(client, images.noise_png(seed=2018), job_key)
+    same = post_job(client, images.noise_png(seed=2018), job_key, priority="interactive")
+    other = post_job(client, images.noise_png(seed=2018), job_key, priority="bulk")
+    assert same.get_json()["id"] == first.get_json()["id"] and same.headers["Idempotent-Replayed"] == "true"
+    assert (other.status_code, other.get_json()["error"]["code"]) == (422, "idempotency_key_reused")
+    files, batch_key = [images.noise_png(seed=2019)], {"Idempotency-Key": "lane-2"}
+    batch = post_batch(client, files, batch_key)
+    assert post_batch(client, files, batch_key, priority="bulk").get_json()["id"] == batch.get_json()["id"]
+    changed = post_batch(client, files, batch_key, priority="interactive")
+    assert (changed.status_code, changed.get_json()["error"]["code"]) == (422, "idempotency_key_reused")
+
+
 def test_a_batch_of_cache_hits_still_sends_its_batch_completed_event(worker, webhook_worker, client):
     """Every job settles while the batch is still opening (invisible): opening it must announce it."""
     from tests.conftest import wait_done

@@ -63,7 +63,7 @@ def create_batch():
             raise
         return Created("batch", batch_id, 202)
 
-    created, replayed = idempotent("batch", order.fingerprint(*digests), create)
+    created, replayed = idempotent("batch", order.fingerprint(*digests, default_lane="bulk"), create)
     return json_response(batch_or_404(created.id), created.status, f"/api/v1/batches/{created.id}", replayed)
 
 

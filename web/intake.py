@@ -80,11 +80,14 @@ class Order:
         """The lane of a job: the one asked for, else bulk for a batch's jobs and interactive for others."""
         return self.priority or ("bulk" if context.batch_id else "interactive")
 
-    def fingerprint(self, *image_digests: str) -> str:
+    def fingerprint(self, *image_digests: str, default_lane: str = "interactive") -> str:
+        """What a replay under the same Idempotency-Key must repeat; ``default_lane``: the endpoint's
+        lane when none is asked for (asking for it is the same request)."""
         events = () if self.webhook_events == ("completed",) else self.webhook_events  # as before the option
         deadline = (f"deadline={self.deadline_s:g}",) if self.deadline_s else ()  # as before the option
+        lane = (f"priority={self.priority}",) if self.priority not in (None, default_lane) else ()  # likewise
         return fingerprint(self.card.name, self.card.version, self.options.to_dict(), self.callback_url,
-                           image_digests, *events, *deadline)
+                           image_digests, *events, *deadline, *lane)
 
     def deadline_at(self) -> float:
         """When a job accepted now must have started (unix seconds); 0: no deadline."""

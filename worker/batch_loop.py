@@ -20,7 +20,7 @@ import redis
 from shared import tracing
 from shared.errors import JobTimeout
 from shared.keys import drain_key
-from shared.tasks import inference_queue, priority_lists
+from shared.tasks import from_light_sender, inference_queue, priority_lists
 from worker.broker import Pending
 from worker.models import LoadedModel
 from worker.pipeline import Staged
@@ -84,6 +84,7 @@ class BatchLoop:
     def _run(self) -> None:
         requested = 1 if self.alone else self.sizer.size
         batch = [self.first] if self.alone else [self.first, *self._take_first(requested - 1)]
+        self._note_light_senders(batch)
         self.next_taken = batch[1:]  # Celery puts the first back itself if the claim fails
         self.current = self.runtime._stage(batch, requested)
         self.next_taken = []
@@ -111,7 +112,14 @@ class BatchLoop:
         except redis.RedisError as exc:  # the batch in hand is still computed and written
             log.warning("could not take the next batch of %s; finishing the one in hand: %s", self.queue, exc)
             return None
+        self._note_light_senders(taken)
         return self.runtime.stager.submit(self.runtime._stage, taken, requested) if taken else None
+
+    def _note_light_senders(self, taken: list[Pending]) -> None:
+        """Tell the sizer when a batch holds a light sender's job: it tries no other size while they
+        are about (worker.batching)."""
+        if self.sizer is not None and any(p.step is not None and from_light_sender(p.step) for p in taken):
+            self.sizer.saw_light_job()
 
     def _budget_spent(self) -> bool:
         """Whether the loop should end here: its time limit passed, or at a look (every

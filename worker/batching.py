@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 import torch
 
@@ -49,24 +48,31 @@ class BatchSizer:
     Rates are averages over whole trials, so one noisy batch cannot move the choice. A trial that
     loses doubles the wait before the next (up to 8x), so a settled size costs little exploring.
 
-    ``may_grow`` (None: always) is asked before a trial of a bigger size: a bigger batch holds up
-    every job that arrives while it runs, so the worker asks it only while no light sender has work in
-    flight (``shared.tasks.light_senders_in_flight``): fair share promises such a sender about one
-    batch of wait, and a trial batch twice the size would break it (BENCHMARKS.md, fair share).
+    No trial starts within ``light_quiet_s`` of a batch that held a light sender's job
+    (``saw_light_job``; ``shared.tasks.from_light_sender``): a trial batch twice the size holds up
+    every job that arrives while it runs, and fair share promises such a sender about one batch of
+    wait; a sender posting now and then has nothing in flight most of the time, so the worker goes
+    by the jobs it took, not by what is waiting now. Smaller trials wait too: tried alone, a lucky
+    one would move the size down with no way back up while light senders stay (seen: batches of 4
+    where 8 moved 20% more). A trial put off for ``defer_limit`` batches runs anyway, so a service
+    that always has light senders still adapts.
     """
 
     def __init__(self, initial: int, candidates: tuple[int, ...], *, fixed: bool = False,
-                 explore_every: int = 30, trial_batches: int = 6, gain: float = 1.03):
+                 explore_every: int = 30, trial_batches: int = 6, gain: float = 1.03,
+                 defer_limit: int | None = None, light_quiet_s: float = 30.0):
         self.candidates = tuple(sorted(set(candidates) | {initial}))
         self.chosen, self.fixed = initial, fixed
         self.explore_every, self.trial_batches, self.gain = explore_every, trial_batches, gain
+        self.defer_limit = 8 * explore_every if defer_limit is None else defer_limit
+        self.light_quiet_s = light_quiet_s
+        self._light_seen_at = float("-inf")  # time.monotonic() of the last light sender's job taken
         self.rates: dict[int, float] = {}  # size -> images/s over its last whole measurement
         self._trial: int | None = None  # the size on trial, or None
         self._direction = 1
         self._since_trial = explore_every - trial_batches  # the start-up guess is tried against early
         self._interval = explore_every
         self._window: list[tuple[int, float]] = []  # (images, seconds) of the size being measured
-        self.may_grow: Callable[[], bool] | None = None
 
     @property
     def size(self) -> int:
@@ -97,6 +103,15 @@ class BatchSizer:
         self.rates = {s: r for s, r in self.rates.items() if s < size}
         self._window = []
 
+    @property
+    def light_sender_about(self) -> bool:
+        """Whether a light sender's job was taken within the last ``light_quiet_s``."""
+        return time.monotonic() - self._light_seen_at < self.light_quiet_s
+
+    def saw_light_job(self, at: float | None = None) -> None:
+        """A batch just taken holds a light sender's job (``at``: its time.monotonic(); now if None)."""
+        self._light_seen_at = time.monotonic() if at is None else at
+
     def record(self, size: int, images: int, seconds: float) -> None:
         """Note a batch's throughput: ``images`` moved in ``seconds`` of the child's loop at ``size``."""
         if self.fixed or size != self.size or images < size or seconds <= 0:
@@ -114,12 +129,12 @@ class BatchSizer:
                 self._start_trial()
 
     def _start_trial(self) -> None:
+        overdue = self._since_trial >= self._interval + self.defer_limit
+        if not overdue and self.light_sender_about:
+            return  # a light sender is about: asked again after the next measurement
         self._since_trial = 0
         index = self.candidates.index(self.chosen) + self._direction
-        growing = self._direction > 0
         self._direction = -self._direction
-        if growing and self.may_grow is not None and not self.may_grow():
-            return  # a light sender waits: no bigger batch on trial now (a smaller one may be next)
         if 0 <= index < len(self.candidates):
             self._trial = self.candidates[index]
 

@@ -94,12 +94,14 @@ class Pending:
     tag: str | None = None  # acknowledged by this child; None: Celery delivered it and acks it
     raw: bytes | None = None  # the message as taken, to put back if it is never computed
     traceparent: str = ""  # the trace of the job that sent it (shared.tracing), if any
+    step: int | None = None  # its priority step when this child took it itself (None: unknown)
 
     @classmethod
-    def from_message(cls, payload: dict, tag: str | None = None, raw: bytes | None = None) -> "Pending":
+    def from_message(cls, payload: dict, tag: str | None = None, raw: bytes | None = None,
+                     step: int | None = None) -> "Pending":
         """The computation an inference message names, as a Celery task's argument or taken raw."""
         return cls(Computation.from_message(payload), float(payload["enqueued_at"]), tag, raw,
-                   payload.get("traceparent", ""))
+                   payload.get("traceparent", ""), step)
 
 
 class BatchReceiver:
@@ -167,7 +169,7 @@ class BatchReceiver:
             body = base64.b64decode(message["body"]) if message["properties"].get("body_encoding") == "base64" \
                 else message["body"]
             payload = json.loads(body)[0][0]
-            return Pending.from_message(payload, tag, raw)
+            return Pending.from_message(payload, tag, raw, message_step(message))
         except (KeyError, IndexError, TypeError, ValueError):
             log.exception("dropping a malformed inference message %s", tag)
             self.client.pipeline(transaction=False).zrem(self.index, tag).hdel(self.unacked, tag).hdel(

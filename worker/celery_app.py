@@ -61,10 +61,12 @@ def remember_node_name(sender=None, **_):
 @worker_process_init.connect
 def init_child(**_):
     """Load every served model once in this child, on its own device."""
-    if device_for_child(device_plan, getattr(current_process(), "index", 0)) != "cpu":
-        # Before torch loads OpenMP: a GPU child's CPU work is decoding in its own threads, and idle
-        # OpenMP threads would spin on its cores. (A CPU child keeps spinning: it is faster there.)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads OpenMP (an operator's own value wins): OpenMP threads that wait passively
+    # instead of spinning. A GPU child's CPU work is decoding in its own threads, where spinning idle
+    # threads would crowd it out; a CPU child shares its cores with the web tier, Redis and decoding,
+    # and a spinning barrier made its forward pass up to 4x slower whenever one of them ran
+    # (BENCHMARKS.md, fair share: the same throughput, 15% less worker CPU per image).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.runtime import Runtime
 
     global runtime

@@ -36,7 +36,7 @@ from shared.errors import (ImageExpired, InferenceFailed, ModelVersionUnavailabl
 from shared.jobs import Claim, JobStore
 from shared.keys import TAKEN_BY_KEY, drain_key
 from shared.settings import Settings
-from shared.tasks import inference_queue, light_senders_in_flight
+from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
 from worker import devices
 from worker.batch_loop import BatchLoop, StagedBatch
@@ -102,11 +102,10 @@ class Runtime:
         sizers = {name: make_sizer(settings, model) for name, model in models.items()}
         client = redisconn.client(settings, socket_timeout=30, socket_connect_timeout=5,
                                   health_check_interval=30)
-        for sizer in sizers.values():  # no bigger batch on trial while a light sender waits
-            sizer.may_grow = lambda: not light_senders_in_flight(client)
         name = child_name()
         info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": str(device), "device_name": devices.device_name(device), "threads": threads,
+                "openmp_wait": os.environ.get("OMP_WAIT_POLICY", ""),
                 "models": {m.card.name: m.card.version for m in models.values()},
                 "max_batch": {n: s.size for n, s in sizers.items()}, "model_loads": load_count(),
                 "started_at": time.time()}

@@ -31,6 +31,12 @@ class InferTask(celery_app.app.Task):
             celery_app.main_store().fail(comp, error.to_dict())
 
 
+def _priority_step(delivery_info: dict | None) -> int | None:
+    """The priority step Celery delivered the message at (None when it does not say)."""
+    step = (delivery_info or {}).get("priority")
+    return step if isinstance(step, int) else None
+
+
 @celery_app.app.task(name=INFER_TASK, base=InferTask)
 def infer(message: dict) -> list[str]:
     """Compute one image's predictions (and GradCAM), batched with any that wait behind it.
@@ -40,7 +46,7 @@ def infer(message: dict) -> list[str]:
     """
     if celery_app.runtime is None:
         raise RuntimeError("worker child has no runtime; worker_process_init did not run")
-    first = Pending.from_message(message)
+    first = Pending.from_message(message, step=_priority_step(infer.request.delivery_info))
     try:
         outcomes = celery_app.runtime.handle(first)
     except redis.RedisError as exc:
