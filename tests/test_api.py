@@ -151,15 +151,28 @@ def test_each_child_loaded_each_model_exactly_once(worker, client, redis_client)
         assert child["model_loads"] == "3"  # each served card once, not once per task
 
 
-def test_cpu_children_wait_passively_in_openmp(worker, redis_client):
-    """Set before torch loaded OpenMP, so a child's idle threads sleep instead of spinning on cores
-    the web tier and Redis share (an operator's own OMP_WAIT_POLICY would win)."""
+def test_cpu_children_spin_briefly_in_openmp(worker, redis_client):
+    """Set before torch loaded OpenMP: a CPU child's idle threads spin 10,000 turns, not libgomp's
+    300,000, on cores the web tier and Redis share (an operator's own setting would win)."""
     def both_children():
         found = child_records(redis_client)
         return found if len(found) == WORKER_CHILDREN else None
 
     found = wait_for(both_children, 10, "both children's heartbeats")
-    assert [(c["device"], c["openmp_wait"]) for c in found] == [("cpu", "PASSIVE")] * WORKER_CHILDREN
+    assert [(c["device"], c["openmp_wait"]) for c in found] == [("cpu", "spin 10000")] * WORKER_CHILDREN
+
+
+def test_an_operators_openmp_setting_wins_and_gpu_children_wait_passively(monkeypatch):
+    from worker import openmp
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    openmp.limit_spinning(gpu=True)
+    assert openmp.waits() == "passive"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")
+    openmp.limit_spinning(gpu=False)
+    assert openmp.waits() == "spin 500"
 
 
 def test_unknown_job_is_404_json(client):

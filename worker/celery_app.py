@@ -20,6 +20,7 @@ from shared.keys import drain_key
 from shared import tracing
 from shared.settings import Settings
 from shared.tasks import celery_config, inference_queue
+from worker import openmp
 from worker.device_plan import DevicePlanError, device_for_child, plan_host
 
 settings = Settings.from_env()
@@ -61,12 +62,7 @@ def remember_node_name(sender=None, **_):
 @worker_process_init.connect
 def init_child(**_):
     """Load every served model once in this child, on its own device."""
-    # Before torch loads OpenMP (an operator's own value wins): OpenMP threads that wait passively
-    # instead of spinning. A GPU child's CPU work is decoding in its own threads, where spinning idle
-    # threads would crowd it out; a CPU child shares its cores with the web tier, Redis and decoding,
-    # and a spinning barrier made its forward pass up to 4x slower whenever one of them ran
-    # (BENCHMARKS.md, fair share: the same throughput, 15% less worker CPU per image).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    openmp.limit_spinning(gpu=device_for_child(device_plan, getattr(current_process(), "index", 0)) != "cpu")
     from worker.runtime import Runtime
 
     global runtime

@@ -38,7 +38,7 @@ from shared.keys import TAKEN_BY_KEY, drain_key
 from shared.settings import Settings
 from shared.tasks import inference_queue
 from shared.webhooks import announcing_store
-from worker import devices
+from worker import devices, openmp
 from worker.batch_loop import BatchLoop, StagedBatch
 from worker.batching import BatchSizer
 from worker.broker import BatchReceiver, Pending, requeue_later
@@ -105,7 +105,7 @@ class Runtime:
         name = child_name()
         info = {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "child_index": child_index,
                 "device": str(device), "device_name": devices.device_name(device), "threads": threads,
-                "openmp_wait": os.environ.get("OMP_WAIT_POLICY", ""),
+                "openmp_wait": openmp.waits(),
                 "models": {m.card.name: m.card.version for m in models.values()},
                 "max_batch": {n: s.size for n, s in sizers.items()}, "model_loads": load_count(),
                 "started_at": time.time()}
