@@ -162,17 +162,16 @@ def test_cpu_children_spin_briefly_in_openmp(worker, redis_client):
     assert [(c["device"], c["openmp_wait"]) for c in found] == [("cpu", "spin 10000")] * WORKER_CHILDREN
 
 
-def test_an_operators_openmp_setting_wins_and_gpu_children_wait_passively(monkeypatch):
+def test_an_operators_openmp_setting_wins_and_gpu_children_wait_passively():
+    """On environments of their own: the test process's is left as it was (its workers inherit it)."""
     from worker import openmp
 
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.delenv(name, raising=False)
-    openmp.limit_spinning(gpu=True)
-    assert openmp.waits() == "passive"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "500")
-    openmp.limit_spinning(gpu=False)
-    assert openmp.waits() == "spin 500"
+    gpu_child: dict = {}
+    openmp.limit_spinning(gpu=True, environ=gpu_child)
+    assert openmp.waits(gpu_child) == "passive"
+    operators = {"GOMP_SPINCOUNT": "500"}
+    openmp.limit_spinning(gpu=False, environ=operators)
+    assert openmp.waits(operators) == "spin 500"
 
 
 def test_unknown_job_is_404_json(client):

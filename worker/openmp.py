@@ -16,18 +16,19 @@ import os
 CPU_CHILD_SPINCOUNT = 10_000
 
 
-def limit_spinning(gpu: bool) -> None:
-    """Set how this child's OpenMP threads wait; call it before torch is imported."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+def limit_spinning(gpu: bool, environ=os.environ) -> None:
+    """Set how this child's OpenMP threads wait, in ``environ`` (the process's); call it before torch
+    is imported."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return
     if gpu:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
-        os.environ["GOMP_SPINCOUNT"] = str(CPU_CHILD_SPINCOUNT)
+        environ["GOMP_SPINCOUNT"] = str(CPU_CHILD_SPINCOUNT)
 
 
-def waits() -> str:
-    """How this child's idle OpenMP threads wait, as the environment says (the heartbeat shows it)."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        return os.environ["OMP_WAIT_POLICY"].lower()
-    return f"spin {os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "default"
+def waits(environ=os.environ) -> str:
+    """How this child's idle OpenMP threads wait, as ``environ`` says (the heartbeat shows it)."""
+    if "OMP_WAIT_POLICY" in environ:
+        return environ["OMP_WAIT_POLICY"].lower()
+    return f"spin {environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in environ else "default"
